@@ -1,0 +1,40 @@
+r"""Evaluate a finished training run: per-slice metrics, report and figures.
+
+  python launch/evaluate.py --workdir=runs/poisson
+  python launch/evaluate.py --workdir=runs/poisson --data_dir=/data/fastmri/knee
+
+Reads the run's WORKDIR/config.json (--data_dir and --eval_batch_size, when given, override it)
+and its saved networks, and writes WORKDIR/eval.json, WORKDIR/report.md and the figures in
+WORKDIR/figures/ (metrics against depth, example slices, training curves).
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from lwjax import config
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from lwjax import evaluate  # Imported after flag parsing so --help stays fast.
+  try:
+    result = evaluate.run(flags.FLAGS.workdir, log=logging.info,
+                          **evaluate.overrides_from_flags(flags.FLAGS))
+  except (ValueError, FileNotFoundError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  for name, entry in result["mean"].items():
+    for depth, m in ({"": entry} if name == "zero_filled" else entry).items():
+      print(f"{name:>18} {depth:>2}: PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}  "
+            f"NMSE {m['nmse']:.4g}")
+  return 0
+
+
+if __name__ == "__main__":
+  config.define_flags()
+  flags.FLAGS.alsologtostderr = True
+  app.run(main)

@@ -1,0 +1,55 @@
+r"""Look inside a trained network: filters, active units, the effective filter at a pixel.
+
+  python launch/interpret.py --workdir=runs/poisson
+  python launch/interpret.py --workdir=runs/poisson --method=e2e --depth=5 --slice=10 --pixel=160,140
+
+--method and --depth pick the network (default: the run's first method, deepest network); the
+run's other settings come from WORKDIR/config.json. Draws, for validation slice --slice, each
+hidden layer's filters, the share of active ReLU units per layer, and the linear filter that
+produced pixel --pixel (the network is piecewise linear: the Jacobian row at the pixel), into
+--out_dir (default WORKDIR/figures/interpret/<method>_d<depth>) with interpret.json.
+"""
+import json
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from lwjax import config
+
+_SLICE = flags.DEFINE_integer("slice", None, "validation slice (default: the middle one)")
+_PIXEL = flags.DEFINE_string("pixel", "", "row,col of the effective filter (default: the centre)")
+_OUT_DIR = flags.DEFINE_string("out_dir", "", "output folder")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from lwjax import evaluate, interpret  # Imported after flag parsing so --help stays fast.
+  fv = flags.FLAGS
+  try:
+    pixel = tuple(int(p) for p in _PIXEL.value.split(",")) if _PIXEL.value else None
+  except ValueError:
+    print(f"error: --pixel={_PIXEL.value!r}: expected row,col", file=sys.stderr)
+    return 1
+  try:
+    result = interpret.run(
+        fv.workdir, method=fv.method if fv["method"].present else None,
+        depth=fv.depth if fv["depth"].present else None, slice_index=_SLICE.value, pixel=pixel,
+        out_dir=_OUT_DIR.value or None,
+        **evaluate.overrides_from_flags(fv, used=("method", "depth")))
+  except (ValueError, FileNotFoundError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps({k: v for k, v in result.items() if k != "figures"}, indent=1))
+  for path in result["figures"].values():
+    print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  config.define_flags()
+  flags.FLAGS.alsologtostderr = True
+  app.run(main)

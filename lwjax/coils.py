@@ -1,0 +1,147 @@
+"""Coil sensitivity maps from the fully sampled k-space centre, NumPy only.
+
+k-space is (C, H, W) with its centre at (H // 2, W // 2); only the central ``calib`` x ``calib``
+block is read (the rest may be zero). Computation is in float64; maps are returned as complex64
+(C, H, W) with ``sum_c |S_c|^2 = 1`` where the object is (zero elsewhere).
+"""
+import numpy as np
+
+from lwjax.fft import center_slices, ifft2c
+
+METHODS = ("espirit", "lowres")
+
+
+def _calibration(kspace, calib):
+  """The central calib x calib block of kspace (C, H, W) as complex128, with checks."""
+  kspace = np.asarray(kspace)
+  if kspace.ndim != 3:
+    raise ValueError(f"kspace: expected (coils, H, W), found shape {kspace.shape}")
+  if not 0 < calib <= min(kspace.shape[1:]):
+    raise ValueError(f"calib: expected a size in (0, {min(kspace.shape[1:])}], found {calib}")
+  return kspace[(slice(None), *center_slices(kspace.shape[1:], (calib, calib)))].astype(
+      np.complex128)
+
+
+def _dominant_rows(matrix, threshold):
+  """Orthonormal basis (n, cols) of the row space of ``matrix`` spanned by the right singular
+  vectors with singular value above ``threshold * s_max``, largest first.
+
+  Found from the eigen-decomposition of the smaller Gram matrix: the kept singular values are at
+  least ``threshold * s_max``, far above the rounding that squaring the condition number costs
+  in float64, and a small Hermitian eigenproblem is much cheaper than an SVD here.
+  """
+  if matrix.shape[0] <= matrix.shape[1]:
+    s2, u = np.linalg.eigh(matrix @ matrix.conj().T)
+    scaled = u.conj().T @ matrix  # rows s_j v_j^H
+  else:
+    s2, v = np.linalg.eigh(matrix.conj().T @ matrix)
+    scaled = v.conj().T * np.sqrt(np.clip(s2, 0, None))[:, None]
+  keep = np.flatnonzero(s2 > threshold ** 2 * s2[-1])[::-1]
+  return scaled[keep] / np.sqrt(s2[keep])[:, None]
+
+
+def _kernels(region, kernel, threshold):
+  """ESPIRiT k-space kernels (n, C, k, k): the calibration matrix's dominant row space.
+
+  Rows of the calibration matrix are all k x k patches of ``region`` (C, n, n), flattened over
+  (coil, ky, kx); every consistent patch lies in the span of the kept right singular vectors.
+  """
+  c = region.shape[0]
+  patches = np.lib.stride_tricks.sliding_window_view(region, (kernel, kernel), axis=(1, 2))
+  matrix = patches.transpose(1, 2, 0, 3, 4).reshape(-1, c * kernel * kernel)
+  return _dominant_rows(matrix, threshold).reshape(-1, c, kernel, kernel)
+
+
+def _operator_coefficients(kernels):
+  """Fourier coefficients K (C, C, 2k, 2k) of the image-space ESPIRiT operator.
+
+  ESPIRiT's k-space operator (project every patch onto the kernels' span, average the k^2
+  overlapping estimates) is a convolution, so in image space it is a C x C matrix per pixel:
+  ``G(r) = k^-2 sum_j h_j(r) h_j(r)^H`` with ``h_j(r) = sum_m v_j(m) exp(2 pi i m.r / N)``.
+  G is a trigonometric polynomial of degree k - 1 whose coefficients are the kernels'
+  cross-correlations, here on a 2k x 2k (alias-free) grid, index Delta mod 2k.
+  """
+  n, c, k, _ = kernels.shape
+  spectra = np.fft.fft2(kernels, s=(2 * k, 2 * k))
+  return np.fft.ifft2(np.einsum("jcab,jdab->cdab", spectra, spectra.conj())) / k ** 2
+
+
+def _fourier_matrix(n, size):
+  """exp(2 pi i Delta r / size) for r = pixel - size // 2 and Delta in 2k-periodic order: (size, n)."""
+  delta = np.fft.fftfreq(n, 1 / n)
+  return np.exp(2j * np.pi * np.outer(np.arange(size) - size // 2, delta) / size)
+
+
+def _top_eigenpairs(g, start, squarings, iters):
+  """Dominant eigenpairs of Hermitian PSD matrices g (..., C, C): values (...), vectors (..., C).
+
+  Power iteration on ``g^(2^squarings)``: a batched squaring costs a few matrix-vector products
+  but doubles the convergence exponent, ``(lambda_2 / lambda_1)^(iters 2^squarings)``.
+  """
+  power = g
+  for _ in range(squarings):
+    power = power @ power
+  v = np.broadcast_to(start[:, None], g.shape[:-1] + (1,))
+  for _ in range(iters):
+    v = power @ v
+    v = v / np.maximum(np.linalg.norm(v, axis=-2, keepdims=True), 1e-30)
+  value = np.real(np.swapaxes(v.conj(), -1, -2) @ g @ v)[..., 0, 0]
+  return value, v[..., 0]
+
+
+def espirit(kspace, *, calib=16, kernel=6, threshold=0.02, crop=0.95) -> np.ndarray:
+  """ESPIRiT coil maps (Uecker et al., MRM 2014), (C, H, W) complex64.
+
+  Kernels are the right singular vectors of the calibration matrix (k x k patches of the central
+  calib x calib block) with singular values above ``threshold * s_max``. Per pixel, the map is the
+  eigenvector of the image-space operator with eigenvalue ~1 (power iteration, converged to about
+  (lambda_2 / lambda_1)^32; the operator is built a block of rows at a time, so memory stays
+  bounded), and is set to zero where that eigenvalue is below ``crop``. The arbitrary per-pixel phase is fixed relative to a virtual body
+  coil (the dominant coil combination of the calibration data), which keeps it smooth where any
+  single coil is weak.
+  """
+  region = _calibration(kspace, calib)
+  if not 0 < kernel <= calib:
+    raise ValueError(f"kernel: expected a size in (0, calib={calib}], found {kernel}")
+  c, h, w = np.shape(kspace)
+  coeffs = _operator_coefficients(_kernels(region, kernel, threshold))
+  fy, fx = _fourier_matrix(2 * kernel, h), _fourier_matrix(2 * kernel, w)
+  along_x = np.einsum("cdab,xb->axcd", coeffs, fx).reshape(2 * kernel, -1)  # (2k, W C C)
+  virtual = np.linalg.eigh(region.reshape(c, -1) @ region.reshape(c, -1).conj().T)[1][:, -1]
+  virtual = virtual * np.exp(-1j * np.angle(virtual[np.argmax(np.abs(virtual))]))
+  maps = np.empty((h, w, c), np.complex128)
+  values = np.empty((h, w))
+  rows = max(1, 2 ** 21 // (w * c * c))  # 32 MiB of operator per block
+  for r0 in range(0, h, rows):
+    g = (fy[r0:r0 + rows] @ along_x).reshape(-1, w, c, c)
+    values[r0:r0 + rows], maps[r0:r0 + rows] = _top_eigenpairs(g, virtual, squarings=3, iters=4)
+  maps = maps * np.exp(-1j * np.angle(maps @ virtual.conj()))[..., None]
+  maps[values < crop] = 0
+  return maps.transpose(2, 0, 1).astype(np.complex64)
+
+
+def lowres(kspace, *, calib=16, floor=0.05) -> np.ndarray:
+  """Low-resolution coil maps, (C, H, W) complex64.
+
+  The central calib x calib block, Hann-windowed and zero-padded, gives smooth coil images; each is
+  divided by their root-sum-of-squares. Pixels whose RSS is below ``floor`` times its maximum
+  (background) are set to zero.
+  """
+  region = _calibration(kspace, calib)
+  window = np.hanning(calib + 2)[1:-1]  # no zero end points: every calibration line counts
+  padded = np.zeros(np.shape(kspace), np.complex128)
+  padded[(slice(None), *center_slices(padded.shape[1:], (calib, calib)))] = (
+      region * np.outer(window, window))
+  images = ifft2c(padded)
+  rss = np.sqrt(np.sum(np.abs(images) ** 2, axis=0))
+  maps = images / (rss + 1e-12 * rss.max())
+  return np.where(rss > floor * rss.max(), maps, 0).astype(np.complex64)
+
+
+def estimate(kspace, method, *, calib=16) -> np.ndarray:
+  """Coil maps (C, H, W) complex64 by ``method`` in ``METHODS``, from the calib x calib centre."""
+  if method == "espirit":
+    return espirit(kspace, calib=calib)
+  if method == "lowres":
+    return lowres(kspace, calib=calib)
+  raise ValueError(f"method: expected one of {METHODS}, found {method!r}")

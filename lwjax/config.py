@@ -1,0 +1,152 @@
+"""The run configuration: one frozen dataclass, and the absl flags generated from it.
+
+Every launch script defines the same flags from ``Config`` (``define_flags``), so a flagfile written
+for ``launch/train.py`` also drives ``launch/evaluate.py`` and ``launch/memory.py``. A run stores its
+configuration as ``WORKDIR/config.json`` (``save``/``load``).
+"""
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+METHODS = ("layerwise_convex", "layerwise", "e2e")
+MASKS = ("poisson", "cartesian", "equispaced")
+MAPS = ("espirit", "lowres")
+SOLVERS = ("adam", "fista")
+DTYPES = ("float32", "bfloat16")
+FEATURE_CACHES = ("none", "host", "disk")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """All settings of a run. Field comments become the flags' help text."""
+  # Data.
+  data_dir: str = ""  # fastMRI root with train/ and val/ (or multicoil_train/, multicoil_val/) HDF5 files; empty: synthetic data generated in WORKDIR/data
+  image_size: int = 320  # side of the square image grid every slice is cropped to
+  mask: str = "poisson"  # undersampling mask: poisson (2D variable-density Poisson disc), cartesian (1D random lines), equispaced (1D equispaced lines)
+  accel: float = 4.0  # acceleration factor of the mask
+  calib: int = 16  # side of the fully sampled calibration square (Poisson disc) used for the coil maps
+  center_fraction: float = 0.04  # fully sampled centre fraction of 1D Cartesian masks
+  mask_seed: int = 0  # seed of the (fixed) sampling mask
+  maps: str = "espirit"  # coil-map estimation from the calibration region: espirit or lowres
+  max_train_volumes: int = 0  # use at most this many training files (subjects); 0: all
+  max_val_volumes: int = 0  # use at most this many validation files (subjects); 0: all
+  synth_train_subjects: int = 30  # synthetic data: training subjects (files)
+  synth_val_subjects: int = 6  # synthetic data: validation subjects (files)
+  synth_slices: int = 8  # synthetic data: slices per subject
+  synth_coils: int = 15  # synthetic data: receive coils
+  synth_noise: float = 0.01  # synthetic data: k-space noise std relative to the image maximum
+  synth_seed: int = 0  # synthetic data: seed
+  # Network.
+  depth: int = 5  # conv layers including the 1x1 head (the paper: 5)
+  features: int = 256  # channels of every hidden layer (the paper: 256)
+  kernel_size: int = 7  # kernel side of every hidden layer (the paper: 7)
+  # Training.
+  method: str = "layerwise_convex,e2e"  # comma-separated methods to train: layerwise_convex, layerwise (non-convex ablation), e2e
+  e2e_depths: str = ""  # comma-separated depths at which to train end-to-end networks; empty: only --depth
+  batch_size: int = 4  # global batch size, split over all local devices
+  epochs: int = 40  # epochs per network (e2e) or per stage (layer-wise)
+  lr: float = 1e-4  # Adam learning rate
+  lr_decay_every: int = 10  # multiply the learning rate by --lr_decay every this many epochs
+  lr_decay: float = 0.5  # learning-rate decay factor
+  weight_decay: float = 0.0  # decoupled weight decay of the non-convex methods (e2e, layerwise)
+  seed: int = 0  # seed of initialisation and shuffling
+  # Convex stage.
+  convex_solver: str = "adam"  # solver of the convex stages: adam (the paper) or fista (rho = 0 only)
+  beta: float = 1e-5  # group-lasso weight of the convex stage (relative to a 0.5*mean squared-error data term)
+  rho: float = 1.0  # ReLU-constraint penalty of the convex stage (0: the gated-ReLU relaxation)
+  refit_head: bool = True  # refit each convex stage's 1x1 head on its ReLU features by least squares
+  fista_iters: int = 200  # FISTA iterations (one pass over the data each) per convex stage
+  gate_seed: int = 0  # seed of the convex stages' fixed gate filters
+  # Runtime.
+  workdir: str = "workdir"  # everything a run writes: checkpoints, metrics, summary.json
+  eval_batch_size: int = 8  # batch size of evaluation
+  compute_dtype: str = "float32"  # float32, or bfloat16 compute with float32 parameters and loss
+  cache_features: str = "none"  # keep a finished stage's output features: none, host (memory) or disk
+  log_every: int = 50  # console log every this many steps (and at every epoch end)
+
+  @property
+  def methods(self) -> tuple[str, ...]:
+    return tuple(m.strip() for m in self.method.split(",") if m.strip())
+
+  @property
+  def depths_e2e(self) -> tuple[int, ...]:
+    if not self.e2e_depths.strip():
+      return (self.depth,)
+    return tuple(int(d) for d in self.e2e_depths.split(","))
+
+
+def validate(cfg: Config, num_devices: int) -> None:
+  """Raise ValueError, naming the flag, for any setting that cannot run (before any work)."""
+  def need(ok, flag, msg):
+    if not ok:
+      raise ValueError(f"--{flag}={getattr(cfg, flag)!r}: {msg}")
+  need(cfg.methods and all(m in METHODS for m in cfg.methods), "method",
+       f"expected a comma-separated subset of {', '.join(METHODS)}")
+  need(cfg.depth >= 2, "depth", "must be >= 2 (one hidden layer and the 1x1 head)")
+  try:
+    depths = cfg.depths_e2e
+  except ValueError:
+    depths = ()
+  need(depths and all(d >= 2 for d in depths), "e2e_depths",
+       "expected comma-separated integers >= 2")
+  need(cfg.features >= 1 and cfg.kernel_size >= 1, "features", "features and kernel_size must be >= 1")
+  need(cfg.batch_size >= 1 and cfg.batch_size % num_devices == 0, "batch_size",
+       f"must be a positive multiple of the device count ({num_devices} devices)")
+  need(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+  need(cfg.epochs >= 1, "epochs", "must be >= 1")
+  need(cfg.lr > 0, "lr", "must be > 0")
+  need(cfg.mask in MASKS, "mask", f"expected one of {', '.join(MASKS)}")
+  need(cfg.accel > 1, "accel", "acceleration must be > 1")
+  need(cfg.maps in MAPS, "maps", f"expected one of {', '.join(MAPS)}")
+  need(cfg.convex_solver in SOLVERS, "convex_solver", f"expected one of {', '.join(SOLVERS)}")
+  need(cfg.convex_solver != "fista" or cfg.rho == 0, "rho",
+       "FISTA solves the gated relaxation only: use --rho=0 with --convex_solver=fista")
+  need(cfg.beta >= 0 and cfg.rho >= 0, "beta", "beta and rho must be >= 0")
+  need("layerwise_convex" not in cfg.methods or cfg.features % 4 == 0, "features",
+       "the convex stage needs features divisible by 4 (2 * P arrangements * 2 output channels)")
+  need(cfg.compute_dtype in DTYPES, "compute_dtype", f"expected one of {', '.join(DTYPES)}")
+  need(cfg.cache_features in FEATURE_CACHES, "cache_features",
+       f"expected one of {', '.join(FEATURE_CACHES)}")
+  need(bool(cfg.workdir), "workdir", "must not be empty")
+  if cfg.data_dir:
+    need(Path(cfg.data_dir).is_dir(), "data_dir", "is not a directory")
+
+
+def define_flags() -> None:
+  """Define one absl flag per ``Config`` field (type, default and help from the dataclass)."""
+  from absl import flags  # Imported here so the library itself does not need absl's flag state.
+  import inspect
+  import re
+
+  help_text = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+  for f in dataclasses.fields(Config):
+    helps = help_text.get(f.name, f.name)
+    define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+              str: flags.DEFINE_string}[f.type]
+    define(f.name, f.default, helps)
+
+
+def from_flags() -> Config:
+  from absl import flags
+  values = flags.FLAGS
+  return Config(**{f.name: getattr(values, f.name) for f in dataclasses.fields(Config)})
+
+
+def save(cfg: Config, path) -> None:
+  """Write ``cfg`` as JSON atomically (temp file + rename)."""
+  path = Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def load(path, **overrides) -> Config:
+  """Read a ``config.json`` written by ``save``; unknown keys are an error naming the file."""
+  values = json.loads(Path(path).read_text())
+  known = {f.name for f in dataclasses.fields(Config)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"{path}: unknown configuration keys {unknown}")
+  values.update(overrides)
+  return Config(**values)

@@ -1,0 +1,438 @@
+"""The convex layer-wise stage: gated-ReLU group lasso, FISTA, certificate, mapping to a ReLU layer.
+
+A two-layer conv net ``f(relu(g(h))) + skip`` (g: k x k, f: 1x1) acts on k x k patches, and with
+weight decay it has an exact convex reformulation (Pilanci & Ergen 2020; Sahiner et al. 2021).
+With P fixed random gate filters ``U_p`` and gates ``D_p = 1[conv(h, U_p) >= 0]``:
+
+  pred = skip + sum_p D_p * (conv(h, V_p) - conv(h, Z_p))
+  objective = 0.5 * mean((pred - y)**2)                                       (stage.half_mse)
+            + beta * sum_{p,c} (|V_pc| + |Z_pc|)                               (group lasso)
+            + rho * sum_{p,c} mean_pixels relu(-(2 D_p - 1) * conv(h, V_pc))  (+ same for Z)
+
+Shapes: ``h`` (N, *spatial, C_in), ``skip`` and ``y`` (N, *spatial, C_out); ``spatial`` is (H, W)
+(``ndim=2``) or (D, H, W) (``ndim=3``). Variables ``{"v": V, "z": Z}``, each (*k, C_in, P, C_out);
+group (p, c) of V or Z is one filter ``V[..., p, c]`` of shape (*k, C_in), i.e. one ReLU neuron.
+
+Scale of ``beta``: the data term is a mean over all M = N * prod(spatial) * C_out elements, so a
+group is zero at the optimum iff ``|A_g^T e| / M <= beta`` (``A_g`` the gated conv of group g, ``e``
+the residual): beta is in units of (residual x feature) per element and does not grow with the
+data set. Every finalize report gives ``beta_max``, the beta at and above which all groups are 0.
+
+rho = 0 is the gated-ReLU relaxation (a group lasso; FISTA or Adam); rho > 0 is an exact penalty
+driving the solution onto the ReLU cones ``(2 D_p - 1) * conv(h, V_pc) >= 0`` (Adam). Where those
+hold, ``relu(conv(h, V_pc)) = D_p * conv(h, V_pc)`` and the mapped ReLU layer (``to_layer``)
+predicts exactly what the convex model predicts; ``finalize`` reports how far from that a stage is.
+"""
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lwjax import stage
+
+Params = Any
+
+# Groups below this fraction of the largest group norm count as zero in the KKT check: Adam never
+# reaches exact zeros, and the direction of a vanishing group carries no information.
+_ZERO_GROUP = 1e-3
+# Power iteration approaches the Lipschitz constant from below; FISTA's step is 1/(margin * L).
+_LIPSCHITZ_MARGIN = 1.1
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+
+def gate_filters(seed: int, kernel_size: int, ndim: int, c_in: int, num: int) -> jax.Array:
+  """The fixed gate filters ``U``: (*k, c_in, num) i.i.d. standard normal, from ``seed``."""
+  shape = (kernel_size,) * ndim + (c_in, num)
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def conv(h, kernel, dtype=None):
+  """SAME, stride-1 convolution without bias: (N, *spatial, I) x (*k, I, O) -> (N, *spatial, O) f32."""
+  ndim = h.ndim - 2
+  sp = "DHW"[3 - ndim:]
+  dtype = dtype or h.dtype
+  return jax.lax.conv_general_dilated(
+      h.astype(dtype), kernel.astype(dtype), (1,) * ndim, "SAME",
+      dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+      preferred_element_type=jnp.float32)
+
+
+def gates(h, u):
+  """``D = 1[conv(h, U) >= 0]``: (N, *spatial, P) float32 0/1. Always computed in float32."""
+  return (conv(h.astype(jnp.float32), u) >= 0).astype(jnp.float32)
+
+
+def kernel(variables):
+  """V and Z as one conv kernel (*k, C_in, 2 * P * C_out), channel ``s*P*C_out + p*C_out + c``
+  with s = 0 for V_pc and s = 1 for Z_pc."""
+  w = jnp.stack([variables["v"], variables["z"]], axis=-3)
+  return w.reshape(w.shape[:-3] + (-1,))
+
+
+def branches(variables, h, dtype=None):
+  """``conv(h, V_pc)`` and ``conv(h, Z_pc)``: (N, *spatial, 2, P, C_out), one conv for both."""
+  p, c = variables["v"].shape[-2:]
+  out = conv(h, kernel(variables), dtype)
+  return out.reshape(out.shape[:-1] + (2, p, c))
+
+
+def predict(variables, h, skip, u, dtype=None):
+  """The convex model's prediction ``skip + sum_p D_p (conv(h, V_p) - conv(h, Z_p))``."""
+  out = branches(variables, h, dtype)
+  d = gates(h, u)[..., None]
+  return skip + jnp.sum(d * (out[..., 0, :, :] - out[..., 1, :, :]), axis=-2).astype(skip.dtype)
+
+
+def group_norms(variables):
+  """(2, P, C_out) l2 norms of the V and Z filters; NaN-safe: the gradient at a zero group is 0
+  (a subgradient), where that of ``sqrt(sum(w**2))`` would be NaN and break Adam from zero."""
+  w = jnp.stack([variables["v"], variables["z"]])
+  sq = jnp.sum(jnp.square(w), axis=tuple(range(1, w.ndim - 2)))
+  return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+def _terms(variables, h, skip, y, u, dtype):
+  """The objective's parts on one batch (all means over this batch)."""
+  out = branches(variables, h, dtype)
+  d = gates(h, u)
+  pred = skip + jnp.sum(d[..., None] * (out[..., 0, :, :] - out[..., 1, :, :]), axis=-2)
+  violation = jax.nn.relu(-(2 * d - 1)[..., None, :, None] * out)
+  pixels = math.prod(out.shape[:-3])
+  return {"data": stage.half_mse(pred, y), "penalty": jnp.sum(violation) / pixels,
+          "norms": jnp.sum(group_norms(variables)), "violation": jnp.sum(violation),
+          "magnitude": jnp.sum(jnp.abs(out)), "pred": pred, "out": out}
+
+
+def objective(variables, h, skip, y, u, *, beta, rho, dtype=None):
+  """``(objective, aux)`` of the convex stage on one batch (see the module docstring).
+
+  aux: "mse" (mean squared error of the convex prediction), "objective", "group_norm_sum",
+  "constraint_violation" (sum of cone violations / sum of |conv(h, V_pc)|, 0 on the ReLU cones).
+  """
+  t = _terms(variables, h, skip, y, u, dtype)
+  value = t["data"] + beta * t["norms"] + rho * t["penalty"]
+  aux = {"mse": 2 * t["data"], "objective": value, "group_norm_sum": t["norms"],
+         "constraint_violation": t["violation"] / jnp.maximum(t["magnitude"], 1e-30)}
+  return value, aux
+
+
+# ----------------------------------------------------------------------------------------------
+# Back to a ReLU layer.
+
+def to_layer(variables):
+  """One hidden ReLU layer and its 1x1 head in the ``nets.DeepNet`` layout.
+
+  conv kernel: ``kernel(variables)`` (*k, C_in, 2 * P * C_out), channel ``s*P*C_out + p*C_out + c``
+  (s = 0: V_pc, s = 1: Z_pc), zero bias. head: +1 from V_pc and -1 from Z_pc to output c
+  (1, ..., 2 * P * C_out, C_out), zero bias; or ``variables["head"]`` after a refit.
+  """
+  v = variables["v"]
+  ndim = v.ndim - 3
+  p, c = v.shape[-2:]
+  k = kernel(variables)
+  if "head" in variables:
+    head = variables["head"]
+  else:
+    signs = jnp.array([1.0, -1.0], jnp.float32)[:, None, None, None]
+    ones = jnp.broadcast_to(jnp.eye(c, dtype=jnp.float32), (2, p, c, c))
+    head = {"kernel": (signs * ones).reshape((1,) * ndim + (2 * p * c, c)),
+            "bias": jnp.zeros((c,), jnp.float32)}
+  return {"conv": {"kernel": k, "bias": jnp.zeros(k.shape[-1:], jnp.float32)}, "head": head}
+
+
+def relu_features(layer, h, dtype=None):
+  """``relu(g(h))`` of a ``to_layer`` layer: (N, *spatial, 2 * P * C_out)."""
+  return jax.nn.relu(conv(h, layer["conv"]["kernel"], dtype) + layer["conv"]["bias"])
+
+
+def relu_predict(layer, h, skip, dtype=None):
+  """The two-layer ReLU net ``f(relu(g(h))) + skip`` of a ``to_layer`` layer."""
+  head = layer["head"]["kernel"]
+  out = relu_features(layer, h, dtype) @ head.reshape(head.shape[-2:]) + layer["head"]["bias"]
+  return skip + out.astype(skip.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Certificate.
+
+def _np_group_norms(tree):
+  """(2, P, C_out) group norms of ``{"v", "z"}`` in float64 NumPy."""
+  w = np.stack([np.asarray(tree["v"], np.float64), np.asarray(tree["z"], np.float64)])
+  return np.sqrt(np.sum(w * w, tuple(range(1, w.ndim - 2))))
+
+
+def duality_gap(variables, neg_grad, *, data, penalty, beta):
+  """Duality gap and KKT residual of a point of the convex program (float64 NumPy).
+
+  In group-lasso form ``P(w) = 0.5 |A w - r|^2 + k(C w) + beta sum_g |w_g|`` (A, r scaled by
+  1/sqrt(M) to match the mean loss; ``k`` the rho penalty, 0 for rho = 0), the dual point
+  ``theta = s e``, ``lambda = s dk(C w)`` with ``e`` the residual and
+  ``s = min(1, beta / max_g |q_g|)`` is feasible, and ``P - D`` is the sum of non-negative terms
+  ``0.5 (1 - s)^2 |e|^2 + (1 - s) k + sum_g (beta |w_g| - s <w_g, q_g>)``, free of the
+  cancellation of ``P - D`` computed directly. For rho = 0 this is DESIGN.md's dual point and the
+  gap goes to 0 at the optimum; for rho > 0 it is still a valid bound on suboptimality, but can
+  stay loose where cone constraints are active (their multipliers are taken as 0 there).
+
+  Args:
+    variables: ``{"v", "z"}``.
+    neg_grad: minus the gradient of ``data + penalty`` over the whole training set,
+      ``q = A^T e - C^T dk``, same tree.
+    data: ``0.5 * mse`` over the whole training set.
+    penalty: ``rho * sum_g mean relu(...)`` over the whole training set.
+    beta: the group-lasso weight (> 0).
+  Returns:
+    {"objective", "gap", "rel_gap" (gap / objective), "kkt_violation" (RMS over groups of the
+    distance of q_g from beta * subdifferential of |w_g|, relative to beta; groups below
+    1e-3 of the largest norm count as zero)}.
+  """
+  w = np.stack([np.asarray(variables["v"], np.float64), np.asarray(variables["z"], np.float64)])
+  q = np.stack([np.asarray(neg_grad["v"], np.float64), np.asarray(neg_grad["z"], np.float64)])
+  axes = tuple(range(1, w.ndim - 2))
+  norms = np.sqrt(np.sum(w * w, axes))
+  q_norms = np.sqrt(np.sum(q * q, axes))
+  s = min(1.0, beta / q_norms.max()) if q_norms.max() > 0 else 1.0
+  objective = data + penalty + beta * norms.sum()
+  gap = (1 - s) ** 2 * data + (1 - s) * penalty + np.sum(beta * norms - s * np.sum(w * q, axes))
+  nonzero = norms > _ZERO_GROUP * norms.max()
+  direction = w / np.expand_dims(np.where(nonzero, norms, 1.0), axes)
+  dist = np.where(nonzero, np.sqrt(np.sum((q - beta * direction) ** 2, axes)),
+                  np.maximum(q_norms - beta, 0.0))
+  return {"objective": objective, "gap": gap, "rel_gap": gap / objective,
+          "kkt_violation": np.sqrt(np.mean(dist ** 2)) / beta}
+
+
+def _batch_sums(variables, h, skip, y, u, rho, refit):
+  """Sums over one batch for ``finalize`` (float32, the caller adds them up in float64)."""
+  def smooth(w):
+    t = _terms(w, h, skip, y, u, jnp.float32)
+    return t["data"] + rho * t["penalty"], t
+  (_, t), grad = jax.value_and_grad(smooth, has_aux=True)(variables)
+  zero = jax.tree.map(jnp.zeros_like, variables)
+  grad0 = jax.grad(lambda w: _terms(w, h, skip, y, u, jnp.float32)["data"])(zero)
+  n = h.shape[0]
+  layer = to_layer(variables)
+  pred, pred_relu = t["pred"], relu_predict(layer, h, skip, jnp.float32)
+  sums = {"n": n, "elements": y.size, "pixels": y.size // y.shape[-1],
+          "sq_err": jnp.sum(jnp.square(pred - y)),
+          "sq_err_relu": jnp.sum(jnp.square(pred_relu - y)),
+          "sq_diff": jnp.sum(jnp.square(pred_relu - pred)),
+          "sq_signal": jnp.sum(jnp.square(pred - skip)),
+          "violation": t["violation"], "magnitude": t["magnitude"],
+          "grad": jax.tree.map(lambda g: n * g, grad), "grad0": jax.tree.map(lambda g: n * g, grad0)}
+  if refit:
+    z = relu_features(layer, h, jnp.float32)
+    f = jnp.concatenate([z, jnp.ones(z.shape[:-1] + (1,), z.dtype)], -1).reshape(-1, z.shape[-1] + 1)
+    sums["gram"] = f.T @ f
+    sums["cross"] = f.T @ (y - skip).reshape(f.shape[0], -1)
+  return sums
+
+
+def _sq_err(layer, h, skip, y):
+  return jnp.sum(jnp.square(relu_predict(layer, h, skip, jnp.float32) - y))
+
+
+def _accumulate(total, sums):
+  sums = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.device_get(sums))
+  return sums if total is None else jax.tree.map(np.add, total, sums)
+
+
+def _refit(gram, cross, ndim):
+  """Least-squares 1x1 head (weights and bias) from the normal equations, with a tiny ridge."""
+  ridge = 1e-6 * np.trace(gram) / len(gram) + 1e-30
+  w = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross)
+  return {"kernel": jnp.asarray(w[:-1].reshape((1,) * ndim + w[:-1].shape), jnp.float32),
+          "bias": jnp.asarray(w[-1], jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# FISTA as an optax transformation.
+
+class FistaState(NamedTuple):
+  x: Params  # the iterate x_k, the stage's solution (the params hold the extrapolated point y_k)
+  t: jax.Array  # momentum parameter t_k
+
+
+def group_shrink(variables, threshold):
+  """Prox of ``threshold * sum_g |w_g|``: each group scaled by ``max(0, 1 - threshold / |w_g|)``."""
+  norms = group_norms(variables)
+  scale = jnp.where(norms > threshold, 1 - threshold / jnp.where(norms > 0, norms, 1.0), 0.0)
+  return {"v": variables["v"] * scale[0], "z": variables["z"] * scale[1]}
+
+
+def _vdot(a, b):
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def fista(step: float, beta: float) -> optax.GradientTransformation:
+  """Accelerated proximal gradient with group soft-thresholding and adaptive restart.
+
+  Gradients are those of the smooth part at the params ``y_k``; the update moves the params to
+  ``y_{k+1}`` and the state keeps ``x_{k+1} = prox(y_k - step * grad)`` (read it with
+  ``fista_solution``). Needs ``params`` in ``update``.
+  """
+  def init_fn(params):
+    return FistaState(x=params, t=jnp.ones([], jnp.float32))
+
+  def update_fn(grads, state, params=None):
+    if params is None:
+      raise ValueError("fista needs the params in update()")
+    x = group_shrink(jax.tree.map(lambda y, g: y - step * g, params, grads), step * beta)
+    dx = jax.tree.map(jnp.subtract, x, state.x)
+    # Gradient restart (O'Donoghue & Candes 2015): drop the momentum once it points uphill;
+    # this keeps FISTA fast and stable on the strongly convex parts of the problem.
+    uphill = _vdot(jax.tree.map(jnp.subtract, params, x), dx) > 0
+    t = jnp.where(uphill, 1.0, state.t)
+    t_next = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
+    y = jax.tree.map(lambda a, b: a + (t - 1) / t_next * b, x, dx)
+    return jax.tree.map(jnp.subtract, y, params), FistaState(x, t_next)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def fista_solution(variables, opt_state):
+  """The FISTA iterate ``x_k`` held in ``opt_state`` (inside ``optax.MultiSteps`` or any wrapper)."""
+  del variables
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, FistaState))
+           if isinstance(s, FistaState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one FistaState in the optimizer state, found {len(found)}")
+  return found[0].x
+
+
+def _normal_op(variables, h, u):
+  """``A^T A w`` summed over one batch; A is the gated conv operator (the prediction minus skip)."""
+  zero = jnp.zeros(h.shape[:-1] + variables["v"].shape[-1:], jnp.float32)
+  out, vjp = jax.vjp(lambda w: predict(w, h, zero, u, jnp.float32), variables)
+  return vjp(out)[0]
+
+
+def _tree_norm(tree):
+  return jnp.sqrt(_vdot(tree, tree))
+
+
+def _needs_prepare() -> optax.GradientTransformation:
+  def fail(*args, **kwargs):
+    raise RuntimeError("the FISTA stage builds its solver in Stage.prepare: call it first")
+  return optax.GradientTransformation(fail, fail)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage.
+
+def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=None, gate_seed=0,
+                 out_channels=2, refit_head=False, fista_iters=None, steps_per_epoch=1,
+                 power_iters=20, dtype=jnp.float32) -> stage.Stage:
+  """The convex layer-wise stage ("layerwise_convex") behind the ``stage.Stage`` interface.
+
+  Args:
+    features: hidden channels of the mapped ReLU layer, ``2 * P * out_channels`` (P arrangements;
+      256 with 2 outputs gives the paper's P = 64).
+    kernel_size, ndim: k and the number of spatial dimensions (2: NHWC, 3: NDHWC).
+    beta: group-lasso weight (> 0), relative to the 0.5 * mean squared-error data term.
+    rho: ReLU-cone penalty (>= 0); 0 is the gated-ReLU relaxation.
+    solver: "adam" (the objective minimised by ``tx``, any rho) or "fista" (rho = 0: accelerated
+      proximal gradient, one iteration per epoch on the full-batch gradient).
+    tx: the Adam transformation with the run's schedule (required for "adam", unused by "fista",
+      which builds its own in ``prepare``).
+    gate_seed: seed of the fixed gate filters (give each stage its own).
+    refit_head: let ``finalize`` refit the 1x1 head on the ReLU features by least squares.
+    fista_iters: FISTA iterations (= the stage's epochs); None: the run's epochs.
+    steps_per_epoch: equal-size minibatches per epoch, accumulated into one FISTA gradient.
+    power_iters: passes of the power iteration for FISTA's Lipschitz constant.
+    dtype: compute dtype of the V/Z conv (the gates, certificate and refit use float32).
+  """
+  if features % (2 * out_channels):
+    raise ValueError(f"features ({features}) must be divisible by 2 * out_channels "
+                     f"({2 * out_channels}): one V and one Z neuron per arrangement and output")
+  if beta <= 0:
+    raise ValueError(f"beta must be > 0, got {beta}")
+  if rho < 0:
+    raise ValueError(f"rho must be >= 0, got {rho}")
+  if solver not in ("adam", "fista"):
+    raise ValueError(f"solver must be 'adam' or 'fista', got {solver!r}")
+  if solver == "fista" and rho != 0:
+    raise ValueError(f"FISTA solves the gated relaxation (rho = 0) only, got rho = {rho}")
+  if solver == "adam" and tx is None:
+    raise ValueError("solver='adam' needs tx (Adam with the run's schedule)")
+  num = features // (2 * out_channels)
+
+  def gate_u(c_in):
+    return gate_filters(gate_seed, kernel_size, ndim, c_in, num)
+
+  def init(rng, h_shape):
+    del rng  # The program is convex: start at zero (any start reaches the same optimum).
+    shape = (kernel_size,) * ndim + (h_shape[-1], num, out_channels)
+    return {"v": jnp.zeros(shape, jnp.float32), "z": jnp.zeros(shape, jnp.float32)}
+
+  def loss(variables, h, skip, y):
+    value, aux = objective(variables, h, skip, y, gate_u(h.shape[-1]), beta=beta, rho=rho,
+                           dtype=dtype)
+    # FISTA differentiates the smooth part only; its prox step handles the group lasso.
+    return (0.5 * aux["mse"] if solver == "fista" else value), aux
+
+  @jax.jit
+  def batch_sums(vz, h, skip, y):
+    return _batch_sums(vz, h, skip, y, gate_u(h.shape[-1]), rho, refit_head)
+
+  sq_err = jax.jit(_sq_err)
+
+  def finalize(variables, feature_batches):
+    vz = {"v": variables["v"], "z": variables["z"]}
+    with jax.default_matmul_precision("highest"):
+      total = None
+      for h, skip, y in feature_batches():
+        total = _accumulate(total, batch_sums(vz, h, skip, y))
+      mse = total["sq_err"] / total["elements"]
+      cert = duality_gap(vz, jax.tree.map(lambda g: -g / total["n"], total["grad"]),
+                         data=mse / 2, penalty=rho * total["violation"] / total["pixels"],
+                         beta=beta)
+      norms = _np_group_norms(vz)
+      report = {
+          "objective": cert["objective"], "mse": mse, "rel_gap": cert["rel_gap"],
+          "kkt_violation": cert["kkt_violation"],
+          "constraint_violation": total["violation"] / max(total["magnitude"], 1e-30),
+          "relu_agreement": np.sqrt(total["sq_diff"] / max(total["sq_signal"], 1e-30)),
+          "mse_relu": total["sq_err_relu"] / total["elements"],
+          "beta_max": _np_group_norms(total["grad0"]).max() / total["n"],
+          "active_groups": np.sum(norms > _ZERO_GROUP * norms.max())}
+      if refit_head:
+        vz["head"] = _refit(total["gram"], total["cross"], ndim)
+        layer = to_layer(vz)
+        sq = sum(float(sq_err(layer, h, skip, y)) for h, skip, y in feature_batches())
+        report["mse_refit"] = sq / total["elements"]
+    return vz, {k: float(v) for k, v in report.items()}
+
+  def prepare(feature_batches, h_shape):
+    u = gate_u(h_shape[-1])
+    shape = (kernel_size,) * ndim + (h_shape[-1], num, out_channels)
+    kv, kz = jax.random.split(jax.random.fold_in(jax.random.key(gate_seed), 1))
+    w = {"v": jax.random.normal(kv, shape), "z": jax.random.normal(kz, shape)}
+    normal_op = jax.jit(_normal_op)
+    lipschitz = 0.0
+    with jax.default_matmul_precision("highest"):
+      for _ in range(power_iters):
+        w = jax.tree.map(lambda a: a / _tree_norm(w), w)
+        acc, elements = None, 0
+        for h, skip, _ in feature_batches():
+          g = normal_op(w, h, u)
+          acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
+          elements += skip.size
+        w = jax.tree.map(lambda a: a / elements, acc)
+        lipschitz = float(_tree_norm(w))  # |A^T A w| / M with |w| = 1: a lower bound on L.
+    step = 1.0 / (_LIPSCHITZ_MARGIN * lipschitz)
+    tx_fista = optax.MultiSteps(fista(step, beta), every_k_schedule=steps_per_epoch)
+    return (dataclasses.replace(st, tx=tx_fista.gradient_transformation()),
+            {"lipschitz": lipschitz})
+
+  st = stage.Stage(name="layerwise_convex", init=init, loss=loss,
+                   tx=tx if solver == "adam" else _needs_prepare(), to_layer=to_layer,
+                   finalize=finalize)
+  if solver == "fista":
+    st = dataclasses.replace(st, solution=fista_solution, prepare=prepare, epochs=fista_iters)
+  return st

@@ -1,0 +1,290 @@
+"""Per-slice preparation, its disk cache, the train/val splits and the batch iterators.
+
+A prepared slice is the network's input and target on the ``image_size`` grid: ``x`` the SENSE
+zero-filled image, ``y`` the SENSE combination of the fully sampled coil images with the same maps,
+both (h, w, 2) float32 (real, imaginary) divided by ``scale = max |x|``. Splits are directories of
+files (subjects), so no subject is in two splits.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+import zipfile
+
+import numpy as np
+
+from lwjax import coils, fastmri, masks, sense, synthetic
+from lwjax.fft import center_slices
+
+CACHE_VERSION = 1  # bump when preparation changes what a cached slice holds
+SYNTHETIC_VERSION = 1  # bump when the synthetic generator changes its output
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepConfig:
+  """How raw k-space becomes (x, y): the grid, the sampling mask and the coil maps.
+
+  ``calib`` is the side of the fully sampled k-space centre of the Poisson masks and of the coil
+  maps' calibration region (maps use less where the mask samples less: :func:`calib_size`).
+  ``center_fraction`` is the fraction of fully sampled centre columns of the 1D Cartesian masks.
+  """
+  image_size: int = 320
+  mask: str = "poisson"  # "poisson" | "cartesian" | "equispaced"
+  accel: float = 4.0
+  calib: int = 16
+  center_fraction: float = 0.04
+  mask_seed: int = 0
+  maps: str = "espirit"  # "espirit" | "lowres"
+
+
+@dataclasses.dataclass
+class Split:
+  """The prepared slices of a split, N of them, in file then slice order."""
+  x: np.ndarray  # (N, h, w, 2) float32 zero-filled input / scale
+  y: np.ndarray  # (N, h, w, 2) float32 target / scale
+  mask: np.ndarray  # (h, w) bool, shared by all slices
+  ids: list[tuple[str, int]]  # (file name, slice index)
+  scale: np.ndarray  # (N,) float32, max |zero-filled image| before scaling
+  volume_index: np.ndarray  # (N,) int, index of the file (subject) in the split
+  maps: Optional[np.ndarray] = None  # (N, C, h, w) complex64 when asked for
+
+
+def mask_for(cfg: PrepConfig) -> np.ndarray:
+  """The run's sampling mask, (image_size, image_size) bool.
+
+  One fixed mask per run (seeded by ``mask_seed``) for every slice and subject, train and val, as a
+  scan protocol would use: the network learns one aliasing pattern and the mask is stored once
+  (``Split.mask``). fastMRI's PyTorch loaders instead draw a new Cartesian mask per slice.
+  """
+  return masks.make_mask(cfg.mask, (cfg.image_size, cfg.image_size), cfg.accel,
+                         seed=cfg.mask_seed, calib=cfg.calib, center_fraction=cfg.center_fraction)
+
+
+def calib_size(mask, calib) -> int:
+  """The side of the largest centred square, at most ``calib``, that ``mask`` samples fully.
+
+  A 4x Cartesian mask of 320 columns samples 13 centre lines: maps estimated from a 16-wide region
+  would see unacquired (zero) columns as data.
+  """
+  mask = np.asarray(mask, bool)
+  for s in range(min(calib, *mask.shape), 0, -1):
+    if mask[center_slices(mask.shape, (s, s))].all():
+      return s
+  raise ValueError("mask: expected a fully sampled k-space centre, found the centre unsampled")
+
+
+def _channels(image) -> np.ndarray:
+  """(h, w) complex -> (h, w, 2) float32 (real, imaginary)."""
+  return np.stack([image.real, image.imag], axis=-1).astype(np.float32)
+
+
+def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
+  """One slice's network input and target.
+
+  Args:
+    kspace_grid: (C, h, w) complex fully sampled k-space on the grid (``fastmri.to_grid``).
+    mask: (h, w) bool sampling mask.
+    cfg: the preparation config (``maps`` and ``calib`` are used here).
+
+  Returns:
+    dict(x=(h, w, 2) float32, y=(h, w, 2) float32, maps=(C, h, w) complex64, scale=float).
+    Maps come from the undersampled data only, and ``scale = max |x|`` uses only the input, so
+    both are available at inference.
+  """
+  kspace_grid = np.asarray(kspace_grid, np.complex64)
+  mask = np.asarray(mask, bool)
+  calib = calib_size(mask, cfg.calib)
+  maps = coils.estimate(kspace_grid * mask, cfg.maps, calib=calib)
+  x = sense.zero_filled(kspace_grid, maps, mask)
+  y = sense.zero_filled(kspace_grid, maps, np.ones_like(mask))
+  scale = float(np.abs(x).max())
+  if not np.isfinite(scale) or scale <= 0:
+    raise ValueError(f"zero-filled image: expected a finite positive maximum, found {scale} "
+                     f"(all-zero k-space, or {cfg.maps} maps from the {calib}x{calib} centre)")
+  return dict(x=_channels(x / scale), y=_channels(y / scale),
+              maps=np.asarray(maps, np.complex64), scale=scale)
+
+
+def cache_key(path, index, cfg: PrepConfig) -> str:
+  """Names a prepared slice: file identity (absolute path, size, mtime), slice, config, format."""
+  st = os.stat(path)
+  blob = json.dumps({"version": CACHE_VERSION, "path": str(Path(path).resolve()),
+                     "size": st.st_size, "mtime_ns": st.st_mtime_ns, "slice": index,
+                     "cfg": dataclasses.asdict(cfg)}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _read_entry(file, size, num_coils=None) -> Optional[dict]:
+  """The cached slice in ``file``, or None when it is missing, unreadable or malformed.
+
+  ``num_coils`` set: the entry must hold maps of that many coils.
+  """
+  want = {"x": ((size, size, 2), np.float32), "y": ((size, size, 2), np.float32),
+          "scale": ((), np.float32)}
+  if num_coils is not None:
+    want["maps"] = ((num_coils, size, size), np.complex64)
+  try:
+    with np.load(file, allow_pickle=False) as z:
+      entry = {k: z[k] for k in want}
+  except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+    return None
+  for k, (shape, dtype) in want.items():
+    if entry[k].shape != shape or entry[k].dtype != dtype or not np.isfinite(entry[k]).all():
+      return None
+  if entry["scale"] <= 0:
+    return None
+  return entry
+
+
+def _entry(example, with_maps) -> dict:
+  """What the cache keeps of a prepared slice (maps only when asked for: 8 bytes/pixel/coil)."""
+  entry = dict(x=example["x"], y=example["y"], scale=np.float32(example["scale"]))
+  if with_maps:
+    entry["maps"] = example["maps"]
+  return entry
+
+
+def _load_slice(info, index, mask, cfg, cache_dir, with_maps) -> tuple[dict, bool]:
+  """The cache entry of a slice, read or prepared and written now; and whether it was read."""
+  file = Path(cache_dir) / f"{cache_key(info.path, index, cfg)}.npz"
+  entry = _read_entry(file, cfg.image_size, info.num_coils if with_maps else None)
+  if entry is not None:
+    return entry, True
+  grid = fastmri.to_grid(fastmri.read_slice(info.path, index), cfg.image_size)
+  try:
+    entry = _entry(prepare_slice(grid, mask, cfg), with_maps)
+  except ValueError as e:
+    raise fastmri.DataError(f"{info.path}: key '{fastmri.KSPACE}', slice {index}: {e}") from e
+  with fastmri.atomic_write(file) as tmp, open(tmp, "wb") as f:
+    np.savez(f, **entry)
+  return entry, False
+
+
+def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
+               with_maps=False, log: Optional[Callable[[str], None]] = None) -> Split:
+  """Every slice of the first ``max_volumes`` files of a split, prepared or read from the cache.
+
+  Each slice is cached as one ``.npz`` keyed by :func:`cache_key`; entries are written atomically
+  and validated on reading, and an invalid one is prepared and written again.
+  """
+  if max_volumes is not None and max_volumes < 1:
+    raise ValueError(f"max_volumes: expected None or >= 1, found {max_volumes}")
+  infos = [fastmri.open_volume(f) for f in fastmri.list_volumes(data_dir, split)[:max_volumes]]
+  if with_maps and len({info.num_coils for info in infos}) > 1:
+    raise fastmri.DataError(f"{data_dir} ({split}): key '{fastmri.KSPACE}': with_maps expects one "
+                            f"coil count, found {sorted({i.num_coils for i in infos})}")
+  mask = mask_for(cfg)
+  Path(cache_dir).mkdir(parents=True, exist_ok=True)
+  total = sum(info.num_slices for info in infos)
+  every = max(1, total // 10)
+  examples, ids, volume_index, hits = [], [], [], 0
+  for v, info in enumerate(infos):
+    for index in range(info.num_slices):
+      example, cached = _load_slice(info, index, mask, cfg, cache_dir, with_maps)
+      examples.append(example)
+      ids.append((info.path.name, index))
+      volume_index.append(v)
+      hits += cached
+      if log and (len(examples) % every == 0 or len(examples) == total):
+        log(f"{split}: prepared {len(examples)}/{total} slices ({hits} from cache)")
+  stack = lambda k: np.stack([e[k] for e in examples])
+  return Split(x=stack("x"), y=stack("y"), mask=mask, ids=ids, scale=stack("scale"),
+               volume_index=np.asarray(volume_index), maps=stack("maps") if with_maps else None)
+
+
+def make_synthetic_dataset(out_dir, *, train_subjects, val_subjects, slices, coils, size,
+                           seed=0, noise_std=0.01) -> Path:
+  """Writes a synthetic multi-coil dataset as ``out_dir/{train,val}/synth_<split>_<i>.h5``.
+
+  One file per subject, each from its own seed ``[seed, split, subject]``. A manifest recording the
+  arguments is written last: a finished dataset with the same arguments is reused, anything else is
+  rewritten.
+  """
+  if train_subjects < 1 or val_subjects < 1:
+    raise ValueError(f"train_subjects, val_subjects: expected >= 1, found "
+                     f"{train_subjects}, {val_subjects}")
+  out_dir = Path(out_dir)
+  manifest = out_dir / "manifest.json"
+  args = dict(version=SYNTHETIC_VERSION, train_subjects=train_subjects,
+              val_subjects=val_subjects, slices=slices, coils=coils, size=size, seed=seed,
+              noise_std=noise_std)
+  plan = {split: [out_dir / split / f"synth_{split}_{i:03d}.h5" for i in range(n)]
+          for split, n in (("train", train_subjects), ("val", val_subjects))}
+  try:
+    done = json.loads(manifest.read_text()) == args
+  except (OSError, ValueError):
+    done = False
+  if done and all(f.is_file() for files in plan.values() for f in files):
+    return out_dir
+  manifest.unlink(missing_ok=True)
+  for code, (split, files) in enumerate(plan.items()):
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    for stale in set((out_dir / split).glob("synth_*.h5")) - set(files):
+      stale.unlink()
+    for i, file in enumerate(files):
+      volume = synthetic.make_volume(np.random.default_rng([seed, code, i]), size=size,
+                                     coils=coils, slices=slices, noise_std=noise_std)
+      fastmri.write_volume(file, volume["kspace"], volume["rss"],
+                           patient_id=f"synth-{split}-{i:03d}")
+  with fastmri.atomic_write(manifest) as tmp:
+    tmp.write_text(json.dumps(args, indent=2))
+  return out_dir
+
+
+def steps_per_epoch(n, batch_size) -> int:
+  """Full batches in an epoch of ``n`` examples (the remainder is dropped)."""
+  return n // batch_size
+
+
+def _num_examples(arrays) -> int:
+  sizes = {k: len(v) for k, v in arrays.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"arrays: expected one leading size for all entries, found {sizes}")
+  return next(iter(sizes.values()))
+
+
+def train_batches(arrays: dict[str, np.ndarray], batch_size, *, seed, epoch,
+                  num_devices=1) -> Iterator[dict[str, np.ndarray]]:
+  """One epoch of shuffled full batches, each example at most once.
+
+  The order depends only on (seed, epoch); the last ``n % batch_size`` examples of the shuffled
+  order are dropped, so every batch has ``batch_size`` examples (static shapes).
+  """
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  n = _num_examples(arrays)
+  if batch_size % num_devices:
+    raise ValueError(f"batch_size {batch_size} is not divisible by num_devices {num_devices}")
+  if not 0 < batch_size <= n:
+    raise ValueError(f"batch_size {batch_size}: expected 1..{n} (the number of examples)")
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  steps = steps_per_epoch(n, batch_size)
+  batches = np.split(order[:steps * batch_size], steps)
+  return ({k: v[idx] for k, v in arrays.items()} for idx in batches)
+
+
+def _pad(a, n):
+  """Zero-pads the leading axis of ``a`` to length ``n``."""
+  return np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
+
+
+def eval_batches(arrays: dict[str, np.ndarray], batch_size) -> Iterator[dict[str, np.ndarray]]:
+  """Every example once, in order, in batches of ``batch_size``.
+
+  The last batch is zero-padded to ``batch_size`` (static shapes for jit and sharding); ``valid``
+  (batch_size,) bool marks the real examples.
+  """
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  n = _num_examples(arrays)
+  if batch_size < 1:
+    raise ValueError(f"batch_size {batch_size}: expected >= 1")
+  if "valid" in arrays:
+    raise ValueError("arrays: expected no 'valid' entry (eval_batches adds it)")
+
+  def batch(start):
+    m = min(batch_size, n - start)
+    return {**{k: _pad(v[start:start + m], batch_size) for k, v in arrays.items()},
+            "valid": np.arange(batch_size) < m}
+
+  return map(batch, range(0, n, batch_size))

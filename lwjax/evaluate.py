@@ -1,0 +1,238 @@
+"""Evaluation of a finished run: per-slice metrics of every network, a report and the figures.
+
+``run(workdir)`` reads ``WORKDIR/config.json`` and the saved networks (``train.params_dir``),
+predicts the validation split with each and writes:
+
+  WORKDIR/eval.json   {"per_slice": {"zero_filled": {"psnr": [...], "ssim": [...], "nmse": [...]},
+                                     method: {"<depth>": {"psnr": [...], ...}}},
+                       "mean": the same with means (summary.json's layout),
+                       "slices": [[file, slice], ...] (the order of every per-slice list),
+                       "examples": [slice indices drawn in examples.png]}
+  WORKDIR/report.md   a table per method and depth, the layer-wise vs e2e gap, stage reports
+  WORKDIR/figures/    metrics_vs_depth.png (paper figure 2), examples.png (figure 3),
+                      training_curves.png
+
+Metrics are the trainer's (``train.slice_metrics``): slice-based PSNR, SSIM and NMSE on magnitude
+images, data range = each target slice's maximum.
+"""
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from absl import logging
+
+from lwjax import config as config_lib
+from lwjax import data as data_lib
+from lwjax import figures
+from lwjax import metrics as metrics_lib
+from lwjax import train
+from lwjax.config import Config
+
+# Settings a run may be evaluated with other than its own: where the data is, how much at once.
+OVERRIDABLE = ("data_dir", "eval_batch_size")
+# Representative slices of examples.png: the median and the 10th percentile of the reference
+# network's PSNR, a typical and a hard slice (the very worst is often an all-noise edge slice).
+EXAMPLE_QUANTILES = (0.5, 0.1)
+METRICS = ("psnr", "ssim", "nmse")
+
+
+def load_config(workdir, **overrides) -> Config:
+  """The configuration of the run in ``workdir``, with ``overrides`` (``OVERRIDABLE`` fields).
+
+  ``workdir`` is where the run is now, which may differ from where it was trained; a missing
+  directory or config.json raises FileNotFoundError naming the path.
+  """
+  workdir = Path(workdir).absolute()
+  path = workdir / "config.json"
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"{workdir}: no such run directory (--workdir)")
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: not found; is {workdir} the --workdir of a training run?")
+  bad = sorted(set(overrides) - set(OVERRIDABLE))
+  if bad:
+    raise ValueError(f"only {OVERRIDABLE} may differ from the run's {path}, got {bad}")
+  return config_lib.load(path, workdir=str(workdir), **overrides)
+
+
+def overrides_from_flags(flag_values, *, used=()) -> dict:
+  """The ``OVERRIDABLE`` settings given on the command line, for ``load_config``.
+
+  A run is evaluated with its own config.json: other ``Config`` flags given explicitly (a
+  flagfile's, say), apart from ``--workdir`` and the names in ``used``, are ignored with a warning.
+  """
+  given = [f.name for f in dataclasses.fields(Config) if flag_values[f.name].present]
+  ignored = sorted(set(given) - set(OVERRIDABLE) - {"workdir", *used})
+  if ignored:
+    logging.warning("ignoring %s: a run is evaluated with its own config.json",
+                    ", ".join(f"--{name}" for name in ignored))
+  return {name: flag_values[name].value for name in OVERRIDABLE if name in given}
+
+
+def trained_networks(cfg: Config) -> list[tuple[str, int]]:
+  """``(method, depth)`` of every network a finished run of ``cfg`` has saved, in method order."""
+  return [(method, depth) for method in cfg.methods
+          for depth in (cfg.depths_e2e if method == "e2e" else range(2, cfg.depth + 1))]
+
+
+def final_networks(cfg: Config) -> list[tuple[str, int]]:
+  """The deepest network of each method."""
+  deepest = {}
+  for method, depth in trained_networks(cfg):
+    deepest[method] = max(depth, deepest.get(method, depth))
+  return list(deepest.items())
+
+
+def load_network(cfg: Config, method: str, depth: int):
+  return train.load_params(train.params_dir(cfg.workdir, method, depth))
+
+
+def validation_split(cfg: Config, log: Callable[[str], None] = lambda s: None) -> data_lib.Split:
+  """The run's validation slices (from the run's cache where it has them)."""
+  # The validation split does not depend on the training files: reading one instead of all of
+  # them from the cache spares the memory and time of the whole training set.
+  return train.load_data(dataclasses.replace(cfg, max_train_volumes=1), log=log)[1]
+
+
+def per_slice_metrics(cfg: Config, val: data_lib.Split, *, mesh) -> dict:
+  """``{"zero_filled": metrics, method: {"<depth>": metrics}}``, metrics ``{name: (N,) array}``."""
+  net = train.network_template(cfg)
+  out = {"zero_filled": train.slice_metrics(val.x, val.y)}
+  for method, depth in trained_networks(cfg):
+    pred = train.predict(net, load_network(cfg, method, depth), val.x, mesh=mesh,
+                         batch_size=cfg.eval_batch_size)
+    out.setdefault(method, {})[str(depth)] = train.slice_metrics(pred, val.y)
+  return out
+
+
+def _map_metrics(fn, tree):
+  """Applies ``fn`` to every ``{name: per-slice values}`` leaf of a per_slice_metrics tree."""
+  if set(tree) == set(METRICS):
+    return {k: fn(v) for k, v in tree.items()}
+  return {k: _map_metrics(fn, v) for k, v in tree.items()}
+
+
+def representative_slices(psnr: np.ndarray) -> list[int]:
+  """Indices of the slices nearest ``EXAMPLE_QUANTILES`` of ``psnr`` (N,), without repeats."""
+  order = np.argsort(psnr, kind="stable")
+  picks = [int(order[int(q * (len(psnr) - 1) + 0.5)]) for q in EXAMPLE_QUANTILES]
+  return list(dict.fromkeys(picks))
+
+
+def example_columns(cfg: Config, val: data_lib.Split, slices: list[int], *, mesh) -> dict:
+  """Magnitude images of ``slices``: zero-filled, the deepest net of each method, target."""
+  net = train.network_template(cfg)
+  x = val.x[slices]
+  columns = {"zero-filled": metrics_lib.magnitude(x)}
+  for method, depth in final_networks(cfg):
+    pred = train.predict(net, load_network(cfg, method, depth), x, mesh=mesh,
+                         batch_size=cfg.eval_batch_size)
+    columns[f"{method} ({depth} layers)"] = metrics_lib.magnitude(pred)
+  columns["target"] = metrics_lib.magnitude(val.y[slices])
+  return {name: list(np.asarray(images)) for name, images in columns.items()}
+
+
+def read_metrics_log(workdir) -> list[dict]:
+  path = Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: the run's training log is missing")
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_reports(cfg: Config) -> dict:
+  """``{method: {stage: report}}`` of the finished layer-wise stages that report anything."""
+  out = {}
+  for method in cfg.methods:
+    if method == "e2e":
+      continue
+    for stage in range(1, cfg.depth):
+      path = train.stage_report_path(cfg.workdir, method, stage)
+      report = json.loads(path.read_text()) if path.is_file() else {}
+      if report:
+        out.setdefault(method, {})[stage] = report
+  return out
+
+
+def _cell(values, fmt):
+  return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}"
+
+
+def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict) -> str:
+  """report.md: a table of every network, the gap to e2e at the same depth, stage reports."""
+  per_slice, mean = result["per_slice"], result["mean"]
+  files = len({f for f, _ in result["slices"]})
+  lines = [f"# Evaluation of {cfg.workdir}", "",
+           f"{len(result['slices'])} validation slices from {files} file(s); mask {cfg.mask} "
+           f"x{cfg.accel:g}, {cfg.image_size}x{cfg.image_size}, {cfg.features} channels, "
+           f"{cfg.kernel_size}x{cfg.kernel_size} kernels. Per-slice PSNR, SSIM and NMSE of "
+           "magnitude images (data range: each target slice's maximum), mean ± std over slices; "
+           "the gap is the method minus e2e at the same depth.", "",
+           "| network | depth | PSNR (dB) | SSIM | NMSE | PSNR gap (dB) | SSIM gap |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  z = per_slice["zero_filled"]
+  lines.append(f"| zero-filled | | {_cell(z['psnr'], '.2f')} | {_cell(z['ssim'], '.4f')} | "
+               f"{_cell(z['nmse'], '.4f')} | | |")
+  e2e = mean.get("e2e", {})
+  for method, depth in trained_networks(cfg):
+    m = per_slice[method][str(depth)]
+    gap = ["", ""]
+    if method != "e2e" and str(depth) in e2e:
+      ref = e2e[str(depth)]
+      gap = [f"{mean[method][str(depth)]['psnr'] - ref['psnr']:+.2f}",
+             f"{mean[method][str(depth)]['ssim'] - ref['ssim']:+.4f}"]
+    lines.append(f"| {method} | {depth} | {_cell(m['psnr'], '.2f')} | {_cell(m['ssim'], '.4f')} "
+                 f"| {_cell(m['nmse'], '.4f')} | {gap[0]} | {gap[1]} |")
+  for method, reports in stages.items():
+    keys = sorted({k for r in reports.values() for k in r})
+    lines += ["", f"## {method}: stage reports", "",
+              "| stage | " + " | ".join(keys) + " |", "| ---: |" + " ---: |" * len(keys)]
+    lines += [f"| {s} | " + " | ".join(f"{r[k]:.4g}" if k in r else "" for k in keys) + " |"
+              for s, r in sorted(reports.items())]
+  lines += ["", "## Figures", ""]
+  lines += [f"![{name}]({path})" for name, path in figure_files.items()]
+  return "\n".join(lines) + "\n"
+
+
+def draw_figures(cfg: Config, result: dict, columns: dict, records: list[dict],
+                 figure_dir: Path) -> dict:
+  """The run's figures; returns ``{title: path relative to the workdir}``."""
+  ids = ", ".join(f"{result['slices'][s][0]}:{result['slices'][s][1]}" for s in result["examples"])
+  paths = {
+      "metrics against depth": figures.metrics_vs_depth(result["mean"],
+                                                       figure_dir / "metrics_vs_depth.png"),
+      "example slices": figures.example_grid(
+          columns, figure_dir / "examples.png",
+          title=f"{cfg.mask} x{cfg.accel:g}; slices {ids} (median, 10th percentile PSNR)"),
+      "training curves": figures.training_curves(records, figure_dir / "training_curves.png"),
+  }
+  return {name: str(Path(p).relative_to(cfg.workdir)) for name, p in paths.items()}
+
+
+def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None,
+        **overrides) -> dict:
+  """Evaluates the run in ``workdir``; writes eval.json, report.md, figures/; returns eval.json.
+
+  ``overrides``: ``data_dir`` or ``eval_batch_size`` other than the run's (None: the run's).
+  """
+  cfg = load_config(workdir, **{k: v for k, v in overrides.items() if v is not None})
+  dirs = [train.params_dir(cfg.workdir, m, d) for m, d in trained_networks(cfg)]
+  missing = [str(p) for p in dirs if not p.exists()]
+  if missing:
+    raise FileNotFoundError(f"no saved network at {', '.join(missing)}: is the run finished?")
+  records = read_metrics_log(cfg.workdir)
+  mesh = mesh or train.make_mesh()
+  val = validation_split(cfg, log=log)
+  per_slice = per_slice_metrics(cfg, val, mesh=mesh)
+  method, depth = final_networks(cfg)[0]
+  examples = representative_slices(per_slice[method][str(depth)]["psnr"])
+  result = {"per_slice": _map_metrics(lambda v: [float(a) for a in v], per_slice),
+            "mean": _map_metrics(lambda v: float(np.mean(v)), per_slice),
+            "slices": [[f, int(s)] for f, s in val.ids], "examples": examples}
+  workdir = Path(cfg.workdir)
+  (workdir / "eval.json").write_text(json.dumps(result, indent=1))
+  figure_files = draw_figures(cfg, result, example_columns(cfg, val, examples, mesh=mesh),
+                              records, workdir / "figures")
+  (workdir / "report.md").write_text(report_markdown(cfg, result, figure_files, stage_reports(cfg)))
+  log(f"wrote {workdir / 'eval.json'}, {workdir / 'report.md'} and {len(figure_files)} figures")
+  return result

@@ -1,0 +1,221 @@
+"""The fastMRI multi-coil HDF5 format: writing, listing, validating and reading volumes.
+
+A volume file holds ``kspace`` (slices, coils, H, W) complex64, with H the readout (frequency
+encoding, oversampled 2x in fastMRI knee data) and W the phase encoding; ``reconstruction_rss``
+(slices, h, w) float32 on the reconstruction grid; attrs ``max``, ``norm``, ``acquisition``,
+``patient_id``; and ``ismrmrd_header``, the ISMRMRD XML header (``encodedSpace`` matrix (H, W),
+``reconSpace`` matrix (h, w)). Every problem with an input raises :class:`DataError` naming the
+file, the HDF5 key and what was expected vs found.
+"""
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+import uuid
+
+import h5py
+import numpy as np
+
+from lwjax.fft import center_slices, fft2c, ifft2c
+
+KSPACE = "kspace"
+RSS = "reconstruction_rss"
+HEADER = "ismrmrd_header"
+SPLITS = ("train", "val")
+_PIXEL_MM = 0.5  # nominal in-plane resolution written into synthetic headers
+
+_HEADER_XML = """<?xml version="1.0" encoding="utf-8"?>
+<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD" \
+xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" \
+xsi:schemaLocation="http://www.ismrm.org/ISMRMRD ismrmrd.xsd">
+  <measurementInformation>
+    <patientPosition>HFS</patientPosition>
+    <protocolName>{acquisition}</protocolName>
+  </measurementInformation>
+  <acquisitionSystemInformation>
+    <systemVendor>lwjax</systemVendor>
+    <systemModel>synthetic</systemModel>
+    <receiverChannels>{coils}</receiverChannels>
+  </acquisitionSystemInformation>
+  <encoding>
+    <encodedSpace>
+      <matrixSize><x>{H}</x><y>{W}</y><z>1</z></matrixSize>
+      <fieldOfView_mm><x>{H_mm}</x><y>{W_mm}</y><z>3</z></fieldOfView_mm>
+    </encodedSpace>
+    <reconSpace>
+      <matrixSize><x>{h}</x><y>{w}</y><z>1</z></matrixSize>
+      <fieldOfView_mm><x>{h_mm}</x><y>{w_mm}</y><z>3</z></fieldOfView_mm>
+    </reconSpace>
+    <trajectory>cartesian</trajectory>
+    <encodingLimits>
+      <kspace_encoding_step_1><minimum>0</minimum><maximum>{W_max}</maximum>\
+<center>{W_center}</center></kspace_encoding_step_1>
+      <kspace_encoding_step_2><minimum>0</minimum><maximum>0</maximum><center>0</center>\
+</kspace_encoding_step_2>
+      <slice><minimum>0</minimum><maximum>{S_max}</maximum><center>{S_center}</center></slice>
+    </encodingLimits>
+  </encoding>
+</ismrmrdHeader>
+"""
+
+
+class DataError(ValueError):
+  """A data file, directory or cache entry is missing or not what the pipeline expects."""
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+  """Yields a temporary path beside ``path``; on success it is renamed onto ``path``.
+
+  A crash leaves either the old file or none, plus at most a hidden ``.<name>.<hex>.tmp`` that no
+  reader looks at.
+  """
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class VolumeInfo:
+  """What :func:`open_volume` found: ``kspace_shape`` is (slices, coils, H, W)."""
+  path: Path
+  num_slices: int
+  num_coils: int
+  kspace_shape: tuple[int, int, int, int]
+  attrs: dict[str, Any]
+
+
+def ismrmrd_header(kspace_shape, recon_shape, *, acquisition="CORPD_FBK") -> bytes:
+  """The ISMRMRD XML header for k-space (S, C, H, W) reconstructed on an (h, w) grid."""
+  s, c, hh, ww = kspace_shape
+  h, w = recon_shape
+  return _HEADER_XML.format(
+      acquisition=acquisition, coils=c, H=hh, W=ww, h=h, w=w,
+      H_mm=hh * _PIXEL_MM, W_mm=ww * _PIXEL_MM, h_mm=h * _PIXEL_MM, w_mm=w * _PIXEL_MM,
+      W_max=ww - 1, W_center=ww // 2, S_max=s - 1, S_center=s // 2).encode()
+
+
+def write_volume(path, kspace, rss, *, acquisition="CORPD_FBK", patient_id="", attrs=None):
+  """Writes a fastMRI multi-coil file atomically (temporary name, then ``os.replace``).
+
+  Args:
+    path: destination ``.h5`` file.
+    kspace: (S, C, H, W) complex k-space.
+    rss: (S, h, w) real root-sum-of-squares reconstruction.
+    acquisition, patient_id: fastMRI attrs.
+    attrs: extra file attrs.
+  """
+  path = Path(path)
+  kspace = np.asarray(kspace)
+  rss = np.asarray(rss)
+  if kspace.ndim != 4 or not np.iscomplexobj(kspace):
+    raise DataError(f"{path}: key '{KSPACE}': expected complex (slices, coils, H, W), "
+                    f"found {kspace.dtype} {kspace.shape}")
+  if rss.ndim != 3 or rss.shape[0] != kspace.shape[0] or np.iscomplexobj(rss):
+    raise DataError(f"{path}: key '{RSS}': expected real ({kspace.shape[0]}, h, w), "
+                    f"found {rss.dtype} {rss.shape}")
+  with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+    f.create_dataset(KSPACE, data=kspace.astype(np.complex64))
+    f.create_dataset(RSS, data=rss.astype(np.float32))
+    f.create_dataset(HEADER, data=np.bytes_(
+        ismrmrd_header(kspace.shape, rss.shape[1:], acquisition=acquisition)))
+    f.attrs.update({"max": float(rss.max()), "norm": float(np.linalg.norm(kspace)),
+                    "acquisition": acquisition, "patient_id": patient_id, **(attrs or {})})
+
+
+def list_volumes(data_dir, split) -> list[Path]:
+  """The sorted ``.h5`` files in ``data_dir/<split>`` or (fastMRI) ``data_dir/multicoil_<split>``.
+
+  Splits are directories, so they are by file (subject), never by slice.
+  """
+  if split not in SPLITS:
+    raise DataError(f"split: expected one of {SPLITS}, found {split!r}")
+  candidates = [Path(data_dir) / split, Path(data_dir) / f"multicoil_{split}"]
+  for d in candidates:
+    files = sorted(d.glob("*.h5"))
+    if files:
+      return files
+  found = [f"{d} ({'empty of .h5 files' if d.is_dir() else 'missing'})" for d in candidates]
+  raise DataError(f"{data_dir}: expected fastMRI multi-coil .h5 files for split '{split}' in "
+                  f"{' or '.join(str(d) for d in candidates)}; found {', '.join(found)}")
+
+
+def _open(path) -> h5py.File:
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: no such file (expected a fastMRI .h5 volume)")
+  if not h5py.is_hdf5(path):
+    raise DataError(f"{path}: expected an HDF5 file, found another format")
+  return h5py.File(path, "r")
+
+
+def _kspace(f: h5py.File, path) -> h5py.Dataset:
+  """The validated ``kspace`` dataset of an open file."""
+  if not isinstance(f.get(KSPACE), h5py.Dataset):
+    raise DataError(f"{path}: expected a dataset '{KSPACE}', found keys {sorted(f.keys())}")
+  ds = f[KSPACE]
+  if ds.dtype.kind != "c":
+    raise DataError(f"{path}: key '{KSPACE}': expected a complex dtype, found {ds.dtype}")
+  if ds.ndim != 4 or 0 in ds.shape:
+    hint = " (a single-coil file? multi-coil data is expected)" if ds.ndim == 3 else ""
+    raise DataError(f"{path}: key '{KSPACE}': expected a non-empty 4-D (slices, coils, H, W) "
+                    f"array, found shape {ds.shape}{hint}")
+  return ds
+
+
+def _plain(value):
+  """An HDF5 attribute value as a plain Python value."""
+  if isinstance(value, bytes):
+    return value.decode(errors="replace")
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def open_volume(path) -> VolumeInfo:
+  """Validates a multi-coil volume file and returns its metadata (reads no k-space)."""
+  with _open(path) as f:
+    ds = _kspace(f, path)
+    return VolumeInfo(path=Path(path), num_slices=ds.shape[0], num_coils=ds.shape[1],
+                      kspace_shape=tuple(ds.shape),
+                      attrs={k: _plain(v) for k, v in f.attrs.items()})
+
+
+def read_slice(path, index) -> np.ndarray:
+  """The k-space of slice ``index``: (C, H, W) complex64, checked to be finite."""
+  with _open(path) as f:
+    ds = _kspace(f, path)
+    if not 0 <= index < ds.shape[0]:
+      raise DataError(f"{path}: key '{KSPACE}': expected a slice index in [0, {ds.shape[0]}), "
+                      f"found {index}")
+    kspace = np.asarray(ds[index], np.complex64)
+  bad = np.size(kspace) - np.count_nonzero(np.isfinite(kspace))
+  if bad:
+    raise DataError(f"{path}: key '{KSPACE}', slice {index}: expected finite values, "
+                    f"found {bad} NaN/Inf")
+  return kspace
+
+
+def center_fit(x, shape):
+  """Centre-crops (or zero-pads where smaller) the last two axes of ``x`` to ``shape``.
+
+  Keeps the FFT centre (index n // 2) at the centre (index m // 2) of the output.
+  """
+  out = np.zeros(x.shape[:-2] + tuple(shape), x.dtype)
+  common = np.minimum(x.shape[-2:], shape)
+  src, dst = center_slices(x.shape[-2:], common), center_slices(shape, common)
+  out[(..., *dst)] = x[(..., *src)]
+  return out
+
+
+def to_grid(kspace, size) -> np.ndarray:
+  """Brings k-space (C, H, W) onto the (h, w) reconstruction grid: (C, h, w) complex64.
+
+  The coil images are centre-cropped (zero-padded where smaller) to ``size`` (an int for a square
+  grid, or (h, w)), which also removes readout oversampling, and transformed back.
+  """
+  size = (size, size) if isinstance(size, int) else tuple(size)
+  return fft2c(center_fit(ifft2c(np.asarray(kspace)), size)).astype(np.complex64)

@@ -1,0 +1,223 @@
+"""The figures of a run: metrics against depth, example reconstructions, training curves, memory.
+
+Every function draws on its own ``matplotlib.figure.Figure`` rendered by Agg (no pyplot: no global
+state, no display), writes one PNG to ``path`` (creating its folder) and returns ``path`` as a str.
+Figures have fixed sizes in inches, given per function, rendered at ``DPI`` dots per inch.
+Inputs are plain Python / NumPy structures; malformed ones raise ValueError.
+"""
+import os
+from collections.abc import Mapping
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+DPI = 100
+PANEL = 2.5  # inches per image panel in example_grid
+TILE = 1.25  # inches per tile in image_grid
+_METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM"}
+
+
+def _save(fig, path):
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=DPI, format="png")
+  return path
+
+
+def _depth_curves(summary):
+  """``{method: (depths, {metric: values})}`` for each entry of ``summary`` mapping depth -> metrics."""
+  curves = {}
+  for name, entry in summary.items():
+    if not isinstance(entry, Mapping) or not entry:
+      continue
+    try:
+      depths = sorted(entry, key=int)
+    except (TypeError, ValueError):
+      continue  # not keyed by depth: "zero_filled", "config", ...
+    if not all(isinstance(m, Mapping) and _METRIC_LABELS.keys() <= m.keys()
+               for m in entry.values()):
+      continue
+    curves[name] = ([int(d) for d in depths],
+                    {k: [float(entry[d][k]) for d in depths] for k in _METRIC_LABELS})
+  if not curves:
+    raise ValueError(f"summary has no method entry {{depth: {{'psnr', 'ssim', ...}}}}; "
+                     f"keys: {list(summary)}")
+  return curves
+
+
+def metrics_vs_depth(summary, path):
+  """PSNR and SSIM against depth, one line per method, zero-filled dashed (paper figure 2).
+
+  Args:
+    summary: ``{"zero_filled": {"psnr", "ssim", ...}, method: {"<depth>": {"psnr", "ssim", ...}}}``;
+      entries that do not map depths to metrics are ignored, "zero_filled" is optional.
+    path: PNG file to write, 10 x 4 inches.
+  """
+  curves = _depth_curves(summary)
+  zero_filled = summary.get("zero_filled")
+  if zero_filled is not None and not (isinstance(zero_filled, Mapping)
+                                      and _METRIC_LABELS.keys() <= zero_filled.keys()):
+    raise ValueError(f"summary['zero_filled'] needs 'psnr' and 'ssim', got {zero_filled!r}")
+  fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
+  for ax, (metric, label) in zip(fig.subplots(1, 2), _METRIC_LABELS.items()):
+    for name, (depths, values) in curves.items():
+      ax.plot(depths, values[metric], marker="o", label=name)
+    if zero_filled is not None:
+      ax.axhline(float(zero_filled[metric]), color="k", linestyle="--", label="zero-filled")
+    ax.set(xlabel="depth (conv layers)", ylabel=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def example_grid(columns, path, *, error_scale=5.0, title=None):
+  """Reconstructions and their error maps, two rows per slice (paper figure 3).
+
+  Args:
+    columns: ordered mapping name -> list of magnitude images ``(H, W)``, one per slice; must hold
+      "target". Row pair s shows the images of slice s, then ``|image - target| * error_scale``,
+      all on the grey scale ``[0, max(target_s)]``.
+    path: PNG file to write, ``PANEL * len(columns)`` x ``PANEL * 2 * n_slices`` inches.
+    error_scale: magnification of the error maps.
+    title: optional figure title.
+  """
+  if "target" not in columns:
+    raise ValueError(f"columns must include 'target', got {list(columns)}")
+  columns = {name: [np.asarray(im, dtype=float) for im in ims] for name, ims in columns.items()}
+  targets = columns["target"]
+  if not targets or any(t.ndim != 2 for t in targets):
+    raise ValueError(f"'target' must be a non-empty list of (H, W) images, got shapes "
+                     f"{[t.shape for t in targets]}")
+  for name, ims in columns.items():
+    if [im.shape for im in ims] != [t.shape for t in targets]:
+      raise ValueError(f"column {name!r} has shapes {[im.shape for im in ims]}, 'target' has "
+                       f"{[t.shape for t in targets]}")
+
+  fig = Figure(figsize=(PANEL * len(columns), PANEL * 2 * len(targets)), dpi=DPI,
+               layout="constrained")
+  if title:
+    fig.suptitle(title)
+  axes = fig.subplots(2 * len(targets), len(columns), squeeze=False)
+  for s, target in enumerate(targets):
+    grey = dict(cmap="gray", vmin=0.0, vmax=target.max())
+    for j, (name, ims) in enumerate(columns.items()):
+      image_ax, error_ax = axes[2 * s, j], axes[2 * s + 1, j]
+      image_ax.imshow(ims[s], **grey)
+      if name == "target":
+        error_ax.text(0.5, 0.5, f"|image - target|\nx {error_scale:g}", ha="center",
+                      va="center", transform=error_ax.transAxes)
+        error_ax.axis("off")
+      else:
+        error_ax.imshow(np.abs(ims[s] - target) * error_scale, **grey)
+      if s == 0:
+        image_ax.set_title(name)
+    axes[2 * s, 0].set_ylabel(f"slice {s}")
+  for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  return _save(fig, path)
+
+
+def training_curves(records, path):
+  """Training loss (log scale) against step, one line per phase.
+
+  Args:
+    records: dicts as in a run's metrics.jsonl, ``{"phase", "step", "loss", ...}``; records
+      without "loss" (evaluations) are skipped.
+    path: PNG file to write, 8 x 4.5 inches.
+  """
+  phases = {}
+  for record in records:
+    if "loss" not in record:
+      continue
+    if "phase" not in record or "step" not in record:
+      raise ValueError(f"a record with 'loss' needs 'phase' and 'step': {record!r}")
+    phases.setdefault(record["phase"], []).append((record["step"], float(record["loss"])))
+  if not phases:
+    raise ValueError("no record has a 'loss'")
+  fig = Figure(figsize=(8, 4.5), dpi=DPI, layout="constrained")
+  ax = fig.subplots()
+  # A run has more phases (e2e per depth, stages per method) than the default cycle's 10 colours.
+  ax.set_prop_cycle(color=matplotlib.colormaps["tab20"].colors)
+  for phase, points in phases.items():
+    steps, losses = zip(*sorted(points))
+    ax.plot(steps, losses, label=phase)
+  ax.set(yscale="log", xlabel="step", ylabel="training loss")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize="small", ncol=2)
+  return _save(fig, path)
+
+
+def memory_bars(report, path):
+  """Largest batch within a memory budget and memory per example: end to end vs each layer-wise
+  stage (paper figure 4).
+
+  Args:
+    report: ``{"budget_bytes", "e2e": {"max_batch", "bytes_per_example"},
+      "layerwise": [{"stage", "max_batch", "bytes_per_example"}, ...]}``.
+    path: PNG file to write, 10 x 4 inches.
+  """
+  try:
+    entries = [("end-to-end", report["e2e"])] + [(f"stage {s['stage']}", s)
+                                                 for s in report["layerwise"]]
+    labels = [label for label, _ in entries]
+    batches = [int(e["max_batch"]) for _, e in entries]
+    mib = [e["bytes_per_example"] / 2**20 for _, e in entries]
+    budget_gib = report["budget_bytes"] / 2**30
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"malformed memory report ({e!r}): {report!r}") from e
+  colors = ["tab:red"] + ["tab:blue"] * (len(entries) - 1)
+  fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
+  fig.suptitle(f"memory budget {budget_gib:.2f} GiB")
+  batch_ax, mem_ax = fig.subplots(1, 2)
+  bars = batch_ax.bar(labels, batches, color=colors)
+  e2e = batches[0]
+  batch_ax.bar_label(bars, [f"{b} ({b / e2e - 1:+.0%})" if e2e and i else str(b)
+                            for i, b in enumerate(batches)])
+  batch_ax.set(ylabel="max batch size")
+  batch_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+  mem_ax.bar_label(mem_ax.bar(labels, mib, color=colors), fmt="%.1f")
+  mem_ax.set(ylabel="memory per example (MiB)")
+  for ax in (batch_ax, mem_ax):
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.margins(y=0.15)
+  return _save(fig, path)
+
+
+def image_grid(images, path, *, ncols=8, cmap="gray", symmetric=False, titles=None):
+  """A grid of 2-D arrays (conv filters, effective filters, activation maps), each on its own scale.
+
+  Args:
+    images: sequence of ``(H, W)`` arrays (or one ``(n, H, W)`` array).
+    path: PNG file to write, ``TILE * min(ncols, n)`` x ``TILE * ceil(n / ncols)`` inches.
+    ncols: tiles per row.
+    cmap: matplotlib colour map.
+    symmetric: centre each colour scale at 0, ``[-max|x|, max|x|]`` (for filters).
+    titles: optional label per image.
+  """
+  images = [np.asarray(im, dtype=float) for im in images]
+  if not images or any(im.ndim != 2 for im in images):
+    raise ValueError(f"expected a non-empty sequence of 2-D arrays, got shapes "
+                     f"{[im.shape for im in images]}")
+  if titles is not None and len(titles) != len(images):
+    raise ValueError(f"{len(titles)} titles for {len(images)} images")
+  if ncols < 1:
+    raise ValueError(f"ncols must be >= 1, got {ncols}")
+  cols = min(ncols, len(images))
+  rows = -(-len(images) // cols)
+  fig = Figure(figsize=(TILE * cols, TILE * rows), dpi=DPI)
+  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99 if titles is None else 0.93,
+                      wspace=0.05, hspace=0.05 if titles is None else 0.3)
+  axes = fig.subplots(rows, cols, squeeze=False).flat
+  for i, (ax, im) in enumerate(zip(axes, images)):
+    # An all-zero image (a pruned filter) still needs a non-empty colour range.
+    lim = (np.abs(im).max() or 1.0) if symmetric else None
+    ax.imshow(im, cmap=cmap, vmin=None if lim is None else -lim, vmax=lim)
+    if titles is not None:
+      ax.set_title(titles[i], fontsize="small")
+  for ax in fig.axes:
+    ax.axis("off")
+  return _save(fig, path)

@@ -1,0 +1,222 @@
+"""Looking inside a trained network: its filters, active units and the linear filter behind a pixel.
+
+The network ``out = head(h_{L-1}) + x`` is piecewise linear in its input (ReLU layers, no
+normalisation): around an input x it is affine, ``out(x + d) = out(x) + J d``, for as long as no
+unit changes sign. The row of the Jacobian J at pixel p is therefore the filter that produced p:
+
+  out_p - x_p = sum(J_p * x) + b_p,
+
+with ``b_p`` the effective bias (the biases passed on by the active units; 0 without biases).
+``effective_filter`` computes ``J_p`` by one vector-Jacobian product, on the crop of the input the
+pixel depends on (its receptive field), which gives the same row as the whole image at a fraction
+of the cost.
+
+Images are (H, W, 2) (real, imaginary) float32 as everywhere; filters are HWIO kernels.
+"""
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lwjax import evaluate
+from lwjax import figures
+from lwjax import metrics as metrics_lib
+from lwjax import nets
+from lwjax import train
+
+# Units whose filter norm is below this fraction of the layer's largest count as pruned (a convex
+# stage's group lasso drives whole filters to zero; Adam only close to it).
+NEAR_ZERO = 1e-3
+
+
+def layer_filters(params) -> list[np.ndarray]:
+  """Kernels of every layer in order: hidden ``(k, k, C_in, C_out)`` ones, then the head's."""
+  names = [f"convs_{i}" for i in range(nets.depth_of(params) - 1)] + ["head"]
+  return [np.asarray(params[name]["kernel"]) for name in names]
+
+
+def receptive_radius(params) -> int:
+  """Pixels from p on which the output at p depends, per axis (half the receptive field)."""
+  return sum((k.shape[0] - 1) // 2 for k in layer_filters(params))
+
+
+def forward_with_pre_activations(net: nets.DeepNet, params, x):
+  """The network on ``x`` (N, H, W, 2) and the input of each hidden ReLU, (N, H, W, C) each."""
+  net = net.clone(depth=nets.depth_of(params))
+  out, state = net.apply({"params": params}, x, mutable=["intermediates"],
+                         capture_intermediates=lambda m, _: (isinstance(m, nn.Conv)
+                                                             and m.name.startswith("convs_")))
+  pre = state["intermediates"]
+  return out, [pre[f"convs_{i}"]["__call__"][0] for i in range(len(pre))]
+
+
+def _share_active(pre) -> np.ndarray:
+  """(..., C) ReLU inputs -> (...) share of the C units that are active (> 0)."""
+  return np.asarray(jnp.mean(pre > 0, axis=-1))
+
+
+def active_maps(net: nets.DeepNet, params, x) -> list[np.ndarray]:
+  """Per hidden layer, the share of its units active (> 0) at each pixel: (N, H, W) in [0, 1]."""
+  return [_share_active(z) for z in forward_with_pre_activations(net, params, x)[1]]
+
+
+def active_fraction(net: nets.DeepNet, params, x) -> list[float]:
+  """Per hidden layer, the share of ReLU units (over pixels and channels) active on ``x``."""
+  return [float(m.mean()) for m in active_maps(net, params, x)]
+
+
+def effective_filter(net: nets.DeepNet, params, x, pixel: Sequence[int],
+                     out_channel: Optional[int] = None) -> np.ndarray:
+  """The Jacobian row at ``pixel`` of the network's output minus the skip, w.r.t. the input.
+
+  Args:
+    net: the architecture (``train.network_template``); the depth comes from ``params``.
+    params: a ``DeepNet`` parameter tree.
+    x: (H, W, 2) one input image.
+    pixel: (row, col).
+    out_channel: 0 (real) or 1 (imaginary) output; None: the output's own direction (phase) at
+      the pixel, ``u = out_p / |out_p|``, i.e. the filter behind the pixel's magnitude.
+
+  Returns:
+    (H, W, 2) ``J`` with ``u . (out_p - x_p) = sum(J * x) + b`` (u the one-hot ``out_channel``
+    or the phase; b the effective bias), zero outside the receptive field.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  (h, w, _), (r, c), radius = x.shape, pixel, receptive_radius(params)
+  # The output at p depends on the input within `radius` only, and zero padding past the image
+  # edge is the same for the crop as for the image: the crop's row is exact.
+  top, left = max(r - radius, 0), max(c - radius, 0)
+  crop = x[top:r + radius + 1, left:c + radius + 1]
+  residual = lambda z: nets.forward(net, params, z[None])[0] - z
+  out, vjp = jax.vjp(residual, crop)
+  p = (r - top, c - left)
+  if out_channel is None:
+    full = out[p] + crop[p]
+    u = full / jnp.maximum(jnp.linalg.norm(full), jnp.finfo(jnp.float32).tiny)
+  else:
+    u = jnp.eye(2, dtype=jnp.float32)[out_channel]
+  (row,) = vjp(jnp.zeros_like(out).at[p].set(u))
+  window = np.s_[top:top + crop.shape[0], left:left + crop.shape[1]]
+  return np.asarray(jnp.zeros_like(x).at[window].set(row))
+
+
+def unit_norms(kernel) -> np.ndarray:
+  """(C_out,) l2 norm of each output unit's filter in a (k, k, C_in, C_out) kernel."""
+  return np.sqrt(np.sum(np.square(np.asarray(kernel, np.float64)), axis=(0, 1, 2)))
+
+
+def filter_tiles(kernel, max_filters: int = 64) -> tuple[list[np.ndarray], list[str], bool]:
+  """(k, k) images of a hidden layer's kernel (k, k, C_in, C_out), strongest units first.
+
+  A first layer (C_in = 2) shows each unit's signed filters on the real and imaginary input; a
+  deeper one each unit's l2 norm over its input channels (where in its window it looks).
+  Returns (tiles, titles, signed).
+  """
+  kernel = np.asarray(kernel)
+  units = np.argsort(-unit_norms(kernel), kind="stable")[:max_filters]
+  if kernel.shape[2] == 2:
+    return ([kernel[:, :, part, o] for o in units for part in (0, 1)],
+            [f"{o} {name}" for o in units for name in ("re", "im")], True)
+  tiles = [np.sqrt(np.sum(np.square(kernel[..., o]), axis=-1)) for o in units]
+  return tiles, [str(o) for o in units], False
+
+
+def _near_zero(kernel) -> int:
+  norms = unit_norms(kernel)
+  return int(np.sum(norms < NEAR_ZERO * norms.max()))
+
+
+def draw(net: nets.DeepNet, params, x, pixel: Sequence[int], out_dir, *,
+         max_filters: int = 64) -> dict:
+  """Draws what the network does to one image ``x`` (H, W, 2) and returns the numbers.
+
+  Writes to ``out_dir``: ``filters_layer<i>.png`` per hidden layer (``filter_tiles``),
+  ``active_units.png`` (share of active units per pixel, per layer), ``effective_filter.png``
+  (|input|, |output|, and |J| of the pixel's magnitude over the image) and
+  ``effective_filter_zoom.png`` (J on the real and imaginary input, receptive field only).
+  Returns a JSON-ready dict: the numbers, and the figures' paths.
+  """
+  out_dir = Path(out_dir)
+  x = jnp.asarray(x, jnp.float32)
+  kernels = layer_filters(params)[:-1]
+  paths = {}
+  for i, kernel in enumerate(kernels, 1):
+    tiles, titles, signed = filter_tiles(kernel, max_filters)
+    paths[f"filters_layer{i}"] = figures.image_grid(
+        tiles, out_dir / f"filters_layer{i}.png", ncols=16 if signed else 8, titles=titles,
+        cmap="RdBu_r" if signed else "viridis", symmetric=signed)
+
+  out, pre = forward_with_pre_activations(net, params, x[None])
+  maps = [_share_active(z[0]) for z in pre]
+  paths["active_units"] = figures.image_grid(
+      maps, out_dir / "active_units.png", ncols=len(maps), cmap="viridis",
+      titles=[f"layer {i}: {m.mean():.0%} active" for i, m in enumerate(maps, 1)])
+
+  jac = effective_filter(net, params, x, pixel)
+  r, c = pixel
+  radius = receptive_radius(params)
+  window = np.s_[max(r - radius, 0):r + radius + 1, max(c - radius, 0):c + radius + 1]
+  paths["effective_filter"] = figures.image_grid(
+      [metrics_lib.magnitude(x), metrics_lib.magnitude(out[0]), np.hypot(jac[..., 0], jac[..., 1])],
+      out_dir / "effective_filter.png", ncols=3, cmap="gray",
+      titles=["|input|", "|output|", f"|filter| of ({r}, {c})"])
+  paths["effective_filter_zoom"] = figures.image_grid(
+      [jac[window][..., 0], jac[window][..., 1]], out_dir / "effective_filter_zoom.png", ncols=2,
+      cmap="RdBu_r", symmetric=True, titles=["filter on Re x", "filter on Im x"])
+
+  residual = np.asarray(out[0, r, c] - x[r, c])
+  phase = np.asarray(out[0, r, c]) / max(float(np.linalg.norm(out[0, r, c])), 1e-30)
+  response = float(np.sum(jac * np.asarray(x)))
+  return {
+      "pixel": [int(r), int(c)], "receptive_radius": radius,
+      "active_fraction": [float(m.mean()) for m in maps],
+      "filters": [{"layer": i, "shape": list(k.shape), "near_zero_units": _near_zero(k)}
+                  for i, k in enumerate(kernels, 1)],
+      # The pixel's change along the output's phase, split into filter response and bias.
+      "effective_filter": {"residual": float(phase @ residual), "response": response,
+                           "bias": float(phase @ residual) - response},
+      "figures": paths,
+  }
+
+
+def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
+        slice_index: Optional[int] = None, pixel: Optional[Sequence[int]] = None,
+        out_dir=None, **overrides) -> dict:
+  """``draw`` for a network of the run in ``workdir`` on one of its validation slices.
+
+  Args:
+    method, depth: the network (default: the run's first method at its largest depth).
+    slice_index: index into the validation split (default: its middle slice).
+    pixel: (row, col) (default: the image centre).
+    out_dir: default ``WORKDIR/figures/interpret/<method>_d<depth>``.
+    overrides: ``evaluate.OVERRIDABLE`` settings (``data_dir``, ``eval_batch_size``).
+
+  Writes ``interpret.json`` (``draw``'s numbers, the slice, the network) next to the figures.
+  """
+  cfg = evaluate.load_config(workdir, **overrides)
+  deepest = dict(evaluate.final_networks(cfg))
+  method = method or cfg.methods[0]
+  if method not in deepest:
+    raise ValueError(f"--method={method!r}: the run trained {', '.join(deepest)}")
+  depth = depth or deepest[method]
+  if (method, depth) not in evaluate.trained_networks(cfg):
+    raise ValueError(f"--depth={depth}: the run has {method} networks of depth "
+                     f"{[d for m, d in evaluate.trained_networks(cfg) if m == method]}")
+  params = evaluate.load_network(cfg, method, depth)
+  val = evaluate.validation_split(cfg)
+  n, size = len(val.x), val.x.shape[1:3]
+  slice_index = n // 2 if slice_index is None else slice_index
+  pixel = tuple(pixel) if pixel is not None else (size[0] // 2, size[1] // 2)
+  if not 0 <= slice_index < n:
+    raise ValueError(f"--slice={slice_index}: the validation split has {n} slices")
+  if len(pixel) != 2 or not all(0 <= p < s for p, s in zip(pixel, size)):
+    raise ValueError(f"--pixel={pixel}: expected row,col inside the {size[0]}x{size[1]} image")
+  out_dir = Path(out_dir or Path(cfg.workdir) / "figures" / "interpret" / f"{method}_d{depth}")
+  result = {"method": method, "depth": depth, "slice": list(val.ids[slice_index]),
+            **draw(train.network_template(cfg), params, val.x[slice_index], pixel, out_dir)}
+  (out_dir / "interpret.json").write_text(json.dumps(result, indent=1))
+  return result

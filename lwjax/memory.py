@@ -1,0 +1,254 @@
+"""The memory one training step needs, and the largest batch that fits a budget (paper figure 4).
+
+Layer-wise training fits larger batches than end-to-end training: a stage differentiates a
+two-layer net only, and its frozen prefix runs under ``stop_gradient``, so no activation of the
+prefix is kept for a backward pass. This module measures that without training: it lowers the
+trainer's own jitted step (``train.make_step`` with ``train.e2e_loss`` or ``train.stage_loss`` and
+the stage's solver) on abstract inputs (``jax.ShapeDtypeStruct``, ``jax.eval_shape`` of the
+initialisers), compiles it, and reads XLA's buffer assignment (``Compiled.memory_analysis()``).
+Nothing is allocated, so it runs on a CPU for any image or network size.
+
+Bytes of a step = argument + output + temp - alias:
+  argument: parameters, optimiser state and step counter, the frozen prefix, the batch;
+  output: the new state and the scalar measurements;
+  temp: everything XLA allocates inside the step: activations kept for the backward pass,
+    gradients, optimiser temporaries, convolution workspace;
+  alias: outputs written in place of donated inputs (the state is donated), counted once.
+Not counted: the compiled code, the runtime's own reservations (CUDA context, the allocator's
+fragmentation) and anything else alive in the process, so a budget is the memory free for the
+step. The analysis is the backend's JAX runs on: a CPU compile predicts a GPU's only roughly
+(other fusions, convolution algorithms and workspaces); ``measure_peak`` on an accelerator runs
+the step and reads the device's peak.
+
+One step is analysed on one device (a one-device mesh): with data parallelism every device holds
+the whole state and its share of the batch.
+"""
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lwjax import nets
+from lwjax import train
+from lwjax.config import Config
+
+LAYERWISE = ("layerwise", "layerwise_convex")
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """What one training step trains: an end-to-end net, or stage ``stage`` (1-based) of a method."""
+  method: str  # "e2e", "layerwise" or "layerwise_convex"
+  depth: int  # depth of the network this step trains (stage i ends with depth i + 1)
+
+  @property
+  def stage(self) -> int:
+    return self.depth - 1
+
+  @property
+  def label(self) -> str:
+    return "e2e" if self.method == "e2e" else f"{self.method} stage {self.stage}"
+
+
+def networks(cfg: Config) -> list[Network]:
+  """e2e at ``--depth``, every non-convex stage, and every convex stage if the run trains them."""
+  layerwise = ["layerwise"] + [m for m in cfg.methods if m == "layerwise_convex"]
+  return [Network("e2e", cfg.depth)] + [Network(m, d) for m in layerwise
+                                        for d in range(2, cfg.depth + 1)]
+
+
+def _step_inputs(cfg: Config, network: Network):
+  """(loss_fn, tx, abstract params, abstract frozen prefix) of the trainer for ``network``."""
+  template = train.network_template(cfg)
+  x_shape = (1, cfg.image_size, cfg.image_size, 2)
+  deep = jax.eval_shape(lambda k: nets.init(k, x_shape, depth=network.depth,
+                                            features=cfg.features, kernel_size=cfg.kernel_size),
+                        jax.random.key(0))
+  if network.method == "e2e":
+    return train.e2e_loss(template), train.adam(cfg, 1, cfg.weight_decay), deep, {}
+  stage = train.make_stage(network.method, cfg, steps_per_epoch=1)
+  if stage.prepare is not None:
+    raise ValueError(f"{network.label}: its solver is built from the data (--convex_solver="
+                     f"{cfg.convex_solver}); the memory analysis needs --convex_solver=adam")
+  index = network.stage - 1
+  h_shape = x_shape[:-1] + (2 if index == 0 else cfg.features,)
+  params = jax.eval_shape(lambda k: stage.init(k, h_shape), jax.random.key(0))
+  frozen = {f"convs_{i}": deep[f"convs_{i}"] for i in range(index)}
+  return train.stage_loss(template, stage, index), stage.tx, params, frozen
+
+
+def step_memory(cfg: Config, network: Network, batch_size: int, *, mesh=None) -> dict:
+  """XLA's buffer assignment of one training step of ``network`` at ``batch_size``.
+
+  Returns ``{"argument", "output", "temp", "alias", "total"}`` in bytes, ``total`` as in the
+  module docstring. Compiles the step (seconds), allocates nothing.
+  """
+  loss_fn, tx, params, frozen = _step_inputs(cfg, network)
+  state = {"params": params, "opt": jax.eval_shape(tx.init, params),
+           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  image = jax.ShapeDtypeStruct((batch_size, cfg.image_size, cfg.image_size, 2), jnp.float32)
+  step = train.make_step(loss_fn, tx, mesh or train.make_mesh(1))
+  stats = step.lower(state, frozen, {"x": image, "y": image}).compile().memory_analysis()
+  out = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
+         "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return {k: int(v) for k, v in out.items()}
+
+
+def largest_fitting(fits: Callable[[int], bool], guess: int) -> int:
+  """The largest ``b >= 0`` with ``fits(b)``, for ``fits`` true up to some b and false after.
+
+  Probes ``guess`` and its neighbour first (a linear fit is usually exact), then widens by
+  doubling and bisects, so a wrong guess costs a few probes more.
+  """
+  first = max(guess, 1)
+  lo, hi = 0, None  # fits(lo) (or lo == 0); hi is None or not fits(hi)
+  probe = first
+  while hi is None or hi - lo > 1:
+    if fits(probe):
+      lo = probe
+    else:
+      hi = probe
+    if hi is None:
+      probe = lo + 1 if lo == first else 2 * lo
+    else:
+      probe = hi - 1 if (lo, hi) == (0, first) else (lo + hi) // 2
+  return lo
+
+
+def analyse(cfg: Config, network: Network, budget_bytes: int, *, batch_size: int,
+            mesh=None) -> dict:
+  """The step's bytes at ``batch_size``, its linear model and the largest batch within budget.
+
+  ``bytes(b) = fixed + b * per_example`` is fitted from batch sizes 1 and ``max(batch_size, 2)``;
+  the largest batch it predicts is confirmed by compiling it and the next one (and searched
+  further if the model was off), so ``bytes(max_batch) <= budget < bytes(max_batch + 1)`` holds
+  for the compiled steps themselves. Returns a JSON-ready dict; ``compiled`` holds every
+  analysed batch size's bytes.
+  """
+  compiled: dict[int, dict] = {}
+
+  def total(b):
+    if b not in compiled:
+      compiled[b] = step_memory(cfg, network, b, mesh=mesh)
+    return compiled[b]["total"]
+
+  b2 = max(batch_size, 2)
+  per_example = (total(b2) - total(1)) / (b2 - 1)
+  if per_example <= 0:
+    raise ValueError(f"{network.label}: step memory does not grow with the batch "
+                     f"({total(1)} bytes at 1, {total(b2)} at {b2})")
+  fixed = total(1) - per_example
+  max_batch = largest_fitting(lambda b: total(b) <= budget_bytes,
+                              math.floor((budget_bytes - fixed) / per_example))
+  step_bytes = total(batch_size)
+  entry = {"method": network.method, "depth": network.depth, "max_batch": max_batch,
+           "bytes_per_example": round(per_example), "fixed_bytes": round(fixed),
+           "batch_size": batch_size, "step_bytes": step_bytes,
+           "breakdown": compiled[batch_size],
+           "compiled": {str(b): compiled[b]["total"] for b in sorted(compiled)}}
+  if network.method != "e2e":
+    entry = {"stage": network.stage, **entry}
+  return entry
+
+
+def report(cfg: Config, budget_bytes: int, *, log: Callable[[str], None] = lambda s: None,
+           mesh=None) -> dict:
+  """Every network of ``networks(cfg)`` analysed at ``cfg.batch_size`` against ``budget_bytes``.
+
+  Returns ``{"budget_bytes", "batch_size", "backend", "config", "e2e": entry,
+  "layerwise": [entry per stage], "layerwise_convex": [...] (if the run trains it)}`` with the
+  entries of ``analyse``.
+  """
+  out = {"budget_bytes": int(budget_bytes), "batch_size": cfg.batch_size,
+         "backend": jax.default_backend(),
+         "config": {k: getattr(cfg, k) for k in ("image_size", "depth", "features", "kernel_size",
+                                                   "compute_dtype")}}
+  for network in networks(cfg):
+    entry = analyse(cfg, network, budget_bytes, batch_size=cfg.batch_size, mesh=mesh)
+    log(f"{network.label}: {entry['step_bytes'] / 2**30:.2f} GiB at batch {cfg.batch_size}, "
+        f"max batch {entry['max_batch']}")
+    if network.method == "e2e":
+      out["e2e"] = entry
+    else:
+      out.setdefault(network.method, []).append(entry)
+  return out
+
+
+def entries(rep: dict) -> list[tuple[str, dict]]:
+  """(label, entry) of every analysed network of a ``report``, e2e first."""
+  return [("e2e", rep["e2e"])] + [(f"{m} stage {e['stage']}", e) for m in LAYERWISE
+                                  for e in rep.get(m, [])]
+
+
+def format_table(rep: dict) -> str:
+  """The report as a Markdown table (also readable on a console)."""
+  e2e = rep["e2e"]["max_batch"]
+  b = rep["batch_size"]
+  lines = [f"One training step on one {rep['backend']} device (XLA's compiled memory analysis); "
+           f"budget {rep['budget_bytes'] / 2**30:.2f} GiB.",
+           "",
+           f"| network | depth | step at batch {b} (GiB) | fixed (MiB) | per example (MiB) | "
+           "max batch | vs e2e |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for label, e in entries(rep):
+    gain = f"{e['max_batch'] / e2e - 1:+.0%}" if e2e and e is not rep["e2e"] else ""
+    lines.append(f"| {label} | {e['depth']} | {e['step_bytes'] / 2**30:.2f} | "
+                 f"{e['fixed_bytes'] / 2**20:.1f} | {e['bytes_per_example'] / 2**20:.1f} | "
+                 f"{e['max_batch']} | {gain} |")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement on an accelerator.
+
+def run_steps(cfg: Config, network: Network, batch_size: int, *, steps: int = 3,
+              mesh=None) -> None:
+  """Runs ``steps`` real training steps of ``network`` on zeros (for a measured peak)."""
+  mesh = mesh or train.make_mesh(1)
+  loss_fn, tx, params, frozen = _step_inputs(cfg, network)
+  # The same shapes as the analysed step, now allocated (the values do not change the memory).
+  materialise = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  params, frozen = materialise(params), materialise(frozen)
+  state = jax.device_put({"params": params, "opt": tx.init(params),
+                          "step": jnp.zeros((), jnp.int32)}, train.replicated(mesh))
+  image = np.zeros((batch_size, cfg.image_size, cfg.image_size, 2), np.float32)
+  batch = train.put_batch({"x": image, "y": image}, mesh)
+  step = train.make_step(loss_fn, tx, mesh)
+  for _ in range(steps):
+    state, measurements = step(state, frozen, batch)
+  jax.block_until_ready((state, measurements))
+
+
+def peak_bytes(device=None) -> Optional[int]:
+  """The device's peak bytes in use since the process started; None where it is not reported."""
+  stats = (device or jax.devices()[0]).memory_stats()
+  return None if not stats or "peak_bytes_in_use" not in stats else int(stats["peak_bytes_in_use"])
+
+
+def measure(cfg: Config, rep: dict, *, steps: int = 3, log: Callable[[str], None] = lambda s: None
+            ) -> list[dict]:
+  """Runs every analysed step at ``batch_size`` and at ``max_batch`` and reads the device's peak.
+
+  JAX has no reset of the peak counter, so the steps run in increasing order of predicted bytes
+  and a measurement counts only when it raised the peak (``measured`` is None otherwise: the
+  step needed at most the earlier peak). Needs an accelerator that reports memory statistics.
+  """
+  if peak_bytes() is None:
+    raise RuntimeError(f"measuring needs an accelerator that reports memory statistics; "
+                       f"{jax.devices()[0].platform} does not")
+  runs = sorted({(e["compiled"][str(b)], label, e["method"], e["depth"], b)
+                 for label, e in entries(rep) for b in (rep["batch_size"], e["max_batch"]) if b})
+  out = []
+  for predicted, label, method, depth, b in runs:
+    before = peak_bytes()
+    run_steps(cfg, Network(method, depth), b, steps=steps)
+    after = peak_bytes()
+    measured = after if after > before else None
+    out.append({"network": label, "batch": b, "predicted": predicted, "measured": measured})
+    log(f"{label} batch {b}: predicted {predicted / 2**30:.2f} GiB, measured "
+        + (f"{measured / 2**30:.2f} GiB" if measured else "no higher than the previous peak"))
+  return out

@@ -1,0 +1,114 @@
+"""Slice-based image quality metrics: PSNR, SSIM and NMSE on magnitude images.
+
+They reproduce fastMRI's ``evaluate.py``, which computes them with scikit-image
+(``peak_signal_noise_ratio``, ``structural_similarity`` with its defaults: 7x7 uniform window,
+K1 = 0.01, K2 = 0.03, sample covariance) and with ``data_range`` the target's maximum. fastMRI takes
+that maximum over a whole volume; here it is each target slice's maximum, because the paper reports
+slice-based numbers. An all-zero target slice therefore has no defined PSNR or SSIM.
+
+All functions are pure and jitted (inside a caller's jit they are simply inlined), batched over any
+leading axes, and computed in the inputs' floating dtype (float32 unless x64 is enabled).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def magnitude(x):
+  """``(..., 2)`` real/imaginary channels -> ``(...)`` magnitude."""
+  if x.shape[-1] != 2:
+    raise ValueError(f"expected a last axis of 2 (real, imaginary), got shape {x.shape}")
+  return jnp.hypot(x[..., 0], x[..., 1])
+
+
+def _as_float_pair(pred, target):
+  pred, target = jnp.asarray(pred), jnp.asarray(target)
+  if pred.shape != target.shape or pred.ndim < 2:
+    raise ValueError(f"expected two images (..., H, W) of one shape, got {pred.shape} and "
+                     f"{target.shape}")
+  dtype = jnp.result_type(pred, target, jnp.float32)
+  return pred.astype(dtype), target.astype(dtype)
+
+
+def _data_range(target, data_range):
+  """``(...)`` peak value per image: the given scalar / array, or each target image's maximum."""
+  if data_range is None:
+    return target.max(axis=(-2, -1))
+  return jnp.broadcast_to(jnp.asarray(data_range, target.dtype), target.shape[:-2])
+
+
+@jax.jit
+def psnr(pred, target, data_range=None):
+  """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)``: ``(..., H, W) -> (...)``.
+
+  ``data_range`` (scalar or ``(...)``) defaults to each target image's maximum.
+  """
+  pred, target = _as_float_pair(pred, target)
+  mse = jnp.mean(jnp.square(pred - target), axis=(-2, -1))
+  return 10 * jnp.log10(jnp.square(_data_range(target, data_range)) / mse)
+
+
+@jax.jit
+def nmse(pred, target):
+  """Normalised squared error ``||pred - target||^2 / ||target||^2``: ``(..., H, W) -> (...)``."""
+  pred, target = _as_float_pair(pred, target)
+  return (jnp.sum(jnp.square(pred - target), axis=(-2, -1))
+          / jnp.sum(jnp.square(target), axis=(-2, -1)))
+
+
+def _box_mean(x, size):
+  """Mean over every ``size x size`` window of the last two axes, at 'valid' positions only."""
+  lead = (1,) * (x.ndim - 2)
+  zero = jnp.zeros((), x.dtype)
+  for window in ((size, 1), (1, size)):
+    x = lax.reduce_window(x, zero, lax.add, lead + window, (1,) * x.ndim, "VALID")
+  return x / size**2
+
+
+@functools.partial(jax.jit, static_argnames=("win_size", "k1", "k2"))
+def ssim(pred, target, data_range=None, *, win_size=7, k1=0.01, k2=0.03):
+  """Mean structural similarity, as scikit-image's defaults: ``(..., H, W) -> (...)``.
+
+  Uniform ``win_size`` window, sample covariance, averaged over the windows that lie inside the image
+  (scikit-image's crop of ``(win_size - 1) // 2`` pixels per side, so no boundary padding is needed).
+  ``data_range`` (scalar or ``(...)``) defaults to each target image's maximum.
+  """
+  pred, target = _as_float_pair(pred, target)
+  if win_size % 2 != 1 or win_size > min(target.shape[-2:]):
+    raise ValueError(f"win_size must be odd and at most the image size {target.shape[-2:]}, "
+                     f"got {win_size}")
+  peak = _data_range(target, data_range)[..., None, None]
+  # (Co)variances do not change under a shift; removing the mean first keeps float32 from losing
+  # them in the cancellation E[x^2] - E[x]^2.
+  shift = target.mean(axis=(-2, -1), keepdims=True)
+  x, y = pred - shift, target - shift
+  mx, my, mxx, myy, mxy = _box_mean(jnp.stack([x, y, x * x, y * y, x * y]), win_size)
+  n = win_size**2
+  cov_norm = n / (n - 1)
+  vx, vy, vxy = (cov_norm * (mxx - mx * mx), cov_norm * (myy - my * my),
+                 cov_norm * (mxy - mx * my))
+  mx, my = mx + shift, my + shift
+  c1, c2 = jnp.square(k1 * peak), jnp.square(k2 * peak)
+  s = ((2 * mx * my + c1) * (2 * vxy + c2)
+       / ((mx * mx + my * my + c1) * (vx + vy + c2)))
+  return s.mean(axis=(-2, -1))
+
+
+@jax.jit
+def slice_metrics(pred, target):
+  """PSNR (dB), SSIM and NMSE of every 2D slice of complex 2-channel images.
+
+  Args:
+    pred, target: ``(N, H, W, 2)`` images or ``(N, D, H, W, 2)`` volumes (real, imaginary).
+
+  Returns:
+    ``{"psnr", "ssim", "nmse"}``, each ``(S,)`` with ``S = N`` (or ``N * D`` for volumes, in
+    row-major order), computed on magnitudes with data range = each target slice's maximum.
+  """
+  if pred.shape != target.shape or pred.ndim not in (4, 5):
+    raise ValueError(f"expected (N, H, W, 2) or (N, D, H, W, 2) images of one shape, got "
+                     f"{pred.shape} and {target.shape}")
+  pred, target = (magnitude(a).reshape(-1, *a.shape[-3:-1]) for a in (pred, target))
+  return {"psnr": psnr(pred, target), "ssim": ssim(pred, target), "nmse": nmse(pred, target)}

@@ -1,0 +1,70 @@
+"""SENSE encoding operator, its adjoint and CG-SENSE.
+
+Shapes: image ``x`` (..., H, W) complex, coil maps ``maps`` (..., C, H, W), k-space ``y``
+(..., C, H, W), sampling ``mask`` broadcastable to (H, W). Every function takes NumPy or JAX arrays
+and returns the same kind (JAX if any argument is a JAX array), so the host pipeline and the jitted
+unrolled network share this code.
+"""
+from lwjax.fft import array_module, fft2c, ifft2c
+
+
+def forward(x, maps, mask):
+  """``A x = mask * fft2c(maps * x)``: image (..., H, W) -> coil k-space (..., C, H, W)."""
+  return mask * fft2c(maps * x[..., None, :, :])
+
+
+def adjoint(y, maps, mask):
+  """``A^H y = sum_c conj(maps_c) * ifft2c(mask * y_c)``: (..., C, H, W) -> (..., H, W)."""
+  xp = array_module(y, maps, mask)
+  return xp.sum(xp.conj(maps) * ifft2c(mask * y), axis=-3)
+
+
+def zero_filled(kspace, maps, mask):
+  """SENSE zero-filled image (..., H, W) of the coil k-space (..., C, H, W)."""
+  return adjoint(kspace, maps, mask)
+
+
+def normal(x, maps, mask, lam=0.0):
+  """``(A^H A + lam I) x`` for an image x (..., H, W)."""
+  return adjoint(forward(x, maps, mask), maps, mask) + lam * x
+
+
+def _dot(xp, a, b):
+  """Per-image real inner product Re<a, b> over (H, W), shaped (..., 1, 1) to broadcast."""
+  return xp.real(xp.sum(xp.conj(a) * b, axis=(-2, -1), keepdims=True))
+
+
+def _safe_div(xp, num, den):
+  """num / den, and 0 where den == 0 (double ``where``, so gradients stay finite too)."""
+  ok = den != 0
+  return xp.where(ok, num / xp.where(ok, den, 1), 0)
+
+
+def cg_sense(kspace, maps, mask, *, lam=0.0, x0=None, iters=10):
+  """Solves ``(A^H A + lam I) x = A^H y + lam x0`` by ``iters`` conjugate-gradient steps.
+
+  Each image of the batch is its own system (own step sizes). CG starts from ``x0`` (zeros by
+  default), so with ``lam > 0`` this is the MoDL data-consistency step around a prior ``x0``. The
+  iteration count is fixed, so the function jits and differentiates (by unrolling).
+
+  Returns the image estimate (..., H, W).
+  """
+  xp = array_module(kspace, maps, mask, x0)
+  b = adjoint(kspace, maps, mask)
+  if x0 is None:
+    x = xp.zeros_like(b)
+  else:
+    x = x0 + xp.zeros_like(b)  # broadcast x0 to the batch shape of b
+    b = b + lam * x0
+  r = b - normal(x, maps, mask, lam)
+  p = r
+  rs = _dot(xp, r, r)
+  for _ in range(iters):
+    ap = normal(p, maps, mask, lam)
+    alpha = _safe_div(xp, rs, _dot(xp, p, ap))
+    x = x + alpha * p
+    r = r - alpha * ap
+    rs_new = _dot(xp, r, r)
+    p = r + _safe_div(xp, rs_new, rs) * p
+    rs = rs_new
+  return x

@@ -1,0 +1,571 @@
+"""Training: the device mesh, the one training loop, checkpoints, and the two methods' drivers.
+
+* ``fit`` is the only training loop. It trains any ``loss_fn(params, frozen, batch)`` with any optax
+  solver, data-parallel over a ``jax.sharding.Mesh`` with a "data" axis, saves an orbax checkpoint
+  per epoch and resumes from the last one. End-to-end networks and every kind of layer-wise stage
+  go through it.
+* ``train_e2e`` trains a ``DeepNet`` of a given depth end to end.
+* ``train_layerwise`` trains stage after stage: stage i's variables on top of the frozen prefix
+  (``nets.prefix_features`` under ``stop_gradient``), then ``stage.to_layer`` appends one ReLU layer.
+
+Everything a run writes lives under ``workdir``:
+``checkpoints/<phase>/`` (per-epoch state), ``params/<method>/depth_<d>/`` (finished networks),
+``stages/<method>/stage_<i>.json`` (per-stage reports; written last, so a stage with a report is
+finished and never retrained), ``metrics.jsonl`` (one line per epoch and per evaluation).
+"""
+import collections
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lwjax import data as data_lib
+from lwjax import metrics as metrics_lib
+from lwjax import nets
+from lwjax import stage as stage_lib
+from lwjax.config import Config
+
+Params = Any
+
+
+def quiet_library_logs() -> None:
+  """Keep absl's INFO log to lwjax's own lines: orbax logs every checkpoint step at INFO."""
+  import logging as std_logging
+
+  class _Filter(std_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+  logging.get_absl_handler().addFilter(_Filter())
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh and sharding.
+
+def make_mesh(num_devices: Optional[int] = None) -> Mesh:
+  """A 1-D mesh with a "data" axis over the first ``num_devices`` devices (all by default)."""
+  devices = jax.devices()[: num_devices or None]
+  return Mesh(np.array(devices), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+  """Host arrays with a leading batch axis -> global device arrays split over the mesh."""
+  sharding = batch_sharded(mesh)
+  return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+
+def device_batches(batches: Iterator[dict], mesh: Mesh, prefetch: int = 2) -> Iterator[dict]:
+  """Host batches -> sharded device batches, transferred ``prefetch`` batches ahead.
+
+  The transfers are asynchronous, so the next batches travel while the device runs a step.
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(put_batch(batch, mesh))
+    if len(queue) > prefetch:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser.
+
+def lr_schedule(cfg: Config, steps_per_epoch: int) -> optax.Schedule:
+  """``lr * lr_decay ** floor(epoch / lr_decay_every)`` as a function of the step."""
+  return optax.exponential_decay(cfg.lr, transition_steps=cfg.lr_decay_every * steps_per_epoch,
+                                 decay_rate=cfg.lr_decay, staircase=True)
+
+
+def adam(cfg: Config, steps_per_epoch: int, weight_decay: float = 0.0):
+  """The paper's optimiser: Adam with the step-halving schedule (+ decoupled weight decay)."""
+  schedule = lr_schedule(cfg, steps_per_epoch)
+  if weight_decay:
+    return optax.adamw(schedule, weight_decay=weight_decay)
+  return optax.adam(schedule)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training step and loop.
+
+def tree_norm(tree) -> jax.Array:
+  """The l2 norm of all leaves of a pytree together."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+# loss_fn(params, frozen, batch) -> (scalar objective, dict of scalar diagnostics).
+LossFn = Callable[[Params, Params, dict], tuple[jax.Array, dict]]
+
+
+def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh):
+  """A jitted pure update ``(state, frozen, batch) -> (state, metrics)``, data-parallel on mesh.
+
+  ``state = {"params", "opt", "step"}`` is replicated and donated; ``frozen`` (a layer-wise
+  prefix) is replicated and read only; the batch is split over the "data" axis. The mean loss
+  over the global batch makes XLA insert the cross-device gradient reduction.
+  """
+  def step(state, frozen, batch):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    measurements = {"loss": loss, "grad_norm": tree_norm(grads), "param_norm": tree_norm(params),
+                    **aux}
+    return {"params": params, "opt": opt, "step": state["step"] + 1}, measurements
+
+  rep = replicated(mesh)
+  return jax.jit(step, donate_argnums=(0,), in_shardings=(rep, rep, batch_sharded(mesh)),
+                 out_shardings=(rep, rep))
+
+
+class MetricsLog:
+  """Appends JSON lines to ``WORKDIR/metrics.jsonl`` (and TensorBoard where a writer exists)."""
+
+  def __init__(self, workdir):
+    self.path = Path(workdir) / "metrics.jsonl"
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._tb = None
+    try:  # Optional: only where a TensorBoard writer happens to be installed.
+      from tensorboardX import SummaryWriter  # pytype: disable=import-error
+      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+    except ImportError:
+      pass
+
+  def write(self, record: dict) -> None:
+    record = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v)
+              for k, v in record.items()}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None and "step" in record:
+      for k, v in record.items():
+        if isinstance(v, float):
+          self._tb.add_scalar(f"{record.get('phase', '')}/{k}", v, record["step"])
+      self._tb.flush()
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@dataclasses.dataclass
+class FitResult:
+  state: dict  # {"params", "opt", "step"} after the last epoch
+  resumed_from: int  # epoch the run resumed from (0: a fresh start)
+
+
+def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: Params,
+        frozen: Params, arrays: dict, *, cfg: Config, mesh: Mesh, epochs: int,
+        log: MetricsLog) -> FitResult:
+  """Train ``params`` for ``epochs`` epochs on ``arrays`` (host arrays with a leading example axis).
+
+  Resumes from the newest checkpoint in ``WORKDIR/checkpoints/<phase>`` if there is one: the data
+  order depends only on (seed, epoch) and the state is restored bit for bit, so a killed run
+  ends with the same parameters as an uninterrupted one. A non-finite loss stops the run with
+  FloatingPointError before that epoch is saved, so the last good checkpoint is kept.
+  """
+  n = len(next(iter(arrays.values())))
+  spe = data_lib.steps_per_epoch(n, cfg.batch_size)
+  num_devices = mesh.devices.size
+  rep = replicated(mesh)
+  state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  state = jax.device_put(state, rep)
+  frozen = jax.device_put(frozen, rep)
+
+  ckpt_dir = Path(cfg.workdir).absolute() / "checkpoints" / phase
+  manager = ocp.CheckpointManager(
+      ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  start = manager.latest_step() or 0
+  if start:
+    state = manager.restore(start, args=ocp.args.StandardRestore(state))
+    logging.info("%s: resumed from the checkpoint of epoch %d in %s", phase, start, ckpt_dir)
+
+  step_fn = make_step(loss_fn, tx, mesh)
+  t_phase = time.time()
+  for epoch in range(start, epochs):
+    t0 = time.time()
+    losses, last = [], {}
+    batches = device_batches(data_lib.train_batches(
+        arrays, cfg.batch_size, seed=cfg.seed, epoch=epoch, num_devices=num_devices), mesh)
+    data_s = 0.0
+    for i in range(spe):
+      t_data = time.perf_counter()
+      batch = next(batches)
+      data_s += time.perf_counter() - t_data
+      state, last = step_fn(state, frozen, batch)
+      losses.append(last["loss"])
+      if cfg.log_every and (i + 1) % cfg.log_every == 0 and i + 1 < spe:
+        rate = (i + 1) / (time.time() - t0)
+        remaining = (epochs - epoch) * spe - (i + 1)
+        logging.info("%s epoch %d/%d step %d/%d loss %.4e %.2f steps/s eta %s", phase, epoch + 1,
+                     epochs, i + 1, spe, float(last["loss"]), rate, _format_eta(remaining / rate))
+    losses = np.asarray(jax.device_get(losses), np.float64)
+    if not np.all(np.isfinite(losses)):
+      bad = int(np.argmin(np.isfinite(losses)))
+      raise FloatingPointError(
+          f"{phase}: non-finite loss {losses[bad]} at epoch {epoch + 1}, step {bad + 1}; the run "
+          f"stopped and kept the last good checkpoint (epoch {manager.latest_step() or 0}) in "
+          f"{ckpt_dir}. Lower --lr or check the data.")
+    manager.save(epoch + 1, args=ocp.args.StandardSave(state))
+    dt = time.time() - t0
+    done = epoch + 1 - start
+    eta = (time.time() - t_phase) / done * (epochs - epoch - 1)
+    record = {"phase": phase, "epoch": epoch + 1, "step": int(state["step"]),
+              "loss": float(losses.mean()), "steps_per_s": spe / dt, "epoch_s": dt,
+              "data_wait_frac": data_s / dt,
+              **{k: float(v) for k, v in jax.device_get(last).items() if k != "loss"}}
+    log.write(record)
+    logging.info("%s epoch %d/%d loss %.4e (%.2f steps/s, %.1f s/epoch) eta %s", phase,
+                 epoch + 1, epochs, record["loss"], record["steps_per_s"], dt, _format_eta(eta))
+  manager.wait_until_finished()
+  manager.close()
+  return FitResult(state=state, resumed_from=start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation with the one forward code.
+
+def make_forward(net: nets.DeepNet, mesh: Mesh):
+  rep = replicated(mesh)
+  return jax.jit(lambda params, x: nets.forward(net, params, x),
+                 in_shardings=(rep, batch_sharded(mesh)), out_shardings=batch_sharded(mesh))
+
+
+def predict(net: nets.DeepNet, params: Params, x: np.ndarray, *, mesh: Mesh,
+            batch_size: int) -> np.ndarray:
+  """The network's output for every example of ``x`` (N, *spatial, 2), in order, on the host."""
+  batch_size = _round_up(batch_size, mesh.devices.size)
+  forward = make_forward(net, mesh)
+  params = jax.device_put(params, replicated(mesh))
+  out = []
+  for batch in data_lib.eval_batches({"x": x}, batch_size):
+    pred = forward(params, put_batch({"x": batch["x"]}, mesh)["x"])
+    out.append(np.asarray(pred)[batch["valid"]])
+  return np.concatenate(out)
+
+
+def slice_metrics(pred: np.ndarray, target: np.ndarray) -> dict:
+  """Per-slice PSNR / SSIM / NMSE (numpy (N,) each) on magnitude images."""
+  return {k: np.asarray(v, np.float64)
+          for k, v in metrics_lib.slice_metrics(jnp.asarray(pred), jnp.asarray(target)).items()}
+
+
+def mean_metrics(per_slice: dict) -> dict:
+  return {k: float(np.mean(v)) for k, v in per_slice.items()}
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------------------------
+# Finished networks and stage reports on disk.
+
+def params_dir(workdir, method: str, depth: int) -> Path:
+  return Path(workdir).absolute() / "params" / method / f"depth_{depth}"
+
+
+def save_params(path: Path, params: Params) -> None:
+  """Save a finished network (orbax writes to a temporary directory and renames at the end)."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, params, force=True)
+  checkpointer.wait_until_finished()
+
+
+def load_params(path: Path) -> Params:
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no saved network there (was the run finished?)")
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def _write_json(path: Path, value) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two methods.
+
+def network_template(cfg: Config, ndim: int = 2) -> nets.DeepNet:
+  return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel_size,
+                      ndim=ndim, dtype=jnp.dtype(cfg.compute_dtype))
+
+
+def _phase_key(cfg: Config, salt: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(cfg.seed), salt)
+
+
+def e2e_loss(net: nets.DeepNet) -> LossFn:
+  """End-to-end objective of the deep net: ``half_mse(forward(params, x), y)``."""
+  def loss_fn(params, frozen, batch):
+    del frozen
+    mse2 = stage_lib.half_mse(nets.forward(net, params, batch["x"]), batch["y"])
+    return mse2, {"mse": 2 * mse2}
+  return loss_fn
+
+
+def stage_loss(net: nets.DeepNet, stage: stage_lib.Stage, index: int) -> LossFn:
+  """Objective of layer-wise stage ``index + 1`` (0-based ``index``) on the frozen prefix.
+
+  ``frozen`` holds ``convs_0 .. convs_{index-1}``; the prefix runs under ``stop_gradient``, or
+  not at all when the batch carries cached features ``h``.
+  """
+  def loss_fn(variables, frozen, batch):
+    if "h" in batch:  # Features cached by the trainer (--cache_features).
+      h = batch["h"]
+    else:
+      h = nets.prefix_features(net, frozen, batch["x"], index)
+    return stage.loss(variables, h, batch["x"], batch["y"])
+  return loss_fn
+
+
+def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsLog) -> Params:
+  """Train a ``DeepNet`` of ``depth`` end to end; returns its parameters (saved under params/)."""
+  out = params_dir(cfg.workdir, "e2e", depth)
+  if out.exists():
+    return load_params(out)
+  net = network_template(cfg).clone(depth=depth)
+  params = nets.init(_phase_key(cfg, 1000 + depth), (1,) + train["x"].shape[1:], depth=depth,
+                     features=cfg.features, kernel_size=cfg.kernel_size)
+
+  spe = data_lib.steps_per_epoch(len(train["x"]), cfg.batch_size)
+  result = fit(f"e2e_d{depth}", e2e_loss(net), adam(cfg, spe, cfg.weight_decay), params, {},
+               {"x": train["x"], "y": train["y"]}, cfg=cfg, mesh=mesh, epochs=cfg.epochs, log=log)
+  params = jax.device_get(result.state["params"])
+  save_params(out, params)
+  return params
+
+
+def make_stage(method: str, cfg: Config, steps_per_epoch: int, ndim: int = 2) -> stage_lib.Stage:
+  """The stage of ``method`` ("layerwise" or "layerwise_convex") configured from ``cfg``."""
+  dtype = jnp.dtype(cfg.compute_dtype)
+  if method == "layerwise":
+    return stage_lib.nonconvex(features=cfg.features, kernel_size=cfg.kernel_size, ndim=ndim,
+                               tx=adam(cfg, steps_per_epoch, cfg.weight_decay), dtype=dtype)
+  if method == "layerwise_convex":
+    from lwjax import convex  # The convex stage is only needed by this method.
+    return convex.convex_stage(
+        features=cfg.features, kernel_size=cfg.kernel_size, ndim=ndim, beta=cfg.beta, rho=cfg.rho,
+        solver=cfg.convex_solver, tx=adam(cfg, steps_per_epoch), gate_seed=cfg.gate_seed,
+        refit_head=cfg.refit_head, fista_iters=cfg.fista_iters, steps_per_epoch=steps_per_epoch,
+        dtype=dtype)
+  raise ValueError(f"unknown layer-wise method {method!r}")
+
+
+def stage_report_path(workdir, method: str, index: int) -> Path:
+  return Path(workdir).absolute() / "stages" / method / f"stage_{index}.json"
+
+
+def _features(net: nets.DeepNet, layers: Params, inputs: np.ndarray, n: int,
+              batch_size: int) -> Iterator[np.ndarray]:
+  """``h_n`` of the layers ``convs_0 .. convs_{n-1}`` on ``inputs``, batch by batch, on the host."""
+  prefix = jax.jit(lambda f, x: nets.prefix_features(net, f, x, n))
+  for start in range(0, len(inputs), batch_size):
+    yield np.asarray(prefix(layers, jnp.asarray(inputs[start:start + batch_size])))
+
+
+def cached_features(cfg: Config, method: str, index: int, batches: Iterator[np.ndarray],
+                    shape: tuple) -> np.ndarray:
+  """All training examples' ``h_index`` (N, *spatial, features), held as ``--cache_features`` says.
+
+  "host" keeps them in memory; "disk" in ``WORKDIR/features/<method>/h_<index>.npy``, written to a
+  temporary file and renamed when complete (a killed run leaves no file that looks finished) and
+  read back memory-mapped, so only the batches in use occupy host memory.
+  """
+  if cfg.cache_features == "host":
+    return np.concatenate(list(batches))
+  path = Path(cfg.workdir).absolute() / "features" / method / f"h_{index}.npy"
+  if path.exists():
+    cached = np.load(path, mmap_mode="r")
+    if cached.shape == shape:
+      return cached
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp.npy")
+  out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+  start = 0
+  for batch in batches:
+    out[start:start + len(batch)] = batch
+    start += len(batch)
+  out.flush()
+  del out
+  os.replace(tmp, path)
+  return np.load(path, mmap_mode="r")
+
+
+def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: MetricsLog,
+                    on_depth: Callable[[int, Params, dict], None] = lambda d, p, r: None) -> Params:
+  """Train ``cfg.depth - 1`` stages of ``method``; returns the deep network's parameters.
+
+  Stage i (1-based) trains hidden layer i and its own head on ``h_{i-1}`` of the frozen prefix;
+  after it the network has depth i + 1 and ``on_depth(depth, params, report)`` is called (the run
+  evaluates it there). A stage whose report exists is loaded, not retrained.
+
+  With ``--cache_features`` the prefix runs once per stage over the training set (one layer on
+  top of the previous stage's cached features) instead of in every step, so every stage costs
+  the same as the first, at the price of holding N x H x W x features floats (host or disk).
+  """
+  net = network_template(cfg)
+  n = len(train["x"])
+  spe = data_lib.steps_per_epoch(n, cfg.batch_size)
+  params: dict = {}
+  h_cached = None  # h_index of every training example, when --cache_features is on
+  for index in range(cfg.depth - 1):
+    depth = index + 2
+    report_path = stage_report_path(cfg.workdir, method, index + 1)
+    if report_path.exists():
+      params = load_params(params_dir(cfg.workdir, method, depth))
+      on_depth(depth, params, json.loads(report_path.read_text()))
+      continue
+    frozen = {k: v for k, v in params.items() if k.startswith("convs_")}
+    arrays = {"x": train["x"], "y": train["y"]}
+    if cfg.cache_features != "none" and index > 0:
+      if h_cached is None:  # Resumed here: the whole prefix, once.
+        batches = _features(net, frozen, train["x"], index, cfg.batch_size)
+      else:  # One more layer on top of the previous stage's features.
+        batches = _features(net, {"convs_0": frozen[f"convs_{index - 1}"]}, h_cached, 1,
+                            cfg.batch_size)
+      h_cached = cached_features(cfg, method, index, batches,
+                                 (n,) + train["x"].shape[1:-1] + (cfg.features,))
+      arrays["h"], frozen = h_cached, {}
+    stage = make_stage(method, cfg, spe)
+    h_shape = (1,) + train["x"].shape[1:-1] + (2 if index == 0 else cfg.features,)
+
+    def feature_batches(frozen=frozen, index=index, arrays=arrays):
+      """(h, skip, y) over the training set in order, for a stage's prepare/finalize passes."""
+      if "h" in arrays:
+        hs = (arrays["h"][i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size))
+      else:
+        hs = _features(net, frozen, arrays["x"], index, cfg.batch_size)
+      for start, h in zip(range(0, n, cfg.batch_size), hs):
+        yield (jnp.asarray(h), jnp.asarray(arrays["x"][start:start + cfg.batch_size]),
+               jnp.asarray(arrays["y"][start:start + cfg.batch_size]))
+
+    report = {}
+    if stage.prepare is not None:
+      stage, report = stage.prepare(feature_batches, h_shape)
+    variables = stage.init(_phase_key(cfg, 2000 + index), h_shape)
+    result = fit(f"{method}_s{index + 1}", stage_loss(net, stage, index), stage.tx, variables,
+                 frozen, arrays, cfg=cfg, mesh=mesh, epochs=stage.epochs or cfg.epochs, log=log)
+    variables = jax.device_get(stage.solution(result.state["params"], result.state["opt"]))
+    if stage.finalize is not None:
+      variables, final_report = stage.finalize(variables, feature_batches)
+      report.update(final_report)
+    params = nets.stack_layer(params, jax.device_get(stage.to_layer(variables)), index)
+    save_params(params_dir(cfg.workdir, method, depth), params)
+    report = {k: float(v) for k, v in report.items()}
+    log.write({"phase": f"{method}_s{index + 1}", "event": "stage_done", **report})
+    _write_json(report_path, report)  # Last: its presence marks the stage finished.
+    on_depth(depth, params, report)
+  return params
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole run: data, every method at every depth, summary.json.
+
+# Fields that may change when a run is resumed; any other change would mix two experiments.
+_RESUMABLE_FIELDS = {"log_every", "eval_batch_size", "workdir", "data_dir", "cache_features"}
+
+
+def _check_resume(cfg: Config, workdir: Path) -> None:
+  from lwjax import config as config_lib
+  path = workdir / "config.json"
+  if path.exists():
+    old = dataclasses.asdict(config_lib.load(path))
+    new = dataclasses.asdict(cfg)
+    changed = sorted(k for k in new if k not in _RESUMABLE_FIELDS and old.get(k) != new[k])
+    if changed:
+      raise ValueError(
+          f"{path}: this workdir holds a run with other settings ("
+          + ", ".join(f"--{k}: {old.get(k)!r} there, {new[k]!r} now" for k in changed)
+          + "); use another --workdir or the same flags")
+  config_lib.save(cfg, path)
+
+
+def prep_config(cfg: Config) -> data_lib.PrepConfig:
+  return data_lib.PrepConfig(image_size=cfg.image_size, mask=cfg.mask, accel=cfg.accel,
+                             calib=cfg.calib, center_fraction=cfg.center_fraction,
+                             mask_seed=cfg.mask_seed, maps=cfg.maps)
+
+
+def load_data(cfg: Config, log=logging.info) -> tuple[data_lib.Split, data_lib.Split]:
+  """The run's training and validation splits (synthetic data in WORKDIR/data without data_dir)."""
+  workdir = Path(cfg.workdir).absolute()
+  prep = prep_config(cfg)
+  data_lib.mask_for(prep)  # Bad mask settings fail here, before any data is written.
+  data_dir = cfg.data_dir
+  if not data_dir:
+    data_dir = data_lib.make_synthetic_dataset(
+        workdir / "data", train_subjects=cfg.synth_train_subjects,
+        val_subjects=cfg.synth_val_subjects, slices=cfg.synth_slices, coils=cfg.synth_coils,
+        size=cfg.image_size, seed=cfg.synth_seed, noise_std=cfg.synth_noise)
+  splits = []
+  for split, limit in (("train", cfg.max_train_volumes), ("val", cfg.max_val_volumes)):
+    splits.append(data_lib.load_split(data_dir, split, prep, cache_dir=workdir / "cache",
+                                      max_volumes=limit or None, log=log))
+  return splits[0], splits[1]
+
+
+def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
+  """Train every method of ``cfg`` and evaluate each at every depth; returns summary.json's dict."""
+  from lwjax import config as config_lib
+  mesh = mesh or make_mesh()
+  config_lib.validate(cfg, mesh.devices.size)
+  workdir = Path(cfg.workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_resume(cfg, workdir)
+  logging.info("devices: %d x %s; workdir %s", mesh.devices.size, jax.devices()[0].platform,
+               workdir)
+  train, val = load_data(cfg)
+  logging.info("data: %d training slices from %d files, %d validation slices from %d files, "
+               "grid %s, mask %s x%.2f", len(train.x), len(set(train.volume_index.tolist())),
+               len(val.x), len(set(val.volume_index.tolist())), train.x.shape[1:3], cfg.mask,
+               float(train.mask.size / train.mask.sum()))
+  log = MetricsLog(workdir)
+  train_arrays = {"x": train.x, "y": train.y}
+  summary_path = workdir / "summary.json"
+  summary = {"zero_filled": mean_metrics(slice_metrics(val.x, val.y)),
+             "stages": {}, "config": dataclasses.asdict(cfg)}
+  net = network_template(cfg)
+
+  def record(method, depth, params, report=None):
+    per_slice = slice_metrics(predict(net, params, val.x, mesh=mesh,
+                                      batch_size=cfg.eval_batch_size), val.y)
+    means = mean_metrics(per_slice)
+    summary.setdefault(method, {})[str(depth)] = means
+    if report:
+      summary["stages"].setdefault(method, {})[str(depth - 1)] = report
+    log.write({"phase": f"{method}_d{depth}", "event": "eval", **means})
+    logging.info("%s depth %d: PSNR %.2f dB SSIM %.4f NMSE %.4g (zero-filled %.2f dB)", method,
+                 depth, means["psnr"], means["ssim"], means["nmse"],
+                 summary["zero_filled"]["psnr"])
+    _write_json(summary_path, summary)
+
+  _write_json(summary_path, summary)
+  for method in cfg.methods:
+    if method == "e2e":
+      for depth in cfg.depths_e2e:
+        record("e2e", depth, train_e2e(cfg, depth, train_arrays, mesh=mesh, log=log))
+    else:
+      train_layerwise(cfg, method, train_arrays, mesh=mesh, log=log,
+                      on_depth=lambda d, p, r, m=method: record(m, d, p, r))
+  return summary

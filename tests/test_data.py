@@ -1,0 +1,304 @@
+"""Slice preparation, the slice cache, splits, the synthetic dataset and the batch iterators."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lwjax import data, fastmri, synthetic
+
+SIZE, COILS, SLICES = 48, 4, 3
+CFG = data.PrepConfig(image_size=SIZE, mask="poisson", accel=4.0, calib=16, maps="lowres")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return data.make_synthetic_dataset(tmp_path_factory.mktemp("synth"), train_subjects=2,
+                                     val_subjects=1, slices=SLICES, coils=COILS, size=SIZE)
+
+
+@pytest.fixture
+def count_prepare(monkeypatch):
+  calls = []
+  prepare = data.prepare_slice
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return prepare(*args, **kwargs)
+
+  monkeypatch.setattr(data, "prepare_slice", counted)
+  return calls
+
+
+def _assert_same(a: data.Split, b: data.Split):
+  for f in dataclasses.fields(data.Split):
+    va, vb = getattr(a, f.name), getattr(b, f.name)
+    if isinstance(va, np.ndarray):
+      np.testing.assert_array_equal(va, vb, err_msg=f.name)
+    else:
+      assert va == vb, f.name
+
+
+# Preparation.
+
+
+@pytest.mark.parametrize("cfg", [
+    CFG,
+    dataclasses.replace(CFG, maps="espirit"),
+    dataclasses.replace(CFG, mask="cartesian", accel=3.0, center_fraction=0.25),
+])
+def test_prepare_slice(cfg):
+  vol = synthetic.make_volume(np.random.default_rng(3), size=SIZE, coils=COILS, slices=1,
+                              noise_std=0.001)
+  grid = fastmri.to_grid(vol["kspace"][0], SIZE)
+  mask = data.mask_for(cfg)
+  ex = data.prepare_slice(grid, mask, cfg)
+
+  for k in "xy":
+    assert ex[k].shape == (SIZE, SIZE, 2) and ex[k].dtype == np.float32
+  assert ex["maps"].shape == (COILS, SIZE, SIZE) and ex["maps"].dtype == np.complex64
+  magnitude = lambda a: np.hypot(a[..., 0], a[..., 1])
+  np.testing.assert_allclose(magnitude(ex["x"]).max(), 1.0, rtol=1e-6)
+  truth = np.abs(vol["image"][0]) / ex["scale"]
+  rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
+  assert rel(magnitude(ex["y"]), truth) < 0.05  # maps may differ in phase, not in magnitude
+  assert rel(ex["x"], ex["y"]) > 0.1  # undersampling aliases the input
+
+
+def test_calib_size_is_the_sampled_centre():
+  mask = np.zeros((32, 32), bool)
+  mask[:, 13:19] = True  # 6 centre lines: 16 +- 3
+  assert data.calib_size(mask, 8) == 6
+  mask[:, 10:22] = True
+  assert data.calib_size(mask, 8) == 8
+  with pytest.raises(ValueError, match="mask: expected a fully sampled k-space centre"):
+    data.calib_size(np.zeros((32, 32), bool), 8)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(accel=1.0), "accel"),
+    (dict(accel=0.5), "accel"),
+    (dict(calib=64), "calib"),
+    (dict(mask="cartesian", center_fraction=1.5), "center_fraction"),
+    (dict(mask="radial"), "radial"),
+])
+def test_mask_errors_name_the_argument(changes, match):
+  with pytest.raises(ValueError, match=match):
+    data.mask_for(dataclasses.replace(CFG, **changes))
+
+
+# Splits and the cache.
+
+
+def test_splits_are_by_file(dataset, tmp_path):
+  messages = []
+  train = data.load_split(dataset, "train", CFG, cache_dir=tmp_path, log=messages.append)
+  val = data.load_split(dataset, "val", CFG, cache_dir=tmp_path)
+  assert messages[-1] == f"train: prepared {2 * SLICES}/{2 * SLICES} slices (0 from cache)"
+
+  assert train.x.shape == train.y.shape == (2 * SLICES, SIZE, SIZE, 2) and train.maps is None
+  assert train.x.dtype == train.y.dtype == train.scale.dtype == np.float32
+  assert train.mask.shape == (SIZE, SIZE) and train.mask.dtype == bool
+  assert train.ids == [(f"synth_train_00{v}.h5", s) for v in range(2) for s in range(SLICES)]
+  np.testing.assert_array_equal(train.volume_index, np.repeat([0, 1], SLICES))
+  assert not {f for f, _ in train.ids} & {f for f, _ in val.ids}
+  assert len(val.ids) == SLICES
+  one = data.load_split(dataset, "train", CFG, cache_dir=tmp_path, max_volumes=1)
+  np.testing.assert_array_equal(one.x, train.x[:SLICES])
+
+
+def test_cache_is_reused(dataset, tmp_path, count_prepare):
+  first = data.load_split(dataset, "train", CFG, cache_dir=tmp_path, with_maps=True)
+  assert len(count_prepare) == 2 * SLICES
+  assert first.maps.shape == (2 * SLICES, COILS, SIZE, SIZE) and first.maps.dtype == np.complex64
+  messages = []
+  again = data.load_split(dataset, "train", CFG, cache_dir=tmp_path, with_maps=True,
+                          log=messages.append)
+  assert len(count_prepare) == 2 * SLICES
+  assert messages[-1].endswith(f"({2 * SLICES} from cache)")
+  _assert_same(first, again)
+  no_maps = data.load_split(dataset, "train", CFG, cache_dir=tmp_path)  # maps-less read is a hit
+  assert len(count_prepare) == 2 * SLICES and no_maps.maps is None
+  np.testing.assert_array_equal(no_maps.y, first.y)
+
+
+def test_cache_without_maps_is_recomputed_for_maps(dataset, tmp_path, count_prepare):
+  data.load_split(dataset, "val", CFG, cache_dir=tmp_path)
+  with_maps = data.load_split(dataset, "val", CFG, cache_dir=tmp_path, with_maps=True)
+  assert len(count_prepare) == 2 * SLICES and with_maps.maps.shape[0] == SLICES
+
+
+def _savez(path, **arrays):
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+
+
+def _entry(**changes):
+  ok = dict(x=np.zeros((SIZE, SIZE, 2), np.float32), y=np.zeros((SIZE, SIZE, 2), np.float32),
+            scale=np.float32(1))
+  return lambda p: _savez(p, **{k: v for k, v in {**ok, **changes}.items() if v is not None})
+
+
+CORRUPTIONS = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]),
+    "not_zip": lambda p: p.write_bytes(b"garbage"),
+    "missing_y": _entry(y=None),
+    "wrong_dtype": _entry(y=np.zeros((SIZE, SIZE, 2), np.float64)),
+    "wrong_shape": _entry(x=np.zeros((SIZE, 8, 2), np.float32)),
+    "nan": _entry(x=np.full((SIZE, SIZE, 2), np.nan, np.float32)),
+    "zero_scale": _entry(scale=np.float32(0)),
+}
+
+
+@pytest.fixture(scope="module")
+def fresh_train(dataset, tmp_path_factory):
+  return data.load_split(dataset, "train", CFG, cache_dir=tmp_path_factory.mktemp("fresh"))
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_bad_cache_entries_are_recomputed(dataset, fresh_train, tmp_path, count_prepare, corrupt):
+  data.load_split(dataset, "train", CFG, cache_dir=tmp_path)
+  corrupt(sorted(tmp_path.glob("*.npz"))[1])
+  del count_prepare[:]
+  _assert_same(data.load_split(dataset, "train", CFG, cache_dir=tmp_path), fresh_train)
+  assert len(count_prepare) == 1
+  _assert_same(data.load_split(dataset, "train", CFG, cache_dir=tmp_path), fresh_train)
+  assert len(count_prepare) == 1  # the recomputed entry was rewritten
+
+
+def test_leftover_temporary_file_is_ignored(dataset, fresh_train, tmp_path, count_prepare):
+  data.load_split(dataset, "train", CFG, cache_dir=tmp_path)
+  entry = sorted(tmp_path.glob("*.npz"))[2]
+  entry.unlink()  # a writer crashed before os.replace, leaving a well-formed but wrong entry
+  _savez(tmp_path / f".{entry.name}.0123abcd.tmp", x=fresh_train.x[0] + 1,
+         y=fresh_train.y[0] + 1, scale=np.float32(2))
+  del count_prepare[:]
+  _assert_same(data.load_split(dataset, "train", CFG, cache_dir=tmp_path), fresh_train)
+  assert len(count_prepare) == 1
+
+
+def test_cache_keys(dataset):
+  path = fastmri.list_volumes(dataset, "train")[0]
+  key = data.cache_key(path, 0, CFG)
+  assert key == data.cache_key(Path(os.path.relpath(path)), 0, CFG)
+  others = [data.cache_key(path, 1, CFG),
+            data.cache_key(fastmri.list_volumes(dataset, "train")[1], 0, CFG),
+            data.cache_key(path, 0, dataclasses.replace(CFG, mask="cartesian")),
+            data.cache_key(path, 0, dataclasses.replace(CFG, mask_seed=1)),
+            data.cache_key(path, 0, dataclasses.replace(CFG, maps="espirit"))]
+  assert len({key, *others}) == 1 + len(others)
+  os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1))  # the file changed
+  assert data.cache_key(path, 0, CFG) != key
+
+
+def test_bad_files_name_file_and_slice(tmp_path):
+  (tmp_path / "train").mkdir()
+  kspace = np.ones((2, COILS, 2 * SIZE, SIZE), np.complex64)
+  kspace[1] = 0  # an empty slice: no scale
+  fastmri.write_volume(tmp_path / "train" / "zero.h5", kspace, np.ones((2, SIZE, SIZE)))
+  with pytest.raises(fastmri.DataError,
+                     match=r"zero.h5: key 'kspace', slice 1: zero-filled image: expected"):
+    data.load_split(tmp_path, "train", CFG, cache_dir=tmp_path / "cache")
+  kspace[1, 0, 3, 3] = np.nan
+  fastmri.write_volume(tmp_path / "train" / "zero.h5", kspace, np.ones((2, SIZE, SIZE)))
+  with pytest.raises(fastmri.DataError, match=r"zero.h5: key 'kspace', slice 1: expected finite"):
+    data.load_split(tmp_path, "train", CFG, cache_dir=tmp_path / "cache")
+  with pytest.raises(fastmri.DataError, match=r"split 'val'"):
+    data.load_split(tmp_path, "val", CFG, cache_dir=tmp_path / "cache")
+  fastmri.write_volume(tmp_path / "train" / "zero.h5", kspace[:, :2], np.ones((2, SIZE, SIZE)))
+  fastmri.write_volume(tmp_path / "train" / "more.h5", kspace, np.ones((2, SIZE, SIZE)))
+  with pytest.raises(fastmri.DataError, match=r"with_maps expects one coil count, found \[2, 4\]"):
+    data.load_split(tmp_path, "train", CFG, cache_dir=tmp_path / "cache", with_maps=True)
+
+
+# The synthetic dataset.
+
+
+def test_make_synthetic_dataset_is_idempotent(tmp_path, monkeypatch):
+  made = []
+  make_volume = synthetic.make_volume
+  monkeypatch.setattr(synthetic, "make_volume",
+                      lambda *a, **k: made.append(1) or make_volume(*a, **k))
+  kw = dict(train_subjects=2, val_subjects=1, slices=2, coils=2, size=16, seed=5)
+  out = data.make_synthetic_dataset(tmp_path / "a", **kw)
+  names = lambda: [f.relative_to(out).as_posix() for f in sorted(out.rglob("*.h5"))]
+  assert names() == ["train/synth_train_000.h5", "train/synth_train_001.h5", "val/synth_val_000.h5"]
+  assert len(made) == 3
+  data.make_synthetic_dataset(tmp_path / "a", **kw)
+  assert len(made) == 3  # reused
+
+  read = lambda root, name: fastmri.read_slice(next(root.rglob(name)), 1)
+  other = data.make_synthetic_dataset(tmp_path / "b", **kw)
+  for name in ("synth_train_000.h5", "synth_val_000.h5"):
+    np.testing.assert_array_equal(read(out, name), read(other, name))  # deterministic
+  assert not np.allclose(read(out, "synth_train_000.h5"), read(out, "synth_train_001.h5"))
+
+  (out / "manifest.json").unlink()  # a partial dataset
+  del made[:]
+  data.make_synthetic_dataset(tmp_path / "a", **kw)
+  assert len(made) == 3
+  data.make_synthetic_dataset(tmp_path / "a", **{**kw, "train_subjects": 1, "seed": 6})
+  assert names() == ["train/synth_train_000.h5", "val/synth_val_000.h5"]  # stale file removed
+  assert json.loads((out / "manifest.json").read_text())["seed"] == 6
+  assert not np.allclose(read(out, "synth_train_000.h5"), read(other, "synth_train_000.h5"))
+
+
+def test_make_data_script(tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(REPO / "launch" / "make_data.py"), f"--out_dir={tmp_path}",
+       "--size=16", "--coils=2", "--train_subjects=1", "--val_subjects=1", "--slices=2"],
+      capture_output=True, text=True, check=True, timeout=120)
+  assert "synth_train_000.h5" in result.stdout
+  for split in ("train", "val"):
+    (path,) = fastmri.list_volumes(tmp_path, split)
+    info = fastmri.open_volume(path)
+    assert info.kspace_shape == (2, 2, 32, 18)
+    assert fastmri.read_slice(path, 1).shape == (2, 32, 18)
+
+
+# Iterators.
+
+
+def _arrays(n=10):
+  return dict(x=np.arange(n * 3, dtype=np.float32).reshape(n, 3), i=np.arange(n))
+
+
+def test_train_batches():
+  arrays = _arrays()
+  epoch = lambda e, bs=4: list(data.train_batches(arrays, bs, seed=1, epoch=e, num_devices=2))
+  first = epoch(0)
+  assert len(first) == data.steps_per_epoch(10, 4) == 2
+  for b in first:
+    assert b["x"].shape == (4, 3) and b["i"].shape == (4,)
+    np.testing.assert_array_equal(b["x"], arrays["x"][b["i"]])
+  seen = np.concatenate([b["i"] for b in first])
+  assert len(set(seen)) == len(seen) == 8
+  assert all(np.array_equal(a["i"], b["i"]) for a, b in zip(first, epoch(0)))
+  assert not np.array_equal(seen, np.concatenate([b["i"] for b in epoch(1)]))
+  assert sorted(np.concatenate([b["i"] for b in epoch(2, bs=10)])) == list(range(10))
+
+  with pytest.raises(ValueError, match="batch_size 6 is not divisible by num_devices 4"):
+    data.train_batches(arrays, 6, seed=0, epoch=0, num_devices=4)
+  with pytest.raises(ValueError, match=r"batch_size 12: expected 1..10"):
+    data.train_batches(arrays, 12, seed=0, epoch=0)
+  with pytest.raises(ValueError, match="one leading size"):
+    data.train_batches({"x": np.zeros(3), "y": np.zeros(4)}, 2, seed=0, epoch=0)
+
+
+def test_eval_batches():
+  arrays = _arrays()
+  batches = list(data.eval_batches(arrays, 4))
+  assert [b["valid"].sum() for b in batches] == [4, 4, 2]
+  np.testing.assert_array_equal(batches[-1]["valid"], [True, True, False, False])
+  assert all(b["x"].shape == (4, 3) and b["x"].dtype == np.float32 for b in batches)
+  got = np.concatenate([b["i"][b["valid"]] for b in batches])
+  np.testing.assert_array_equal(got, np.arange(10))
+  np.testing.assert_array_equal(batches[-1]["x"][2:], 0)
+  assert len(list(data.eval_batches(arrays, 5))) == 2
+  with pytest.raises(ValueError, match="batch_size 0"):
+    data.eval_batches(arrays, 0)

@@ -1,0 +1,137 @@
+"""Evaluation of a tiny finished run: eval.json agrees with summary.json, figures and report exist."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from lwjax import config as config_lib
+from lwjax import evaluate
+from lwjax import figures
+from lwjax import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = config_lib.Config(
+    image_size=32, calib=8, synth_train_subjects=2, synth_val_subjects=1, synth_slices=3,
+    synth_coils=4, maps="lowres", depth=3, features=8, kernel_size=3, epochs=1, batch_size=2,
+    method="layerwise_convex,e2e", e2e_depths="2,3", log_every=0)
+
+
+def _mesh():
+  return train.make_mesh(2)  # the subprocess below sees 2 devices too
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  summary = train.run(dataclasses.replace(TINY, workdir=str(workdir)), mesh=_mesh())
+  return workdir, summary, evaluate.run(workdir, mesh=_mesh())
+
+
+def _leaves(tree, prefix=()):
+  """(path, {metric: value}) of every metric entry of a summary.json-like tree."""
+  if set(tree) == set(evaluate.METRICS):
+    return [(prefix, tree)]
+  return [leaf for k, v in tree.items() for leaf in _leaves(v, prefix + (k,))]
+
+
+def test_eval_json_matches_summary(finished_run):
+  workdir, summary, result = finished_run
+  assert json.loads((workdir / "eval.json").read_text()) == result
+  networks = [("zero_filled",), ("layerwise_convex", "2"), ("layerwise_convex", "3"),
+              ("e2e", "2"), ("e2e", "3")]
+  assert sorted(p for p, _ in _leaves(result["mean"])) == sorted(networks)
+  per_slice = dict(_leaves(result["per_slice"]))
+  n = len(result["slices"])
+  assert n == 3 and all(isinstance(f, str) and isinstance(s, int) for f, s in result["slices"])
+  for path, means in _leaves(result["mean"]):
+    expected = summary
+    for key in path:
+      expected = expected[key]
+    for metric, value in means.items():
+      values = np.asarray(per_slice[path][metric])
+      assert values.shape == (n,) and np.isfinite(values).all()
+      assert value == pytest.approx(expected[metric], abs=1e-5), (path, metric)
+      assert value == pytest.approx(values.mean(), rel=1e-12)
+    assert (np.asarray(per_slice[path]["ssim"]) <= 1).all()
+    assert (np.asarray(per_slice[path]["nmse"]) >= 0).all()
+  assert set(result["examples"]) <= set(range(n)) and len(result["examples"]) == 2
+
+
+def _check_png(path, width_in, height_in):
+  img = imread(path)
+  assert img.shape[:2] == (round(height_in * figures.DPI), round(width_in * figures.DPI))
+  assert img.min() >= 0 and img.max() <= 1
+  assert img[..., :3].std() > 0.01 and img[..., :3].min() < 0.5  # not a blank canvas
+
+
+def test_figures(finished_run):
+  workdir, _, result = finished_run
+  fig = workdir / "figures"
+  _check_png(fig / "metrics_vs_depth.png", 10, 4)
+  _check_png(fig / "training_curves.png", 8, 4.5)
+  # zero-filled, one column per method, target; an image row and an error row per slice.
+  _check_png(fig / "examples.png", figures.PANEL * 4, figures.PANEL * 2 * len(result["examples"]))
+
+
+def test_report(finished_run):
+  workdir, _, result = finished_run
+  report = (workdir / "report.md").read_text()
+  rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line
+          for line in report.splitlines() if line.startswith("| ")}
+  for method, depth in [("layerwise_convex", 2), ("layerwise_convex", 3), ("e2e", 2), ("e2e", 3)]:
+    psnr = result["mean"][method][str(depth)]["psnr"]
+    assert f"{psnr:.2f} ±" in rows[(method, str(depth))]
+  gap = result["mean"]["layerwise_convex"]["3"]["psnr"] - result["mean"]["e2e"]["3"]["psnr"]
+  assert f"| {gap:+.2f} |" in rows[("layerwise_convex", "3")]
+  assert "layerwise_convex: stage reports" in report  # the convex stages' certificates
+  for link in ("figures/metrics_vs_depth.png", "figures/examples.png",
+               "figures/training_curves.png"):
+    assert f"]({link})" in report and (workdir / link).is_file()
+
+
+def _launch(*args):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_launch_script_writes_the_same_evaluation(finished_run):
+  workdir, _, result = finished_run
+  (workdir / "eval.json").unlink()
+  done = _launch(f"--workdir={workdir}", "--eval_batch_size=2")
+  assert done.returncode == 0, done.stderr[-3000:]
+  again = json.loads((workdir / "eval.json").read_text())
+  for (path, a), (_, b) in zip(_leaves(again["mean"]), _leaves(result["mean"])):
+    for metric in a:
+      assert a[metric] == pytest.approx(b[metric], abs=1e-5), (path, metric)
+  assert "PSNR" in done.stdout
+
+
+def test_launch_script_names_a_missing_workdir(tmp_path):
+  done = _launch(f"--workdir={tmp_path / 'nowhere'}")
+  assert done.returncode != 0 and str(tmp_path / "nowhere") in done.stderr
+
+
+def test_missing_config_or_network_is_named(finished_run, tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    evaluate.run(tmp_path)
+  config_lib.save(dataclasses.replace(TINY, workdir=str(tmp_path)), tmp_path / "config.json")
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "params" / "layerwise_convex")):
+    evaluate.run(tmp_path)
+  with pytest.raises(ValueError, match="depth"):
+    evaluate.load_config(finished_run[0], depth=5)
+
+
+def test_representative_slices():
+  psnr = np.array([30.0, 10.0, 20.0, 25.0, 15.0, 35.0, 40.0, 5.0, 28.0, 33.0, 12.0])
+  median, low = evaluate.representative_slices(psnr)
+  assert psnr[median] == np.median(psnr)
+  assert psnr[low] == 10.0  # nearest the 10th percentile of 11 values: the 2nd smallest
+  assert evaluate.representative_slices(np.array([1.0])) == [0]

@@ -1,0 +1,145 @@
+"""The fastMRI file format: writing, reading, validation errors and the grid."""
+import xml.etree.ElementTree as ET
+
+import h5py
+import numpy as np
+import pytest
+
+from lwjax import fastmri, synthetic
+from lwjax.fft import fft2c, ifft2c
+
+NS = {"m": "http://www.ismrm.org/ISMRMRD"}
+
+
+def _random_volume(rng, shape=(3, 4, 64, 36), recon=(32, 32)):
+  kspace = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+  return kspace, rng.random((shape[0], *recon)).astype(np.float32)
+
+
+def _h5(path, **datasets):
+  with h5py.File(path, "w") as f:
+    for k, v in datasets.items():
+      f[k] = v
+  return path
+
+
+def test_round_trip(tmp_path):
+  kspace, rss = _random_volume(np.random.default_rng(0))
+  path = tmp_path / "vol.h5"
+  fastmri.write_volume(path, kspace, rss, patient_id="p7", attrs={"extra": 3})
+  assert [p.name for p in tmp_path.iterdir()] == ["vol.h5"]  # no temporary file left
+
+  info = fastmri.open_volume(path)
+  assert (info.num_slices, info.num_coils, info.kspace_shape) == (3, 4, (3, 4, 64, 36))
+  assert info.attrs["acquisition"] == "CORPD_FBK" and info.attrs["patient_id"] == "p7"
+  assert info.attrs["extra"] == 3
+  np.testing.assert_allclose(info.attrs["max"], rss.max())
+  np.testing.assert_allclose(info.attrs["norm"], np.linalg.norm(kspace), rtol=1e-5)
+  for i in range(3):
+    got = fastmri.read_slice(path, i)
+    assert got.dtype == np.complex64 and got.shape == (4, 64, 36)
+    np.testing.assert_array_equal(got, kspace[i])
+  with h5py.File(path) as f:
+    np.testing.assert_array_equal(f[fastmri.RSS][()], rss)
+    header = ET.fromstring(f[fastmri.HEADER][()])
+
+  # Parsed the way fastMRI's SliceDataset parses it.
+  size = lambda space: tuple(int(header.find(f"m:encoding/m:{space}/m:matrixSize/m:{a}", NS).text)
+                             for a in "xyz")
+  assert size("encodedSpace") == (64, 36, 1) and size("reconSpace") == (32, 32, 1)
+  lims = "m:encoding/m:encodingLimits/m:kspace_encoding_step_1/m:"
+  center, maximum = (int(header.find(lims + k, NS).text) for k in ("center", "maximum"))
+  assert 36 // 2 - center == 0 and maximum + 1 == 36  # fastMRI's padding_left, padding_right
+
+
+def test_write_is_atomic(tmp_path):
+  kspace, rss = _random_volume(np.random.default_rng(0))
+  path = tmp_path / "vol.h5"
+  fastmri.write_volume(path, kspace, rss)
+  with pytest.raises(RuntimeError), fastmri.atomic_write(path) as tmp:
+    tmp.write_bytes(b"half a file")
+    raise RuntimeError("crash while writing")
+  assert [p.name for p in tmp_path.iterdir()] == ["vol.h5"]
+  np.testing.assert_array_equal(fastmri.read_slice(path, 1), kspace[1])
+  with pytest.raises(fastmri.DataError, match="vol.h5.*reconstruction_rss.*expected real"):
+    fastmri.write_volume(path, kspace, rss[:2])
+
+
+def test_to_grid_is_crop_in_image_space():
+  rng = np.random.default_rng(1)
+  image = rng.normal(size=(2, 24, 20)) + 1j * rng.normal(size=(2, 24, 20))
+  oversampled = np.zeros((2, 48, 23), complex)  # 2x readout, wider phase FOV, odd width
+  oversampled[:, 12:36, 1:21] = image  # centre index 24 -> 12, 11 -> 10
+  grid = fastmri.to_grid(fft2c(oversampled), (24, 20))
+  assert grid.dtype == np.complex64 and grid.shape == (2, 24, 20)
+  np.testing.assert_allclose(grid, fft2c(image), atol=1e-5)
+  padded = fastmri.to_grid(fft2c(image), 28)  # zero-pads where the grid is larger
+  np.testing.assert_allclose(ifft2c(padded)[:, 2:26, 4:24], image, atol=1e-5)
+  assert np.abs(ifft2c(padded)[:, :, :4]).max() < 1e-5
+
+
+def test_to_grid_synthetic_volume(tmp_path):
+  size = 32
+  vol = synthetic.make_volume(np.random.default_rng(0), size=size, coils=4, slices=2,
+                              noise_std=0.0)
+  path = tmp_path / "synth.h5"
+  fastmri.write_volume(path, vol["kspace"], vol["rss"])
+  for s in range(2):
+    coil_images = ifft2c(fastmri.to_grid(fastmri.read_slice(path, s), size))
+    rss = np.sqrt((np.abs(coil_images) ** 2).sum(0))
+    np.testing.assert_allclose(rss, vol["rss"][s], atol=1e-4 * vol["rss"].max())
+    combined = (np.conj(vol["maps"]) * coil_images).sum(0)
+    np.testing.assert_allclose(np.abs(combined), np.abs(vol["image"][s]),
+                               atol=1e-3 * np.abs(vol["image"]).max())
+
+
+def test_list_volumes(tmp_path):
+  kspace, rss = _random_volume(np.random.default_rng(0))
+  for name in ("b.h5", "a.h5"):
+    (tmp_path / "plain" / "train").mkdir(parents=True, exist_ok=True)
+    fastmri.write_volume(tmp_path / "plain" / "train" / name, kspace, rss)
+  (tmp_path / "fastmri" / "multicoil_val").mkdir(parents=True)
+  fastmri.write_volume(tmp_path / "fastmri" / "multicoil_val" / "file1000.h5", kspace, rss)
+  assert [p.name for p in fastmri.list_volumes(tmp_path / "plain", "train")] == ["a.h5", "b.h5"]
+  assert [p.name for p in fastmri.list_volumes(tmp_path / "fastmri", "val")] == ["file1000.h5"]
+
+  with pytest.raises(fastmri.DataError, match=r"plain.*split 'val'.*plain/val \(missing\)"):
+    fastmri.list_volumes(tmp_path / "plain", "val")
+  (tmp_path / "empty" / "train").mkdir(parents=True)
+  with pytest.raises(fastmri.DataError, match=r"empty/train \(empty of \.h5 files\)"):
+    fastmri.list_volumes(tmp_path / "empty", "train")
+  with pytest.raises(fastmri.DataError, match="split: expected one of"):
+    fastmri.list_volumes(tmp_path / "plain", "test")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p, r"missing.h5: no such file"),
+    (lambda p: (p.write_text("not hdf5"), p)[1], r"missing.h5: expected an HDF5 file"),
+    (lambda p: _h5(p, other=np.zeros(3)),
+     r"missing.h5: expected a dataset 'kspace', found keys \['other'\]"),
+    (lambda p: _h5(p, kspace=np.zeros((2, 3, 8, 8), np.float32)),
+     r"missing.h5: key 'kspace': expected a complex dtype, found float32"),
+    (lambda p: _h5(p, kspace=np.zeros((2, 8, 8), np.complex64)),
+     r"missing.h5: key 'kspace': expected .*4-D.*found shape \(2, 8, 8\).*multi-coil"),
+    (lambda p: _h5(p, kspace=np.zeros((8, 8), np.complex64)),
+     r"missing.h5: key 'kspace': expected .*4-D.*found shape \(8, 8\)"),
+])
+def test_open_volume_errors(tmp_path, make, match):
+  path = make(tmp_path / "missing.h5")
+  for read in (fastmri.open_volume, lambda p: fastmri.read_slice(p, 0)):
+    with pytest.raises(fastmri.DataError, match=match):
+      read(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, complex(0, -np.inf)])
+def test_read_slice_rejects_non_finite(tmp_path, bad):
+  kspace, rss = _random_volume(np.random.default_rng(0))
+  kspace[2, 1, 5, 7] = bad
+  path = tmp_path / "vol.h5"
+  fastmri.write_volume(path, kspace, rss)
+  fastmri.read_slice(path, 1)
+  with pytest.raises(fastmri.DataError, match=r"vol.h5: key 'kspace', slice 2: expected finite "
+                                               r"values, found 1 NaN/Inf"):
+    fastmri.read_slice(path, 2)
+  with pytest.raises(fastmri.DataError, match=r"vol.h5: key 'kspace'.*\[0, 3\), found 3"):
+    fastmri.read_slice(path, 3)

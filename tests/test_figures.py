@@ -1,0 +1,115 @@
+"""Each figure is written as a non-blank PNG of its documented size; malformed inputs fail clearly."""
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from lwjax import figures
+
+
+def _check_png(path, width_in, height_in):
+  img = imread(path)
+  assert img.shape[:2] == (round(height_in * figures.DPI), round(width_in * figures.DPI))
+  rgb = img[..., :3]
+  assert rgb.std() > 0.01 and rgb.min() < 0.5  # something dark was drawn on the white canvas
+
+
+def _summary():
+  return {
+      "zero_filled": {"psnr": 27.1, "ssim": 0.71, "nmse": 0.05},
+      "e2e": {str(d): {"psnr": 30 + d, "ssim": 0.8 + d / 100, "nmse": 0.02} for d in (2, 3, 5, 4)},
+      "layerwise_convex": {str(d): {"psnr": 30 + 0.9 * d, "ssim": 0.8 + d / 110, "nmse": 0.02,
+                                    "rel_gap": 1e-3} for d in (2, 3, 4, 5)},
+      "config": {"lr": 1e-4, "depth": 5, "mask": "poisson"},
+      "stages": [{"stage": 1, "rel_gap": 1e-3}],
+      "seed": 0,
+  }
+
+
+def _slices(n, shape, seed=0):
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[-1:1:shape[0] * 1j, -1:1:shape[1] * 1j]
+  blob = np.exp(-3 * (xx**2 + yy**2))
+  return [blob * (1 + i) + 0.05 * rng.random(shape) for i in range(n)]
+
+
+def test_metrics_vs_depth(tmp_path):
+  path = figures.metrics_vs_depth(_summary(), tmp_path / "sub" / "depth.png")
+  assert path == str(tmp_path / "sub" / "depth.png")
+  _check_png(path, 10, 4)
+
+
+def test_metrics_vs_depth_ignores_non_depth_keys_and_needs_a_method(tmp_path):
+  summary = _summary()
+  curves = figures._depth_curves(summary)
+  assert list(curves) == ["e2e", "layerwise_convex"]
+  assert curves["e2e"][0] == [2, 3, 4, 5]
+  np.testing.assert_allclose(curves["e2e"][1]["psnr"], [32, 33, 34, 35])
+  with pytest.raises(ValueError, match="no method"):
+    figures.metrics_vs_depth({"zero_filled": summary["zero_filled"], "config": {}}, tmp_path / "x.png")
+  with pytest.raises(ValueError, match="zero_filled"):
+    figures.metrics_vs_depth({**summary, "zero_filled": {"psnr": 1.0}}, tmp_path / "x.png")
+
+
+def test_example_grid(tmp_path):
+  target = _slices(2, (40, 32))
+  columns = {"zero-filled": [t * 0.8 for t in target], "target": target,
+             "e2e": [t + 0.02 for t in target]}
+  path = figures.example_grid(columns, tmp_path / "grid.png", title="4x Poisson")
+  _check_png(path, figures.PANEL * 3, figures.PANEL * 2 * 2)
+
+
+def test_example_grid_rejects_malformed(tmp_path):
+  target = _slices(2, (16, 16))
+  with pytest.raises(ValueError, match="target"):
+    figures.example_grid({"e2e": target}, tmp_path / "x.png")
+  with pytest.raises(ValueError, match="shapes"):
+    figures.example_grid({"target": target, "e2e": [t[:8] for t in target]}, tmp_path / "x.png")
+  with pytest.raises(ValueError, match="shapes"):
+    figures.example_grid({"target": target, "e2e": target[:1]}, tmp_path / "x.png")
+  with pytest.raises(ValueError, match=r"\(H, W\)"):
+    figures.example_grid({"target": [t[None] for t in target]}, tmp_path / "x.png")
+
+
+def test_training_curves(tmp_path):
+  records = [{"phase": phase, "epoch": s // 10, "step": s, "loss": scale * np.exp(-s / 20) + 0.01}
+             for phase, scale in (("e2e_d5", 1.0), ("layerwise_convex_s1", 2.0),
+                                  ("layerwise_convex_s2", 0.5))
+             for s in range(0, 60, 5)]
+  records.append({"phase": "eval", "epoch": 1, "step": 10, "psnr": 30.0})
+  _check_png(figures.training_curves(records, tmp_path / "loss.png"), 8, 4.5)
+  with pytest.raises(ValueError, match="no record"):
+    figures.training_curves(records[-1:], tmp_path / "x.png")
+  with pytest.raises(ValueError, match="phase"):
+    figures.training_curves([{"step": 1, "loss": 1.0}], tmp_path / "x.png")
+
+
+def test_memory_bars(tmp_path):
+  report = {"budget_bytes": 12 * 2**30, "e2e": {"max_batch": 10, "bytes_per_example": 2**30},
+            "layerwise": [{"stage": i, "max_batch": 17 + i, "bytes_per_example": 6 * 2**27}
+                          for i in (1, 2, 3, 4)]}
+  _check_png(figures.memory_bars(report, tmp_path / "mem.png"), 10, 4)
+  with pytest.raises(ValueError, match="malformed"):
+    figures.memory_bars({**report, "e2e": {"bytes_per_example": 1}}, tmp_path / "x.png")
+  with pytest.raises(ValueError, match="malformed"):
+    figures.memory_bars({"e2e": report["e2e"], "layerwise": []}, tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("n,ncols,symmetric,titles", [(20, 8, True, None), (3, 8, False, True)])
+def test_image_grid(tmp_path, n, ncols, symmetric, titles):
+  rng = np.random.default_rng(0)
+  filters = rng.standard_normal((n, 7, 7))
+  filters[0] = 0.0  # a pruned filter
+  titles = [f"f{i}" for i in range(n)] if titles else None
+  path = figures.image_grid(filters, tmp_path / "filters.png", ncols=ncols, cmap="RdBu_r",
+                            symmetric=symmetric, titles=titles)
+  cols = min(ncols, n)
+  _check_png(path, figures.TILE * cols, figures.TILE * -(-n // cols))
+
+
+def test_image_grid_rejects_malformed(tmp_path):
+  with pytest.raises(ValueError, match="2-D"):
+    figures.image_grid([], tmp_path / "x.png")
+  with pytest.raises(ValueError, match="2-D"):
+    figures.image_grid([np.zeros((3, 3)), np.zeros((3, 3, 2))], tmp_path / "x.png")
+  with pytest.raises(ValueError, match="titles"):
+    figures.image_grid([np.zeros((3, 3))] * 2, tmp_path / "x.png", titles=["a"])

@@ -1,0 +1,85 @@
+"""launch/train.py as a user runs it: flag errors, summary.json, and resuming after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image_size=32", "--synth_train_subjects=2", "--synth_val_subjects=1",
+        "--synth_slices=2", "--synth_coils=4", "--maps=lowres", "--calib=8", "--depth=3", "--features=8",
+        "--kernel_size=3", "--batch_size=2", "--log_every=0", "--lr=1e-3"]
+
+
+def train_cmd(workdir, *extra):
+  return [sys.executable, str(ROOT / "launch" / "train.py"), f"--workdir={workdir}", *TINY, *extra]
+
+
+def run(cmd, **kwargs):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                        **kwargs)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--method=layerwise,sgd"], "--method="),
+    (["--depth=1"], "--depth="),
+    (["--batch_size=3"], "--batch_size="),
+    (["--flagfile=does_not_exist.flags"], "does_not_exist.flags"),
+])
+def test_invalid_flags_fail_before_any_work(tmp_path, flags, needle):
+  workdir = tmp_path / "w"
+  result = run(train_cmd(workdir, *flags))
+  assert result.returncode != 0
+  assert needle in result.stderr
+  assert not (workdir / "data").exists()
+
+
+def load_params_npz(workdir, method, depth):
+  from lwjax import train
+  import jax
+  return [np.asarray(a) for a in jax.tree.leaves(
+      train.load_params(train.params_dir(workdir, method, depth)))]
+
+
+def test_summary_and_resume_after_sigkill(tmp_path):
+  flags = ["--method=layerwise,e2e", "--epochs=3"]
+  full = tmp_path / "full"
+  result = run(train_cmd(full, *flags))
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((full / "summary.json").read_text())
+  assert set(summary["zero_filled"]) == {"psnr", "ssim", "nmse"}
+  assert set(summary["layerwise"]) == {"2", "3"} and set(summary["e2e"]) == {"3"}
+  for entry in (summary["layerwise"]["3"], summary["e2e"]["3"]):
+    assert set(entry) == {"psnr", "ssim", "nmse"} and np.isfinite(list(entry.values())).all()
+
+  # Kill the same run after its first checkpoint, start it again, compare with the full run.
+  killed = tmp_path / "killed"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(train_cmd(killed, *flags), cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = killed / "checkpoints" / "layerwise_s1"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if first.exists() and any(p.name.isdigit() for p in first.iterdir()):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "params" / "e2e").exists(), "the run finished before it was killed"
+  result = run(train_cmd(killed, *flags))
+  assert result.returncode == 0, result.stderr[-3000:]
+  for method in ("layerwise", "e2e"):
+    for a, b in zip(load_params_npz(full, method, 3), load_params_npz(killed, method, 3)):
+      np.testing.assert_array_equal(a, b)
+  assert json.loads((killed / "summary.json").read_text())["e2e"] == summary["e2e"]
+
+  # The same workdir with other settings is refused, naming the setting.
+  result = run(train_cmd(killed, "--method=layerwise,e2e", "--epochs=4"))
+  assert result.returncode != 0 and "--epochs" in result.stderr

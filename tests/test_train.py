@@ -1,0 +1,124 @@
+"""The training loop: data parallelism, resumption, NaN handling, and the layer-wise driver."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lwjax import config as config_lib
+from lwjax import nets
+from lwjax import train
+
+CFG = config_lib.Config(depth=3, features=4, kernel_size=3, batch_size=4, epochs=3, lr=3e-3,
+                        lr_decay_every=2, log_every=0, method="layerwise,e2e")
+
+
+def toy_arrays(n=8, size=8, seed=0):
+  """x = y + structured corruption, so a conv net can reduce the error."""
+  rng = np.random.default_rng(seed)
+  y = rng.normal(size=(n, size, size, 2)).astype(np.float32)
+  x = (y + 0.5 * np.roll(y, 1, axis=1)).astype(np.float32)
+  return {"x": x, "y": y}
+
+
+def fit_e2e(cfg, arrays, mesh, epochs, phase="e2e_test"):
+  net = train.network_template(cfg)
+  params = nets.init(jax.random.key(0), (1,) + arrays["x"].shape[1:], depth=cfg.depth,
+                     features=cfg.features, kernel_size=cfg.kernel_size)
+  spe = len(arrays["x"]) // cfg.batch_size
+  return train.fit(phase, train.e2e_loss(net), train.adam(cfg, spe), params, {}, arrays, cfg=cfg,
+                   mesh=mesh, epochs=epochs, log=train.MetricsLog(cfg.workdir))
+
+
+def test_loss_decreases_and_metrics_are_logged(tmp_path):
+  cfg = dataclasses.replace(CFG, workdir=str(tmp_path))
+  arrays = toy_arrays()
+  fit_e2e(cfg, arrays, train.make_mesh(1), epochs=4)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+  assert records[-1]["loss"] < records[0]["loss"]
+  assert {"grad_norm", "param_norm", "steps_per_s", "mse"} <= set(records[0])
+
+
+def test_one_and_four_devices_agree(tmp_path):
+  assert jax.device_count() >= 4, "conftest sets 4 simulated CPU devices"
+  arrays = toy_arrays()
+  results = []
+  for n in (1, 4):
+    cfg = dataclasses.replace(CFG, workdir=str(tmp_path / f"dev{n}"))
+    results.append(jax.device_get(fit_e2e(cfg, arrays, train.make_mesh(n), epochs=2).state))
+  for a, b in zip(jax.tree.leaves(results[0]["params"]), jax.tree.leaves(results[1]["params"])):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_resume_is_bitwise(tmp_path):
+  arrays = toy_arrays()
+  mesh = train.make_mesh(2)
+  full = fit_e2e(dataclasses.replace(CFG, workdir=str(tmp_path / "full")), arrays, mesh, 4)
+  cfg = dataclasses.replace(CFG, workdir=str(tmp_path / "split"))
+  fit_e2e(cfg, arrays, mesh, 2)
+  resumed = fit_e2e(cfg, arrays, mesh, 4)
+  assert resumed.resumed_from == 2
+  for a, b in zip(jax.tree.leaves(jax.device_get(full.state)),
+                  jax.tree.leaves(jax.device_get(resumed.state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  cfg = dataclasses.replace(CFG, workdir=str(tmp_path))
+  arrays = toy_arrays()
+  mesh = train.make_mesh(1)
+  fit_e2e(cfg, arrays, mesh, 1)
+  bad = dict(arrays, y=arrays["y"].copy())
+  bad["y"][3, 0, 0, 0] = np.inf
+  with pytest.raises(FloatingPointError, match=r"non-finite loss .* epoch 2.*epoch 1"):
+    fit_e2e(cfg, bad, mesh, 3)
+  ckpts = sorted(p.name for p in (tmp_path / "checkpoints" / "e2e_test").iterdir())
+  assert ckpts == ["1"]
+
+
+def test_layerwise_freezes_the_prefix_and_ends_as_a_deep_net(tmp_path):
+  cfg = dataclasses.replace(CFG, workdir=str(tmp_path), method="layerwise", epochs=2)
+  arrays = toy_arrays()
+  seen = {}
+  params = train.train_layerwise(
+      cfg, "layerwise", arrays, mesh=train.make_mesh(2), log=train.MetricsLog(tmp_path),
+      on_depth=lambda d, p, r: seen.setdefault(d, jax.device_get(p)))
+  assert sorted(seen) == [2, 3]
+  # Stage 2 trained on top of stage 1's layer without changing it.
+  np.testing.assert_array_equal(seen[2]["convs_0"]["kernel"], params["convs_0"]["kernel"])
+  e2e = nets.init(jax.random.key(0), (1, 8, 8, 2), depth=3, features=4, kernel_size=3)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, e2e)
+  # A finished stage is loaded, not retrained: a second call reads the saved reports.
+  again = train.train_layerwise(cfg, "layerwise", arrays, mesh=train.make_mesh(2),
+                                log=train.MetricsLog(tmp_path))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_validate_rejects_bad_settings():
+  for change, flag in [({"method": "layerwise,sgd"}, "method"), ({"depth": 1}, "depth"),
+                       ({"batch_size": 6}, "batch_size"), ({"mask": "radial"}, "mask"),
+                       ({"convex_solver": "fista", "rho": 1.0}, "rho"),
+                       ({"features": 6, "method": "layerwise_convex"}, "features")]:
+    with pytest.raises(ValueError, match=f"--{flag}="):
+      config_lib.validate(dataclasses.replace(CFG, **change), num_devices=4)
+  config_lib.validate(CFG, num_devices=4)
+
+
+@pytest.mark.parametrize("cache", ["host", "disk"])
+def test_cached_features_give_the_same_network(tmp_path, cache):
+  arrays = toy_arrays()
+  results = {}
+  for mode in ("none", cache):
+    cfg = dataclasses.replace(CFG, workdir=str(tmp_path / mode), method="layerwise", epochs=2,
+                              cache_features=mode)
+    results[mode] = train.train_layerwise(cfg, "layerwise", arrays, mesh=train.make_mesh(1),
+                                          log=train.MetricsLog(cfg.workdir))
+  for a, b in zip(jax.tree.leaves(results["none"]), jax.tree.leaves(results[cache])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  if cache == "disk":
+    h = np.load(tmp_path / "disk" / "features" / "layerwise" / "h_1.npy")
+    assert h.shape == (8, 8, 8, 4) and np.all(h >= 0)
