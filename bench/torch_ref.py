@@ -30,17 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def setup(device: str, tf32: bool) -> dict:
+def setup(device: str, tf32_conv: bool, tf32_matmul: bool) -> dict:
   """Global PyTorch settings for a fair comparison; returns them for the report.
 
   cuDNN picks its fastest algorithm per shape (``benchmark``), as XLA autotunes at compile time.
-  ``tf32`` should match what JAX does with float32 convs and matmuls on the same device (JAX's
-  default precision uses TF32 on Ampere and newer GPUs).
+  ``tf32_*`` should match what JAX does with float32 convs and matmuls on the same device (JAX's
+  default precision may use TF32 on Ampere and newer GPUs; the benchmark measures it).
   """
-  if device.startswith("cuda"):
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+  torch.backends.cudnn.benchmark = device.startswith("cuda")
+  torch.backends.cudnn.allow_tf32 = tf32_conv  # Both have no effect on a CPU.
+  torch.backends.cuda.matmul.allow_tf32 = tf32_matmul
   return {"torch": torch.__version__,
           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
@@ -144,8 +143,8 @@ class ConvexStage(nn.Module):
 
 def _load_conv(conv: nn.Conv2d, p) -> None:
   with torch.no_grad():
-    conv.weight.copy_(torch.from_numpy(np.asarray(p["kernel"], np.float32)).permute(3, 2, 0, 1))
-    conv.bias.copy_(torch.from_numpy(np.asarray(p["bias"], np.float32)))
+    conv.weight.copy_(torch.from_numpy(np.array(p["kernel"], np.float32)).permute(3, 2, 0, 1))
+    conv.bias.copy_(torch.from_numpy(np.array(p["bias"], np.float32)))
 
 
 def load_deepnet(net: DeepNet, params) -> DeepNet:
@@ -165,7 +164,7 @@ def load_twolayer(stage: TwoLayer, variables) -> TwoLayer:
 
 
 def _vz_kernel(a):
-  a = np.asarray(a, np.float32)  # (k, k, C_in, P, C_out)
+  a = np.array(a, np.float32)  # (k, k, C_in, P, C_out)
   a = a.reshape(a.shape[:3] + (-1,))
   return torch.from_numpy(np.ascontiguousarray(a)).permute(3, 2, 0, 1)
 
@@ -175,7 +174,7 @@ def load_convex(stage: ConvexStage, variables, u) -> ConvexStage:
   with torch.no_grad():
     stage.v.copy_(_vz_kernel(variables["v"]))
     stage.z.copy_(_vz_kernel(variables["z"]))
-    stage.u.copy_(torch.from_numpy(np.asarray(u, np.float32)).permute(3, 2, 0, 1))
+    stage.u.copy_(torch.from_numpy(np.array(u, np.float32)).permute(3, 2, 0, 1))
   return stage
 
 

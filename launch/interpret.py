@@ -1,7 +1,7 @@
 r"""Look inside a trained network: filters, active units, the effective filter at a pixel.
 
   python launch/interpret.py --workdir=runs/poisson
-  python launch/interpret.py --workdir=runs/poisson --method=e2e --depth=5 --slice=10 --pixel=160,140
+  python launch/interpret.py --workdir=runs/poisson --method=e2e --slice=10 --pixel=160,140
 
 --method and --depth pick the network (default: the run's first method, deepest network); the
 run's other settings come from WORKDIR/config.json. Draws, for validation slice --slice, each

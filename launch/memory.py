@@ -20,7 +20,7 @@ from absl import logging
 
 from lwjax import config
 
-_BUDGET_GB = flags.DEFINE_float("budget_gb", 12.0, "memory budget of one device in GiB (2**30 bytes)")
+_BUDGET_GB = flags.DEFINE_float("budget_gb", 12.0, "memory budget of one device, GiB (2**30 bytes)")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "write the report as JSON to this file")
 _FIGURE_DIR = flags.DEFINE_string("figure_dir", "", "bar charts go here; empty: WORKDIR/figures")
 _MEASURE = flags.DEFINE_bool("measure", False, "also run the steps on the accelerator and compare "
@@ -35,7 +35,7 @@ def main(argv):
   try:
     config.validate(cfg, num_devices=1)
     rep = memory.report(cfg, int(_BUDGET_GB.value * 2**30), log=logging.info)
-  except (ValueError, ImportError) as e:
+  except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   if _MEASURE.value:

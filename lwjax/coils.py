@@ -1,8 +1,10 @@
 """Coil sensitivity maps from the fully sampled k-space centre, NumPy only.
 
-k-space is (C, H, W) with its centre at (H // 2, W // 2); only the central ``calib`` x ``calib``
-block is read (the rest may be zero). Computation is in float64; maps are returned as complex64
-(C, H, W) with ``sum_c |S_c|^2 = 1`` where the object is (zero elsewhere).
+k-space is (C, H, W) with its centre at (H // 2, W // 2); only the central calibration block is
+read (the rest may be zero). ``calib`` is its size: an int for a square, or (rows, columns), e.g.
+all fully sampled centre lines of a 1D Cartesian mask. Computation is in float64; maps are
+returned as complex64 (C, H, W) with ``sum_c |S_c|^2 = 1`` where they are kept and 0 where they
+are not (outside the object and its surroundings).
 """
 import numpy as np
 
@@ -12,14 +14,14 @@ METHODS = ("espirit", "lowres")
 
 
 def _calibration(kspace, calib):
-  """The central calib x calib block of kspace (C, H, W) as complex128, with checks."""
+  """The central calibration block (C, rows, columns) of kspace (C, H, W) as complex128."""
   kspace = np.asarray(kspace)
   if kspace.ndim != 3:
     raise ValueError(f"kspace: expected (coils, H, W), found shape {kspace.shape}")
-  if not 0 < calib <= min(kspace.shape[1:]):
-    raise ValueError(f"calib: expected a size in (0, {min(kspace.shape[1:])}], found {calib}")
-  return kspace[(slice(None), *center_slices(kspace.shape[1:], (calib, calib)))].astype(
-      np.complex128)
+  size = (calib, calib) if np.isscalar(calib) else tuple(calib)
+  if len(size) != 2 or not all(0 < s <= n for s, n in zip(size, kspace.shape[1:])):
+    raise ValueError(f"calib: expected a size within (0, {kspace.shape[1:]}], found {calib}")
+  return kspace[(slice(None), *center_slices(kspace.shape[1:], size))].astype(np.complex128)
 
 
 def _dominant_rows(matrix, threshold):
@@ -43,8 +45,8 @@ def _dominant_rows(matrix, threshold):
 def _kernels(region, kernel, threshold):
   """ESPIRiT k-space kernels (n, C, k, k): the calibration matrix's dominant row space.
 
-  Rows of the calibration matrix are all k x k patches of ``region`` (C, n, n), flattened over
-  (coil, ky, kx); every consistent patch lies in the span of the kept right singular vectors.
+  Rows of the calibration matrix are all k x k patches of ``region`` (C, rows, columns), flattened
+  over (coil, ky, kx); every consistent patch lies in the span of the kept right singular vectors.
   """
   c = region.shape[0]
   patches = np.lib.stride_tricks.sliding_window_view(region, (kernel, kernel), axis=(1, 2))
@@ -61,13 +63,13 @@ def _operator_coefficients(kernels):
   G is a trigonometric polynomial of degree k - 1 whose coefficients are the kernels'
   cross-correlations, here on a 2k x 2k (alias-free) grid, index Delta mod 2k.
   """
-  n, c, k, _ = kernels.shape
+  k = kernels.shape[-1]
   spectra = np.fft.fft2(kernels, s=(2 * k, 2 * k))
   return np.fft.ifft2(np.einsum("jcab,jdab->cdab", spectra, spectra.conj())) / k ** 2
 
 
 def _fourier_matrix(n, size):
-  """exp(2 pi i Delta r / size) for r = pixel - size // 2 and Delta in 2k-periodic order: (size, n)."""
+  """(size, n) matrix exp(2 pi i Delta r / size): r = pixel - size // 2, Delta in FFT order."""
   delta = np.fft.fftfreq(n, 1 / n)
   return np.exp(2j * np.pi * np.outer(np.arange(size) - size // 2, delta) / size)
 
@@ -92,17 +94,18 @@ def _top_eigenpairs(g, start, squarings, iters):
 def espirit(kspace, *, calib=16, kernel=6, threshold=0.02, crop=0.95) -> np.ndarray:
   """ESPIRiT coil maps (Uecker et al., MRM 2014), (C, H, W) complex64.
 
-  Kernels are the right singular vectors of the calibration matrix (k x k patches of the central
-  calib x calib block) with singular values above ``threshold * s_max``. Per pixel, the map is the
-  eigenvector of the image-space operator with eigenvalue ~1 (power iteration, converged to about
-  (lambda_2 / lambda_1)^32; the operator is built a block of rows at a time, so memory stays
-  bounded), and is set to zero where that eigenvalue is below ``crop``. The arbitrary per-pixel phase is fixed relative to a virtual body
-  coil (the dominant coil combination of the calibration data), which keeps it smooth where any
-  single coil is weak.
+  Kernels are the right singular vectors of the calibration matrix (``kernel`` x ``kernel``
+  patches of the calibration block) with singular values above ``threshold * s_max``. Per pixel,
+  the map is the eigenvector of the image-space operator with eigenvalue ~1 (power iteration,
+  converged to about (lambda_2 / lambda_1)^32; the operator is built a block of rows at a time,
+  so memory stays bounded), set to zero where that eigenvalue is below ``crop``. The arbitrary
+  per-pixel phase is fixed relative to a virtual body coil (the dominant coil combination of the
+  calibration data), which keeps it smooth where any single coil is weak.
   """
   region = _calibration(kspace, calib)
-  if not 0 < kernel <= calib:
-    raise ValueError(f"kernel: expected a size in (0, calib={calib}], found {kernel}")
+  if not 0 < kernel <= min(region.shape[1:]):
+    raise ValueError(f"kernel: expected a size in (0, {min(region.shape[1:])}] to fit the "
+                     f"calibration block {region.shape[1:]}, found {kernel}")
   c, h, w = np.shape(kspace)
   coeffs = _operator_coefficients(_kernels(region, kernel, threshold))
   fy, fx = _fourier_matrix(2 * kernel, h), _fourier_matrix(2 * kernel, w)
@@ -123,15 +126,15 @@ def espirit(kspace, *, calib=16, kernel=6, threshold=0.02, crop=0.95) -> np.ndar
 def lowres(kspace, *, calib=16, floor=0.05) -> np.ndarray:
   """Low-resolution coil maps, (C, H, W) complex64.
 
-  The central calib x calib block, Hann-windowed and zero-padded, gives smooth coil images; each is
-  divided by their root-sum-of-squares. Pixels whose RSS is below ``floor`` times its maximum
+  The calibration block, Hann-windowed and zero-padded, gives smooth coil images; each is divided
+  by their root-sum-of-squares. Pixels whose RSS is below ``floor`` times its maximum
   (background) are set to zero.
   """
   region = _calibration(kspace, calib)
-  window = np.hanning(calib + 2)[1:-1]  # no zero end points: every calibration line counts
+  # No zero end points (n + 2 points, ends dropped): every calibration line counts.
+  window = np.outer(*(np.hanning(n + 2)[1:-1] for n in region.shape[1:]))
   padded = np.zeros(np.shape(kspace), np.complex128)
-  padded[(slice(None), *center_slices(padded.shape[1:], (calib, calib)))] = (
-      region * np.outer(window, window))
+  padded[(slice(None), *center_slices(padded.shape[1:], region.shape[1:]))] = region * window
   images = ifft2c(padded)
   rss = np.sqrt(np.sum(np.abs(images) ** 2, axis=0))
   maps = images / (rss + 1e-12 * rss.max())
@@ -139,7 +142,7 @@ def lowres(kspace, *, calib=16, floor=0.05) -> np.ndarray:
 
 
 def estimate(kspace, method, *, calib=16) -> np.ndarray:
-  """Coil maps (C, H, W) complex64 by ``method`` in ``METHODS``, from the calib x calib centre."""
+  """Coil maps (C, H, W) complex64 by ``method`` in ``METHODS``, from the ``calib`` centre."""
   if method == "espirit":
     return espirit(kspace, calib=calib)
   if method == "lowres":

@@ -64,6 +64,14 @@ class Config:
   compute_dtype: str = "float32"  # float32, or bfloat16 compute with float32 parameters and loss
   cache_features: str = "none"  # keep a finished stage's output features: none, host (memory) or disk
   log_every: int = 50  # console log every this many steps (and at every epoch end)
+  # Unrolled model and 3D.
+  model: str = "cnn"  # cnn (the deep net) or unrolled (MoDL-style: --unroll_iters x [CNN_k, then CG-SENSE data consistency]; --method=e2e trains all iterations jointly, layerwise one iteration per stage)
+  unroll_iters: int = 2  # unrolled model: iterations K, each with its own CNN and lambda
+  dc_lambda: float = 0.05  # unrolled model: weight lambda of the data-consistency step argmin |Ax - y|^2 + lambda |x - z|^2 (the start value when learned)
+  learn_lambda: bool = True  # unrolled model: learn each iteration's lambda (log-parametrised); false: keep --dc_lambda
+  cg_iters: int = 10  # unrolled model: conjugate-gradient steps per data-consistency step
+  ndim: int = 2  # spatial dimensions of the network: 2 (slices) or 3 (volume patches of --volume_depth consecutive slices of one file, kernels of --kernel_size^3)
+  volume_depth: int = 8  # 3D: slices per volume patch (a file's last slices that fill no patch are dropped)
 
   @property
   def methods(self) -> tuple[str, ...]:
@@ -108,6 +116,18 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.compute_dtype in DTYPES, "compute_dtype", f"expected one of {', '.join(DTYPES)}")
   need(cfg.cache_features in FEATURE_CACHES, "cache_features",
        f"expected one of {', '.join(FEATURE_CACHES)}")
+  need(cfg.model in ("cnn", "unrolled"), "model", "expected cnn or unrolled")
+  if cfg.model == "unrolled":
+    need(set(cfg.methods) <= {"e2e", "layerwise"}, "method",
+         "the unrolled model trains e2e (all iterations jointly) and layerwise (one iteration per "
+         "stage); layerwise_convex is not defined for it")
+    need(not cfg.e2e_depths.strip() or cfg.depths_e2e == (cfg.depth,), "e2e_depths",
+         "the unrolled model's CNNs all have --depth layers; leave --e2e_depths empty")
+  need(cfg.unroll_iters >= 1, "unroll_iters", "must be >= 1")
+  need(cfg.dc_lambda > 0, "dc_lambda", "must be > 0 (it is log-parametrised)")
+  need(cfg.cg_iters >= 1, "cg_iters", "must be >= 1")
+  need(cfg.ndim in (2, 3), "ndim", "expected 2 or 3")
+  need(cfg.volume_depth >= 1, "volume_depth", "must be >= 1")
   need(bool(cfg.workdir), "workdir", "must not be empty")
   if cfg.data_dir:
     need(Path(cfg.data_dir).is_dir(), "data_dir", "is not a directory")

@@ -24,6 +24,7 @@ hold, ``relu(conv(h, V_pc)) = D_p * conv(h, V_pc)`` and the mapped ReLU layer (`
 predicts exactly what the convex model predicts; ``finalize`` reports how far from that a stage is.
 """
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -46,10 +47,14 @@ _LIPSCHITZ_MARGIN = 1.1
 # ----------------------------------------------------------------------------------------------
 # The model.
 
-def gate_filters(seed: int, kernel_size: int, ndim: int, c_in: int, num: int) -> jax.Array:
-  """The fixed gate filters ``U``: (*k, c_in, num) i.i.d. standard normal, from ``seed``."""
+def gate_filters(seed: int, kernel_size: int, ndim: int, c_in: int, num: int) -> np.ndarray:
+  """The fixed gate filters ``U``: (*k, c_in, num) i.i.d. standard normal float32, from ``seed``.
+
+  Drawn with NumPy: the same on every backend, and a constant inside a jitted loss (threefry
+  traced into every step function would add seconds of compile time to each).
+  """
   shape = (kernel_size,) * ndim + (c_in, num)
-  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+  return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
 def conv(h, kernel, dtype=None):
@@ -82,11 +87,17 @@ def branches(variables, h, dtype=None):
   return out.reshape(out.shape[:-1] + (2, p, c))
 
 
+def _gated_sum(out, d):
+  """``sum_p D_p (conv(h, V_p) - conv(h, Z_p))`` from ``branches`` and ``gates``."""
+  return jnp.sum(d[..., None] * (out[..., 0, :, :] - out[..., 1, :, :]), axis=-2)
+
+
 def predict(variables, h, skip, u, dtype=None):
-  """The convex model's prediction ``skip + sum_p D_p (conv(h, V_p) - conv(h, Z_p))``."""
-  out = branches(variables, h, dtype)
-  d = gates(h, u)[..., None]
-  return skip + jnp.sum(d * (out[..., 0, :, :] - out[..., 1, :, :]), axis=-2).astype(skip.dtype)
+  """The convex model's prediction ``skip + sum_p D_p (conv(h, V_p) - conv(h, Z_p))``.
+
+  ``u``: the gate filters (``gate_filters``), (*k, C_in, P).
+  """
+  return skip + _gated_sum(branches(variables, h, dtype), gates(h, u)).astype(skip.dtype)
 
 
 def group_norms(variables):
@@ -101,18 +112,17 @@ def _terms(variables, h, skip, y, u, dtype):
   """The objective's parts on one batch (all means over this batch)."""
   out = branches(variables, h, dtype)
   d = gates(h, u)
-  pred = skip + jnp.sum(d[..., None] * (out[..., 0, :, :] - out[..., 1, :, :]), axis=-2)
-  violation = jax.nn.relu(-(2 * d - 1)[..., None, :, None] * out)
-  pixels = math.prod(out.shape[:-3])
-  return {"data": stage.half_mse(pred, y), "penalty": jnp.sum(violation) / pixels,
-          "norms": jnp.sum(group_norms(variables)), "violation": jnp.sum(violation),
-          "magnitude": jnp.sum(jnp.abs(out)), "pred": pred, "out": out}
+  violation = jnp.sum(jax.nn.relu(-(2 * d - 1)[..., None, :, None] * out))
+  return {"data": stage.half_mse(skip + _gated_sum(out, d), y),
+          "penalty": violation / math.prod(out.shape[:-3]),
+          "norms": jnp.sum(group_norms(variables)), "violation": violation,
+          "magnitude": jnp.sum(jnp.abs(out))}
 
 
 def objective(variables, h, skip, y, u, *, beta, rho, dtype=None):
   """``(objective, aux)`` of the convex stage on one batch (see the module docstring).
 
-  aux: "mse" (mean squared error of the convex prediction), "objective", "group_norm_sum",
+  ``u``: the gate filters (``gate_filters``). aux: "mse" (mean squared error of the convex prediction), "objective", "group_norm_sum",
   "constraint_violation" (sum of cone violations / sum of |conv(h, V_pc)|, 0 on the ReLU cones).
   """
   t = _terms(variables, h, skip, y, u, dtype)
@@ -151,54 +161,56 @@ def relu_features(layer, h, dtype=None):
   return jax.nn.relu(conv(h, layer["conv"]["kernel"], dtype) + layer["conv"]["bias"])
 
 
+def _head(layer, z, skip):
+  kernel_ = layer["head"]["kernel"]
+  return skip + (z @ kernel_.reshape(kernel_.shape[-2:]) + layer["head"]["bias"]).astype(skip.dtype)
+
+
 def relu_predict(layer, h, skip, dtype=None):
   """The two-layer ReLU net ``f(relu(g(h))) + skip`` of a ``to_layer`` layer."""
-  head = layer["head"]["kernel"]
-  out = relu_features(layer, h, dtype) @ head.reshape(head.shape[-2:]) + layer["head"]["bias"]
-  return skip + out.astype(skip.dtype)
+  return _head(layer, relu_features(layer, h, dtype), skip)
 
 
 # ----------------------------------------------------------------------------------------------
 # Certificate.
 
+def _np_groups(tree):
+  """``{"v", "z"}`` stacked as (2, *k, C_in, P, C_out) float64 NumPy."""
+  return np.stack([np.asarray(jax.device_get(tree[k]), np.float64) for k in ("v", "z")])
+
+
 def _np_group_norms(tree):
   """(2, P, C_out) group norms of ``{"v", "z"}`` in float64 NumPy."""
-  w = np.stack([np.asarray(tree["v"], np.float64), np.asarray(tree["z"], np.float64)])
+  w = _np_groups(tree)
   return np.sqrt(np.sum(w * w, tuple(range(1, w.ndim - 2))))
 
 
-def duality_gap(variables, neg_grad, *, data, penalty, beta):
-  """Duality gap and KKT residual of a point of the convex program (float64 NumPy).
+def duality_gap(variables, neg_grad, *, data, beta):
+  """Duality gap and KKT residual of a point of the gated (rho = 0) program, in float64 NumPy.
 
-  In group-lasso form ``P(w) = 0.5 |A w - r|^2 + k(C w) + beta sum_g |w_g|`` (A, r scaled by
-  1/sqrt(M) to match the mean loss; ``k`` the rho penalty, 0 for rho = 0), the dual point
-  ``theta = s e``, ``lambda = s dk(C w)`` with ``e`` the residual and
-  ``s = min(1, beta / max_g |q_g|)`` is feasible, and ``P - D`` is the sum of non-negative terms
-  ``0.5 (1 - s)^2 |e|^2 + (1 - s) k + sum_g (beta |w_g| - s <w_g, q_g>)``, free of the
-  cancellation of ``P - D`` computed directly. For rho = 0 this is DESIGN.md's dual point and the
-  gap goes to 0 at the optimum; for rho > 0 it is still a valid bound on suboptimality, but can
-  stay loose where cone constraints are active (their multipliers are taken as 0 there).
+  As a group lasso ``P(w) = 0.5 |A w - r|^2 + beta sum_g |w_g|`` (A and r scaled by 1/sqrt(M) to
+  match the mean loss), the dual is ``D(theta) = 0.5 |r|^2 - 0.5 |r - theta|^2`` subject to
+  ``|A_g^T theta| <= beta``. With the residual ``e = r - A w``, ``q = A^T e`` and
+  ``theta = s e``, ``s = min(1, beta / max_g |q_g|)`` is feasible, and
+  ``P - D = 0.5 (1 - s)^2 |e|^2 + sum_g (beta |w_g| - s <w_g, q_g>)``: a sum of non-negative
+  terms, free of the cancellation of ``P - D`` computed directly. It is 0 exactly at the optimum.
 
   Args:
     variables: ``{"v", "z"}``.
-    neg_grad: minus the gradient of ``data + penalty`` over the whole training set,
-      ``q = A^T e - C^T dk``, same tree.
-    data: ``0.5 * mse`` over the whole training set.
-    penalty: ``rho * sum_g mean relu(...)`` over the whole training set.
+    neg_grad: ``q``, minus the gradient of the data term over the whole training set, same tree.
+    data: the data term ``0.5 * mse`` over the whole training set.
     beta: the group-lasso weight (> 0).
   Returns:
     {"objective", "gap", "rel_gap" (gap / objective), "kkt_violation" (RMS over groups of the
-    distance of q_g from beta * subdifferential of |w_g|, relative to beta; groups below
-    1e-3 of the largest norm count as zero)}.
+    distance of q_g from beta * the subdifferential of |w_g|, relative to beta; groups below 1e-3
+    of the largest norm count as zero)}.
   """
-  w = np.stack([np.asarray(variables["v"], np.float64), np.asarray(variables["z"], np.float64)])
-  q = np.stack([np.asarray(neg_grad["v"], np.float64), np.asarray(neg_grad["z"], np.float64)])
+  w, q = _np_groups(variables), _np_groups(neg_grad)
   axes = tuple(range(1, w.ndim - 2))
-  norms = np.sqrt(np.sum(w * w, axes))
-  q_norms = np.sqrt(np.sum(q * q, axes))
+  norms, q_norms = np.sqrt(np.sum(w * w, axes)), np.sqrt(np.sum(q * q, axes))
   s = min(1.0, beta / q_norms.max()) if q_norms.max() > 0 else 1.0
-  objective = data + penalty + beta * norms.sum()
-  gap = (1 - s) ** 2 * data + (1 - s) * penalty + np.sum(beta * norms - s * np.sum(w * q, axes))
+  objective = data + beta * norms.sum()
+  gap = (1 - s) ** 2 * data + np.sum(beta * norms - s * np.sum(w * q, axes))
   nonzero = norms > _ZERO_GROUP * norms.max()
   direction = w / np.expand_dims(np.where(nonzero, norms, 1.0), axes)
   dist = np.where(nonzero, np.sqrt(np.sum((q - beta * direction) ** 2, axes)),
@@ -207,32 +219,46 @@ def duality_gap(variables, neg_grad, *, data, penalty, beta):
           "kkt_violation": np.sqrt(np.mean(dist ** 2)) / beta}
 
 
-def _batch_sums(variables, h, skip, y, u, rho, refit):
-  """Sums over one batch for ``finalize`` (float32, the caller adds them up in float64)."""
-  def smooth(w):
-    t = _terms(w, h, skip, y, u, jnp.float32)
-    return t["data"] + rho * t["penalty"], t
-  (_, t), grad = jax.value_and_grad(smooth, has_aux=True)(variables)
-  zero = jax.tree.map(jnp.zeros_like, variables)
-  grad0 = jax.grad(lambda w: _terms(w, h, skip, y, u, jnp.float32)["data"])(zero)
-  n = h.shape[0]
+def _gate_filters_of(variables, gate_seed):
+  """The gate filters that belong to ``variables`` (their kernel size, ndim, C_in and P)."""
+  v = variables["v"]
+  return gate_filters(gate_seed, v.shape[0], v.ndim - 3, v.shape[-3], v.shape[-2])
+
+
+@functools.partial(jax.jit, static_argnames=("gate_seed", "refit"))
+def _batch_sums(variables, h, skip, y, *, gate_seed, refit):
+  """Sums over one batch for ``finalize`` (float32, the caller adds them up in float64).
+
+  ``at_e`` and ``at_r`` are ``A^T e`` and ``A^T r`` (A the gated conv operator, e the residual,
+  r = y - skip), one transposed conv for both: M times minus the data gradient at the
+  solution and at zero.
+  """
+  u = _gate_filters_of(variables, gate_seed)
+  out, transpose = jax.vjp(lambda w: branches(w, h, jnp.float32), variables)
+  d = gates(h, u)
+  pred = skip + _gated_sum(out, d)
+  r, e = y - skip, y - pred
+  sign = jnp.array([1.0, -1.0])[:, None, None]
+  adjoint = lambda t: transpose(sign * d[..., None, :, None] * t[..., None, None, :])[0]
+  both = jax.vmap(adjoint)(jnp.stack([e, r]))
+  violation = jax.nn.relu(-(2 * d - 1)[..., None, :, None] * out)
   layer = to_layer(variables)
-  pred, pred_relu = t["pred"], relu_predict(layer, h, skip, jnp.float32)
-  sums = {"n": n, "elements": y.size, "pixels": y.size // y.shape[-1],
-          "sq_err": jnp.sum(jnp.square(pred - y)),
-          "sq_err_relu": jnp.sum(jnp.square(pred_relu - y)),
+  z = relu_features(layer, h, jnp.float32)
+  pred_relu = _head(layer, z, skip)
+  sums = {"n": h.shape[0], "elements": y.size, "pixels": y.size // y.shape[-1],
+          "sq_err": jnp.sum(jnp.square(e)), "sq_err_relu": jnp.sum(jnp.square(pred_relu - y)),
           "sq_diff": jnp.sum(jnp.square(pred_relu - pred)),
           "sq_signal": jnp.sum(jnp.square(pred - skip)),
-          "violation": t["violation"], "magnitude": t["magnitude"],
-          "grad": jax.tree.map(lambda g: n * g, grad), "grad0": jax.tree.map(lambda g: n * g, grad0)}
+          "violation": jnp.sum(violation), "magnitude": jnp.sum(jnp.abs(out)),
+          "at_e": jax.tree.map(lambda a: a[0], both), "at_r": jax.tree.map(lambda a: a[1], both)}
   if refit:
-    z = relu_features(layer, h, jnp.float32)
     f = jnp.concatenate([z, jnp.ones(z.shape[:-1] + (1,), z.dtype)], -1).reshape(-1, z.shape[-1] + 1)
     sums["gram"] = f.T @ f
-    sums["cross"] = f.T @ (y - skip).reshape(f.shape[0], -1)
+    sums["cross"] = f.T @ r.reshape(f.shape[0], -1)
   return sums
 
 
+@jax.jit
 def _sq_err(layer, h, skip, y):
   return jnp.sum(jnp.square(relu_predict(layer, h, skip, jnp.float32) - y))
 
@@ -305,8 +331,10 @@ def fista_solution(variables, opt_state):
   return found[0].x
 
 
-def _normal_op(variables, h, u):
+@functools.partial(jax.jit, static_argnames="gate_seed")
+def _normal_op(variables, h, *, gate_seed):
   """``A^T A w`` summed over one batch; A is the gated conv operator (the prediction minus skip)."""
+  u = _gate_filters_of(variables, gate_seed)
   zero = jnp.zeros(h.shape[:-1] + variables["v"].shape[-1:], jnp.float32)
   out, vjp = jax.vjp(lambda w: predict(w, h, zero, u, jnp.float32), variables)
   return vjp(out)[0]
@@ -362,65 +390,59 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     raise ValueError("solver='adam' needs tx (Adam with the run's schedule)")
   num = features // (2 * out_channels)
 
-  def gate_u(c_in):
-    return gate_filters(gate_seed, kernel_size, ndim, c_in, num)
-
   def init(rng, h_shape):
     del rng  # The program is convex: start at zero (any start reaches the same optimum).
     shape = (kernel_size,) * ndim + (h_shape[-1], num, out_channels)
     return {"v": jnp.zeros(shape, jnp.float32), "z": jnp.zeros(shape, jnp.float32)}
 
   def loss(variables, h, skip, y):
-    value, aux = objective(variables, h, skip, y, gate_u(h.shape[-1]), beta=beta, rho=rho,
-                           dtype=dtype)
+    u = gate_filters(gate_seed, kernel_size, ndim, h.shape[-1], num)
+    value, aux = objective(variables, h, skip, y, u, beta=beta, rho=rho, dtype=dtype)
     # FISTA differentiates the smooth part only; its prox step handles the group lasso.
     return (0.5 * aux["mse"] if solver == "fista" else value), aux
-
-  @jax.jit
-  def batch_sums(vz, h, skip, y):
-    return _batch_sums(vz, h, skip, y, gate_u(h.shape[-1]), rho, refit_head)
-
-  sq_err = jax.jit(_sq_err)
 
   def finalize(variables, feature_batches):
     vz = {"v": variables["v"], "z": variables["z"]}
     with jax.default_matmul_precision("highest"):
       total = None
       for h, skip, y in feature_batches():
-        total = _accumulate(total, batch_sums(vz, h, skip, y))
+        total = _accumulate(total, _batch_sums(vz, h, skip, y, gate_seed=gate_seed,
+                                               refit=refit_head))
       mse = total["sq_err"] / total["elements"]
-      cert = duality_gap(vz, jax.tree.map(lambda g: -g / total["n"], total["grad"]),
-                         data=mse / 2, penalty=rho * total["violation"] / total["pixels"],
-                         beta=beta)
       norms = _np_group_norms(vz)
       report = {
-          "objective": cert["objective"], "mse": mse, "rel_gap": cert["rel_gap"],
-          "kkt_violation": cert["kkt_violation"],
+          "objective": mse / 2 + beta * norms.sum() + rho * total["violation"] / total["pixels"],
+          "mse": mse,
           "constraint_violation": total["violation"] / max(total["magnitude"], 1e-30),
           "relu_agreement": np.sqrt(total["sq_diff"] / max(total["sq_signal"], 1e-30)),
           "mse_relu": total["sq_err_relu"] / total["elements"],
-          "beta_max": _np_group_norms(total["grad0"]).max() / total["n"],
+          "beta_max": _np_group_norms(total["at_r"]).max() / total["elements"],
           "active_groups": np.sum(norms > _ZERO_GROUP * norms.max())}
+      if rho == 0:
+        # With rho > 0 the multipliers of the active cone constraints are unknown, and the gap
+        # of a dual point built from the gradient stays loose: only the gated program gets one.
+        cert = duality_gap(vz, jax.tree.map(lambda g: g / total["elements"], total["at_e"]),
+                           data=mse / 2, beta=beta)
+        report.update(rel_gap=cert["rel_gap"], kkt_violation=cert["kkt_violation"])
       if refit_head:
         vz["head"] = _refit(total["gram"], total["cross"], ndim)
         layer = to_layer(vz)
-        sq = sum(float(sq_err(layer, h, skip, y)) for h, skip, y in feature_batches())
+        sq = sum(float(_sq_err(layer, h, skip, y)) for h, skip, y in feature_batches())
         report["mse_refit"] = sq / total["elements"]
     return vz, {k: float(v) for k, v in report.items()}
 
   def prepare(feature_batches, h_shape):
-    u = gate_u(h_shape[-1])
     shape = (kernel_size,) * ndim + (h_shape[-1], num, out_channels)
-    kv, kz = jax.random.split(jax.random.fold_in(jax.random.key(gate_seed), 1))
-    w = {"v": jax.random.normal(kv, shape), "z": jax.random.normal(kz, shape)}
-    normal_op = jax.jit(_normal_op)
+    start = np.random.default_rng((gate_seed, 1)).standard_normal((2,) + shape, dtype=np.float32)
+    w = {"v": jnp.asarray(start[0]), "z": jnp.asarray(start[1])}
     lipschitz = 0.0
     with jax.default_matmul_precision("highest"):
       for _ in range(power_iters):
-        w = jax.tree.map(lambda a: a / _tree_norm(w), w)
+        norm = _tree_norm(w)
+        w = jax.tree.map(lambda a: a / norm, w)
         acc, elements = None, 0
         for h, skip, _ in feature_batches():
-          g = normal_op(w, h, u)
+          g = _normal_op(w, h, gate_seed=gate_seed)
           acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
           elements += skip.size
         w = jax.tree.map(lambda a: a / elements, acc)

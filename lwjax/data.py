@@ -4,6 +4,11 @@ A prepared slice is the network's input and target on the ``image_size`` grid: `
 zero-filled image, ``y`` the SENSE combination of the fully sampled coil images with the same maps,
 both (h, w, 2) float32 (real, imaginary) divided by ``scale = max |x|``. Splits are directories of
 files (subjects), so no subject is in two splits.
+
+Data consistency (the unrolled network) also needs the coil maps and the undersampled k-space
+``mask * kspace / scale`` (``load_split(with_maps=True, with_kspace=True)``): divided by the same
+``scale`` as ``x``, so ``sense.zero_filled(kspace, maps, mask) == x`` as a complex image.
+``to_volumes`` stacks consecutive slices of one file into volume patches for 3D networks.
 """
 import dataclasses
 import hashlib
@@ -49,6 +54,7 @@ class Split:
   scale: np.ndarray  # (N,) float32, max |zero-filled image| before scaling
   volume_index: np.ndarray  # (N,) int, index of the file (subject) in the split
   maps: Optional[np.ndarray] = None  # (N, C, h, w) complex64 when asked for
+  kspace: Optional[np.ndarray] = None  # (N, C, h, w) complex64 mask * kspace / scale, if asked
 
 
 def mask_for(cfg: PrepConfig) -> np.ndarray:
@@ -89,7 +95,8 @@ def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
     cfg: the preparation config (``maps`` and ``calib`` are used here).
 
   Returns:
-    dict(x=(h, w, 2) float32, y=(h, w, 2) float32, maps=(C, h, w) complex64, scale=float).
+    dict(x=(h, w, 2) float32, y=(h, w, 2) float32, maps=(C, h, w) complex64,
+    kspace=(C, h, w) complex64 the sampled k-space ``mask * kspace_grid / scale``, scale=float).
     Maps come from the undersampled data only, and ``scale = max |x|`` uses only the input, so
     both are available at inference.
   """
@@ -104,7 +111,8 @@ def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
     raise ValueError(f"zero-filled image: expected a finite positive maximum, found {scale} "
                      f"(all-zero k-space, or {cfg.maps} maps from the {calib}x{calib} centre)")
   return dict(x=_channels(x / scale), y=_channels(y / scale),
-              maps=np.asarray(maps, np.complex64), scale=scale)
+              maps=np.asarray(maps, np.complex64),
+              kspace=np.asarray(kspace_grid * mask / scale, np.complex64), scale=scale)
 
 
 def cache_key(path, index, cfg: PrepConfig) -> str:
@@ -116,15 +124,18 @@ def cache_key(path, index, cfg: PrepConfig) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _read_entry(file, size, num_coils=None) -> Optional[dict]:
+def _read_entry(file, size, num_coils=None, kspace=False) -> Optional[dict]:
   """The cached slice in ``file``, or None when it is missing, unreadable or malformed.
 
-  ``num_coils`` set: the entry must hold maps of that many coils.
+  ``num_coils`` set: the entry must hold maps of that many coils, and with ``kspace`` also the
+  sampled k-space (an entry written without them is valid for reads that do not need them).
   """
   want = {"x": ((size, size, 2), np.float32), "y": ((size, size, 2), np.float32),
           "scale": ((), np.float32)}
   if num_coils is not None:
     want["maps"] = ((num_coils, size, size), np.complex64)
+    if kspace:
+      want["kspace"] = ((num_coils, size, size), np.complex64)
   try:
     with np.load(file, allow_pickle=False) as z:
       entry = {k: z[k] for k in want}
@@ -138,23 +149,28 @@ def _read_entry(file, size, num_coils=None) -> Optional[dict]:
   return entry
 
 
-def _entry(example, with_maps) -> dict:
-  """What the cache keeps of a prepared slice (maps only when asked for: 8 bytes/pixel/coil)."""
+def _entry(example, with_maps, with_kspace=False) -> dict:
+  """What the cache keeps of a prepared slice (maps, and maps with the sampled k-space, only
+  when asked for: 8 bytes/pixel/coil each)."""
   entry = dict(x=example["x"], y=example["y"], scale=np.float32(example["scale"]))
-  if with_maps:
+  if with_maps or with_kspace:
     entry["maps"] = example["maps"]
+  if with_kspace:
+    entry["kspace"] = example["kspace"]
   return entry
 
 
-def _load_slice(info, index, mask, cfg, cache_dir, with_maps) -> tuple[dict, bool]:
+def _load_slice(info, index, mask, cfg, cache_dir, with_maps,
+                with_kspace=False) -> tuple[dict, bool]:
   """The cache entry of a slice, read or prepared and written now; and whether it was read."""
   file = Path(cache_dir) / f"{cache_key(info.path, index, cfg)}.npz"
-  entry = _read_entry(file, cfg.image_size, info.num_coils if with_maps else None)
+  entry = _read_entry(file, cfg.image_size,
+                      info.num_coils if with_maps or with_kspace else None, with_kspace)
   if entry is not None:
     return entry, True
   grid = fastmri.to_grid(fastmri.read_slice(info.path, index), cfg.image_size)
   try:
-    entry = _entry(prepare_slice(grid, mask, cfg), with_maps)
+    entry = _entry(prepare_slice(grid, mask, cfg), with_maps, with_kspace)
   except ValueError as e:
     raise fastmri.DataError(f"{info.path}: key '{fastmri.KSPACE}', slice {index}: {e}") from e
   with fastmri.atomic_write(file) as tmp, open(tmp, "wb") as f:
@@ -163,17 +179,21 @@ def _load_slice(info, index, mask, cfg, cache_dir, with_maps) -> tuple[dict, boo
 
 
 def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
-               with_maps=False, log: Optional[Callable[[str], None]] = None) -> Split:
+               with_maps=False, with_kspace=False,
+               log: Optional[Callable[[str], None]] = None) -> Split:
   """Every slice of the first ``max_volumes`` files of a split, prepared or read from the cache.
 
   Each slice is cached as one ``.npz`` keyed by :func:`cache_key`; entries are written atomically
-  and validated on reading, and an invalid one is prepared and written again.
+  and validated on reading, and an invalid one is prepared and written again. ``with_maps`` and
+  ``with_kspace`` add the coil maps and the sampled, scaled k-space (what data consistency needs)
+  to the split; an entry cached without them is prepared again once.
   """
   if max_volumes is not None and max_volumes < 1:
     raise ValueError(f"max_volumes: expected None or >= 1, found {max_volumes}")
   infos = [fastmri.open_volume(f) for f in fastmri.list_volumes(data_dir, split)[:max_volumes]]
-  if with_maps and len({info.num_coils for info in infos}) > 1:
-    raise fastmri.DataError(f"{data_dir} ({split}): key '{fastmri.KSPACE}': with_maps expects one "
+  if (with_maps or with_kspace) and len({info.num_coils for info in infos}) > 1:
+    asked = "with_maps" if with_maps else "with_kspace"
+    raise fastmri.DataError(f"{data_dir} ({split}): key '{fastmri.KSPACE}': {asked} expects one "
                             f"coil count, found {sorted({i.num_coils for i in infos})}")
   mask = mask_for(cfg)
   Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -182,7 +202,7 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   examples, ids, volume_index, hits = [], [], [], 0
   for v, info in enumerate(infos):
     for index in range(info.num_slices):
-      example, cached = _load_slice(info, index, mask, cfg, cache_dir, with_maps)
+      example, cached = _load_slice(info, index, mask, cfg, cache_dir, with_maps, with_kspace)
       examples.append(example)
       ids.append((info.path.name, index))
       volume_index.append(v)
@@ -191,7 +211,49 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
         log(f"{split}: prepared {len(examples)}/{total} slices ({hits} from cache)")
   stack = lambda k: np.stack([e[k] for e in examples])
   return Split(x=stack("x"), y=stack("y"), mask=mask, ids=ids, scale=stack("scale"),
-               volume_index=np.asarray(volume_index), maps=stack("maps") if with_maps else None)
+               volume_index=np.asarray(volume_index), maps=stack("maps") if with_maps else None,
+               kspace=stack("kspace") if with_kspace else None)
+
+
+def to_volumes(split: Split, depth: int) -> dict[str, np.ndarray]:
+  """Volume patches for 3D networks: ``depth`` consecutive slices of one file, slices as axis 1.
+
+  Each file's slices (in slice order) are cut into non-overlapping patches of ``depth``; a file's
+  last ``num_slices % depth`` slices are dropped and no patch mixes two files. The slices of a
+  patch are brought to one scale, the patch's: each was divided by its own ``max |x|``
+  (``Split.scale``), so they are multiplied by ``scale_slice / scale_patch`` with ``scale_patch``
+  the largest of them (then ``max |x| = 1`` over the patch and the slices keep their relative
+  intensities). The slice-wise metrics do not change under this per-slice rescaling.
+
+  Returns:
+    dict(x=(M, depth, h, w, 2) float32, y=(M, depth, h, w, 2) float32, scale=(M,) float32 the
+    patches' scales, volume_index=(M,) int the patches' files, slices=(M, depth) int the patches'
+    slices as indices into ``split``), and ``maps`` and ``kspace`` (M, depth, C, h, w) complex64
+    when the split has them (``kspace`` rescaled like ``x``).
+  """
+  if depth < 1:
+    raise ValueError(f"depth: expected >= 1, found {depth}")
+  groups = []
+  for v in np.unique(split.volume_index):
+    rows = np.flatnonzero(split.volume_index == v)
+    rows = rows[np.argsort([split.ids[r][1] for r in rows], kind="stable")]
+    groups += [rows[i:i + depth] for i in range(0, len(rows) - depth + 1, depth)]
+  if not groups:
+    longest = max(np.bincount(split.volume_index)) if len(split.volume_index) else 0
+    raise ValueError(f"depth: {depth} slices per volume patch, but the longest file has "
+                     f"{longest}")
+  slices = np.stack(groups)  # (M, depth)
+  patch_scale = split.scale[slices].max(axis=1)
+  factor = (split.scale[slices] / patch_scale[:, None]).astype(np.float32)  # (M, depth)
+  out = {"x": split.x[slices] * factor[..., None, None, None],
+         "y": split.y[slices] * factor[..., None, None, None],
+         "scale": patch_scale.astype(np.float32),
+         "volume_index": split.volume_index[slices[:, 0]], "slices": slices}
+  if split.maps is not None:
+    out["maps"] = split.maps[slices]
+  if split.kspace is not None:
+    out["kspace"] = split.kspace[slices] * factor[..., None, None, None]
+  return out
 
 
 def make_synthetic_dataset(out_dir, *, train_subjects, val_subjects, slices, coils, size,

@@ -18,7 +18,7 @@ images, data range = each target slice's maximum.
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 from absl import logging
@@ -92,7 +92,7 @@ def validation_split(cfg: Config, log: Callable[[str], None] = lambda s: None) -
   """The run's validation slices (from the run's cache where it has them)."""
   # The validation split does not depend on the training files: reading one instead of all of
   # them from the cache spares the memory and time of the whole training set.
-  return train.load_data(dataclasses.replace(cfg, max_train_volumes=1), log=log)[1]
+  return train.load_data(cfg, log=log, splits=("val",))[0]
 
 
 def per_slice_metrics(cfg: Config, val: data_lib.Split, *, mesh) -> dict:
@@ -107,9 +107,9 @@ def per_slice_metrics(cfg: Config, val: data_lib.Split, *, mesh) -> dict:
 
 
 def _map_metrics(fn, tree):
-  """Applies ``fn`` to every ``{name: per-slice values}`` leaf of a per_slice_metrics tree."""
+  """Applies ``fn`` to every ``{metric: per-slice values}`` entry of a per_slice_metrics tree."""
   if set(tree) == set(METRICS):
-    return {k: fn(v) for k, v in tree.items()}
+    return fn(tree)
   return {k: _map_metrics(fn, v) for k, v in tree.items()}
 
 
@@ -226,8 +226,8 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None,
   per_slice = per_slice_metrics(cfg, val, mesh=mesh)
   method, depth = final_networks(cfg)[0]
   examples = representative_slices(per_slice[method][str(depth)]["psnr"])
-  result = {"per_slice": _map_metrics(lambda v: [float(a) for a in v], per_slice),
-            "mean": _map_metrics(lambda v: float(np.mean(v)), per_slice),
+  result = {"per_slice": _map_metrics(lambda m: {k: v.tolist() for k, v in m.items()}, per_slice),
+            "mean": _map_metrics(train.mean_metrics, per_slice),
             "slices": [[f, int(s)] for f, s in val.ids], "examples": examples}
   workdir = Path(cfg.workdir)
   (workdir / "eval.json").write_text(json.dumps(result, indent=1))

@@ -1,6 +1,7 @@
 """Centred orthonormal FFTs for NumPy and JAX arrays.
 
-k-space and image arrays are (..., H, W) with the DC sample / image centre at index (H // 2, W // 2).
+k-space and image arrays are (..., H, W) with the DC sample and the image centre at index
+(H // 2, W // 2): ``fft2c(x) = fftshift(fftn(ifftshift(x), norm="ortho"))`` over the chosen axes.
 """
 import jax
 import jax.numpy as jnp

@@ -13,6 +13,7 @@ of the cost.
 
 Images are (H, W, 2) (real, imaginary) float32 as everywhere; filters are HWIO kernels.
 """
+import functools
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,6 +45,13 @@ def receptive_radius(params) -> int:
   return sum((k.shape[0] - 1) // 2 for k in layer_filters(params))
 
 
+def receptive_field(params, pixel: Sequence[int]) -> tuple[slice, slice]:
+  """The (rows, cols) slices of the input on which the output at ``pixel`` depends."""
+  radius = receptive_radius(params)
+  return tuple(slice(max(p - radius, 0), p + radius + 1) for p in pixel)
+
+
+@functools.partial(jax.jit, static_argnames="net")
 def forward_with_pre_activations(net: nets.DeepNet, params, x):
   """The network on ``x`` (N, H, W, 2) and the input of each hidden ReLU, (N, H, W, C) each."""
   net = net.clone(depth=nets.depth_of(params))
@@ -69,6 +77,17 @@ def active_fraction(net: nets.DeepNet, params, x) -> list[float]:
   return [float(m.mean()) for m in active_maps(net, params, x)]
 
 
+@functools.partial(jax.jit, static_argnames="net")
+def _jacobian_row(net, params, x, row, col, channel):
+  """Row (row, col) of the Jacobian of ``forward(x) - x`` (x: (H, W, 2)) along output ``channel``,
+  or along the output's phase at the pixel for ``channel < 0``."""
+  out, vjp = jax.vjp(lambda z: nets.forward(net, params, z[None])[0] - z, x)
+  full = out[row, col] + x[row, col]
+  phase = full / jnp.maximum(jnp.linalg.norm(full), jnp.finfo(jnp.float32).tiny)
+  u = jnp.where(channel < 0, phase, jnp.eye(2, dtype=jnp.float32)[jnp.maximum(channel, 0)])
+  return vjp(jnp.zeros_like(out).at[row, col].set(u))[0]
+
+
 def effective_filter(net: nets.DeepNet, params, x, pixel: Sequence[int],
                      out_channel: Optional[int] = None) -> np.ndarray:
   """The Jacobian row at ``pixel`` of the network's output minus the skip, w.r.t. the input.
@@ -86,21 +105,12 @@ def effective_filter(net: nets.DeepNet, params, x, pixel: Sequence[int],
     or the phase; b the effective bias), zero outside the receptive field.
   """
   x = jnp.asarray(x, jnp.float32)
-  (h, w, _), (r, c), radius = x.shape, pixel, receptive_radius(params)
-  # The output at p depends on the input within `radius` only, and zero padding past the image
-  # edge is the same for the crop as for the image: the crop's row is exact.
-  top, left = max(r - radius, 0), max(c - radius, 0)
-  crop = x[top:r + radius + 1, left:c + radius + 1]
-  residual = lambda z: nets.forward(net, params, z[None])[0] - z
-  out, vjp = jax.vjp(residual, crop)
-  p = (r - top, c - left)
-  if out_channel is None:
-    full = out[p] + crop[p]
-    u = full / jnp.maximum(jnp.linalg.norm(full), jnp.finfo(jnp.float32).tiny)
-  else:
-    u = jnp.eye(2, dtype=jnp.float32)[out_channel]
-  (row,) = vjp(jnp.zeros_like(out).at[p].set(u))
-  window = np.s_[top:top + crop.shape[0], left:left + crop.shape[1]]
+  # The output at p depends on the input in its receptive field only, and zero padding past the
+  # image edge is the same for the crop as for the image: the crop's row is exact.
+  window = receptive_field(params, pixel)
+  channel = -1 if out_channel is None else out_channel
+  row = _jacobian_row(net, params, x[window], pixel[0] - window[0].start,
+                      pixel[1] - window[1].start, channel)
   return np.asarray(jnp.zeros_like(x).at[window].set(row))
 
 
@@ -157,9 +167,8 @@ def draw(net: nets.DeepNet, params, x, pixel: Sequence[int], out_dir, *,
       titles=[f"layer {i}: {m.mean():.0%} active" for i, m in enumerate(maps, 1)])
 
   jac = effective_filter(net, params, x, pixel)
+  window = receptive_field(params, pixel)
   r, c = pixel
-  radius = receptive_radius(params)
-  window = np.s_[max(r - radius, 0):r + radius + 1, max(c - radius, 0):c + radius + 1]
   paths["effective_filter"] = figures.image_grid(
       [metrics_lib.magnitude(x), metrics_lib.magnitude(out[0]), np.hypot(jac[..., 0], jac[..., 1])],
       out_dir / "effective_filter.png", ncols=3, cmap="gray",
@@ -172,7 +181,7 @@ def draw(net: nets.DeepNet, params, x, pixel: Sequence[int], out_dir, *,
   phase = np.asarray(out[0, r, c]) / max(float(np.linalg.norm(out[0, r, c])), 1e-30)
   response = float(np.sum(jac * np.asarray(x)))
   return {
-      "pixel": [int(r), int(c)], "receptive_radius": radius,
+      "pixel": [int(r), int(c)], "receptive_radius": receptive_radius(params),
       "active_fraction": [float(m.mean()) for m in maps],
       "filters": [{"layer": i, "shape": list(k.shape), "near_zero_units": _near_zero(k)}
                   for i, k in enumerate(kernels, 1)],

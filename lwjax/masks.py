@@ -10,7 +10,8 @@ import numpy as np
 from lwjax.fft import center_slices
 
 KINDS = ("poisson", "cartesian", "equispaced")
-DENSITY_SLOPE = 2.0  # Poisson-disc radius growth: r = scale * (1 + DENSITY_SLOPE * rho)
+DENSITY_SLOPE = 1.0  # Poisson-disc radius growth: r = scale * (1 + DENSITY_SLOPE * rho)
+MAX_RADIUS = 8  # pixels: the sampler's memory grows as radius^2 (~0.5 GB on 320 x 320)
 
 
 def acceleration(mask) -> float:
@@ -72,12 +73,15 @@ def _greedy_disc(radius, candidates, priority):
 def poisson_disc(shape, accel, *, calib=(16, 16), seed=0, tol=0.05, crop_corner=True) -> np.ndarray:
   """Variable-density 2D Poisson-disc mask with a fully sampled centre, (H, W) bool.
 
-  The minimum distance between samples grows linearly with the normalised distance ``rho`` from the
-  k-space centre (``rho = 1`` at the edge midpoints): ``r = 1 + slope * rho`` pixels, so the centre
-  is densely sampled. ``slope`` is found by bisection so that the acceleration ``H * W / samples``
-  is within ``tol`` (relative) of ``accel``; the same random priorities (from ``seed``) are used at
-  every step, so the result is deterministic. As SigPy's ``mri.poisson`` (used for the paper's
-  masks), ``crop_corner`` leaves k-space outside the inscribed ellipse (``rho >= 1``) unsampled.
+  Grid points are visited in a random order (from ``seed``) and kept unless a kept point lies
+  closer than their mean radius ``r = scale * (1 + DENSITY_SLOPE * rho)`` pixels, ``rho`` the
+  normalised distance from the k-space centre (1 at the edge midpoints). Where ``r <= 1`` every
+  point is kept, so the density falls from fully sampled at the centre to about ``1 / r^2``
+  outside. ``scale`` is bisected until the acceleration ``H * W / samples`` is within ``tol``
+  (relative) of ``accel``; the visiting order is the same at every step, so the mask is a
+  deterministic function of the arguments. The ``calib`` block is always sampled. As SigPy's
+  ``mri.poisson`` (used for the paper's masks), ``crop_corner`` leaves k-space outside the
+  inscribed ellipse (``rho >= 1``) unsampled.
   """
   _check_accel(accel)
   h, w = shape
@@ -103,8 +107,9 @@ def poisson_disc(shape, accel, *, calib=(16, 16), seed=0, tol=0.05, crop_corner=
     return _greedy_disc(scale * (1 + DENSITY_SLOPE * rho), candidates & ~calib_mask,
                         priority) | calib_mask
 
-  # Bracket the scale by doubling from 1, then bisect: a needlessly large scale means large radii
-  # and many conflict pairs.
+  # Bracket the scale by doubling from 1, then bisect: a needlessly large scale means large radii,
+  # hence many conflict pairs.
+  scale_max = MAX_RADIUS / (1 + DENSITY_SLOPE * rho[candidates].max())
   scale, lo, hi, best = 1.0, 0.0, None, None
   for _ in range(64):
     mask = sample(scale)
@@ -113,8 +118,11 @@ def poisson_disc(shape, accel, *, calib=(16, 16), seed=0, tol=0.05, crop_corner=
       best = (error, mask)
     if abs(error) <= tol / 2:
       break
+    if error < 0 and scale >= scale_max:
+      raise ValueError(f"accel: {accel} on a {shape} grid needs Poisson-disc radii above "
+                       f"MAX_RADIUS={MAX_RADIUS} pixels")
     lo, hi = (scale, hi) if error < 0 else (lo, scale)
-    scale = 2 * scale if hi is None else (lo + hi) / 2
+    scale = min(2 * scale, scale_max) if hi is None else (lo + hi) / 2
   if abs(best[0]) > tol:
     raise ValueError(f"accel: {accel} not reached within tol={tol} on a {shape} grid "
                      f"(best {acceleration(best[1]):.3f})")
@@ -125,9 +133,9 @@ def cartesian(shape, accel, *, center_fraction=0.04, seed=0, equispaced=False) -
   """fastMRI-style 1D mask, (H, W) bool: whole phase-encode columns (last axis) are sampled.
 
   A centred block of ``round(W * center_fraction)`` columns is fully sampled; the others are drawn
-  at random (or, ``equispaced``, on a lattice with a seeded offset) so that ``W / columns`` is within
-  5% of ``accel``: the column count is exact, ``round(W / accel)``, not a Bernoulli draw as in
-  fastMRI's ``RandomMaskFunc``.
+  at random (or, ``equispaced``, on a lattice with a seeded offset) so that ``W / columns`` is
+  within 5% of ``accel``: the column count is exact, ``round(W / accel)``, not a Bernoulli draw as
+  in fastMRI's ``RandomMaskFunc``.
   """
   _check_accel(accel)
   h, w = shape

@@ -17,8 +17,8 @@ Bytes of a step = argument + output + temp - alias:
 Not counted: the compiled code, the runtime's own reservations (CUDA context, the allocator's
 fragmentation) and anything else alive in the process, so a budget is the memory free for the
 step. The analysis is the backend's JAX runs on: a CPU compile predicts a GPU's only roughly
-(other fusions, convolution algorithms and workspaces); ``measure_peak`` on an accelerator runs
-the step and reads the device's peak.
+(other fusions, convolution algorithms and workspaces); ``measure`` on an accelerator runs the
+steps and reads the device's peak.
 
 One step is analysed on one device (a one-device mesh): with data parallelism every device holds
 the whole state and its share of the batch.
@@ -180,8 +180,8 @@ def report(cfg: Config, budget_bytes: int, *, log: Callable[[str], None] = lambd
 
 def entries(rep: dict) -> list[tuple[str, dict]]:
   """(label, entry) of every analysed network of a ``report``, e2e first."""
-  return [("e2e", rep["e2e"])] + [(f"{m} stage {e['stage']}", e) for m in LAYERWISE
-                                  for e in rep.get(m, [])]
+  analysed = [rep["e2e"]] + [e for m in LAYERWISE for e in rep.get(m, [])]
+  return [(Network(e["method"], e["depth"]).label, e) for e in analysed]
 
 
 def format_table(rep: dict) -> str:
@@ -223,31 +223,33 @@ def run_steps(cfg: Config, network: Network, batch_size: int, *, steps: int = 3,
   jax.block_until_ready((state, measurements))
 
 
-def peak_bytes(device=None) -> Optional[int]:
-  """The device's peak bytes in use since the process started; None where it is not reported."""
-  stats = (device or jax.devices()[0]).memory_stats()
-  return None if not stats or "peak_bytes_in_use" not in stats else int(stats["peak_bytes_in_use"])
+def memory_stats() -> Optional[dict]:
+  """The first device's allocator statistics (bytes_in_use, peak_bytes_in_use since the process
+  started, ...); None where the backend does not report them (CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  return stats if stats and "peak_bytes_in_use" in stats else None
 
 
 def measure(cfg: Config, rep: dict, *, steps: int = 3, log: Callable[[str], None] = lambda s: None
             ) -> list[dict]:
   """Runs every analysed step at ``batch_size`` and at ``max_batch`` and reads the device's peak.
 
-  JAX has no reset of the peak counter, so the steps run in increasing order of predicted bytes
-  and a measurement counts only when it raised the peak (``measured`` is None otherwise: the
-  step needed at most the earlier peak). Needs an accelerator that reports memory statistics.
+  ``measured`` is the peak minus what was in use before the steps. JAX has no reset of the peak
+  counter, so the steps run in increasing order of predicted bytes and a measurement counts only
+  when it raised the peak (None otherwise: the step needed at most an earlier step's peak).
+  Needs an accelerator that reports memory statistics (RuntimeError otherwise).
   """
-  if peak_bytes() is None:
+  if memory_stats() is None:
     raise RuntimeError(f"measuring needs an accelerator that reports memory statistics; "
                        f"{jax.devices()[0].platform} does not")
   runs = sorted({(e["compiled"][str(b)], label, e["method"], e["depth"], b)
                  for label, e in entries(rep) for b in (rep["batch_size"], e["max_batch"]) if b})
   out = []
   for predicted, label, method, depth, b in runs:
-    before = peak_bytes()
+    before = memory_stats()
     run_steps(cfg, Network(method, depth), b, steps=steps)
-    after = peak_bytes()
-    measured = after if after > before else None
+    peak = memory_stats()["peak_bytes_in_use"]
+    measured = peak - before["bytes_in_use"] if peak > before["peak_bytes_in_use"] else None
     out.append({"network": label, "batch": b, "predicted": predicted, "measured": measured})
     log(f"{label} batch {b}: predicted {predicted / 2**30:.2f} GiB, measured "
         + (f"{measured / 2**30:.2f} GiB" if measured else "no higher than the previous peak"))

@@ -5,6 +5,9 @@ Shapes: image ``x`` (..., H, W) complex, coil maps ``maps`` (..., C, H, W), k-sp
 and returns the same kind (JAX if any argument is a JAX array), so the host pipeline and the jitted
 unrolled network share this code.
 """
+import jax
+import numpy as np
+
 from lwjax.fft import array_module, fft2c, ifft2c
 
 
@@ -34,9 +37,8 @@ def _dot(xp, a, b):
   return xp.real(xp.sum(xp.conj(a) * b, axis=(-2, -1), keepdims=True))
 
 
-def _safe_div(xp, num, den):
-  """num / den, and 0 where den == 0 (double ``where``, so gradients stay finite too)."""
-  ok = den != 0
+def _ratio(xp, num, den, ok):
+  """num / den where ``ok``, else 0; the double ``where`` keeps gradients finite where not ok."""
   return xp.where(ok, num / xp.where(ok, den, 1), 0)
 
 
@@ -45,7 +47,7 @@ def cg_sense(kspace, maps, mask, *, lam=0.0, x0=None, iters=10):
 
   Each image of the batch is its own system (own step sizes). CG starts from ``x0`` (zeros by
   default), so with ``lam > 0`` this is the MoDL data-consistency step around a prior ``x0``. The
-  iteration count is fixed, so the function jits and differentiates (by unrolling).
+  iteration count is fixed, so the function jits and differentiates (a ``fori_loop`` under JAX).
 
   Returns the image estimate (..., H, W).
   """
@@ -57,14 +59,31 @@ def cg_sense(kspace, maps, mask, *, lam=0.0, x0=None, iters=10):
     x = x0 + xp.zeros_like(b)  # broadcast x0 to the batch shape of b
     b = b + lam * x0
   r = b - normal(x, maps, mask, lam)
-  p = r
+  # Each system is scaled so its initial residual has unit norm, and steps stop once the residual
+  # norm is below eps of that. Otherwise a converged float32 CG drives the squared residuals into
+  # underflow, and the gradients of the step ratios (num / den^2) become inf * 0 = NaN.
   rs = _dot(xp, r, r)
-  for _ in range(iters):
+  started = rs > 0
+  scale = xp.where(started, xp.sqrt(xp.where(started, rs, 1)), 1)
+  x, r = x / scale, r / scale
+  rs = started.astype(rs.dtype)
+  tiny = xp.finfo(rs.dtype).eps ** 2
+
+  def step(_, state):
+    x, r, p, rs = state
     ap = normal(p, maps, mask, lam)
-    alpha = _safe_div(xp, rs, _dot(xp, p, ap))
+    pap = _dot(xp, p, ap)
+    active = rs > tiny
+    alpha = _ratio(xp, rs, pap, active & (pap > 0))
     x = x + alpha * p
     r = r - alpha * ap
     rs_new = _dot(xp, r, r)
-    p = r + _safe_div(xp, rs_new, rs) * p
-    rs = rs_new
-  return x
+    return x, r, r + _ratio(xp, rs_new, rs, active) * p, rs_new
+
+  state = (x, r, r, rs)
+  if xp is np:
+    for i in range(iters):
+      state = step(i, state)
+  else:  # one traced step, not ``iters`` copies: compile time does not grow with ``iters``
+    state = jax.lax.fori_loop(0, iters, step, state)
+  return state[0] * scale

@@ -4,6 +4,8 @@ Everything is deterministic from a ``numpy.random.Generator``. Coordinates are n
 image grid spans [-1, 1) on both axes (rows = y, downwards; columns = x), and a volume's slices
 span z in [-1, 1].
 """
+import math
+
 import numpy as np
 
 from lwjax.fft import center_slices, fft2c, ifft2c
@@ -16,12 +18,12 @@ TISSUES = dict(fluid=1.0, fat=0.9, marrow=0.72, cartilage=0.55, muscle=0.33, lig
 def _smooth_field(rng, shape, sigma):
   """Zero-mean, unit-std Gaussian random field of ``shape``, smoothed by a Gaussian of ``sigma``
   (pixels, one per axis; periodic boundaries)."""
-  spectrum = np.fft.fftn(rng.standard_normal(shape))
+  spectrum = np.fft.rfftn(rng.standard_normal(shape))
   for axis, (n, s) in enumerate(zip(shape, sigma)):
-    f = np.fft.fftfreq(n)
+    f = np.fft.rfftfreq(n) if axis == len(shape) - 1 else np.fft.fftfreq(n)
     spectrum *= np.exp(-2 * (np.pi * f * s) ** 2).reshape([-1 if a == axis else 1
                                                            for a in range(len(shape))])
-  field = np.fft.ifftn(spectrum).real
+  field = np.fft.irfftn(spectrum, shape, axes=range(len(shape)))
   return (field - field.mean()) / (field.std() + 1e-12)
 
 
@@ -40,14 +42,14 @@ def _segment(x, y, p, q):
   return np.hypot(x - px - t * dx, y - py - t * dy)
 
 
-def _slice(rng_draws, x, y, z, pixel):
-  """Magnitude and support of one slice at position z; ``rng_draws`` are the subject's shape draws.
+def _slice(d, x, y, z, pixel):
+  """Magnitude of the slice at position z of the subject ``d`` (``_draws``), zero outside the body.
 
-  Shapes are soft-edged (about one pixel), so the image is not aliased on the grid.
+  Shapes have soft edges about a pixel wide, so the edges are not staircased on the grid.
   """
-  d = rng_draws
   inside = lambda dist: np.clip(0.5 - dist / pixel, 0, 1)
-  taper = np.sqrt(1 - 0.35 * z ** 2)  # the bones narrow away from the central slice
+  blend = lambda image, weight, level: (1 - weight) * image + weight * TISSUES[level]
+  taper = 1 - 0.1 * (z + 0.3) ** 2  # the anatomy narrows away from its widest slice
 
   theta = np.arctan2(y, x)
   wobble = sum(a * np.cos(k * theta + p) for k, (a, p) in enumerate(d["outline"], start=2))
@@ -73,19 +75,17 @@ def _slice(rng_draws, x, y, z, pixel):
                                _segment(x, y, (0.06, cy - 0.22), (-0.03, cy + 0.09))) - 0.015)
   cyst = inside(_ellipse(x, y, d["cyst"][0], cy - 0.55, 0.05 + 0.03 * (1 - z * z), 0.12))
 
-  image = np.where(inside(body) > 0, TISSUES["muscle"], 0.0)
   septa = np.minimum.reduce([_segment(x, y, p, q) for p, q in d["septa"]]) - 0.004
-  image = image * (1 - 0.6 * inside(septa))
+  image = TISSUES["muscle"] * (1 - 0.6 * inside(septa))
   for vx, vy, r in d["vessels"]:
     image = np.maximum(image, TISSUES["fluid"] * inside(_ellipse(x, y, vx, vy, r, r)))
-  image = (1 - fat_layer) * image + fat_layer * TISSUES["fat"] * inside(body)
-  image = image * (1 - inside(bones)) + inside(bones) * TISSUES["cortex"]
-  marrow = inside(bones + cortex_width)
-  image = (1 - marrow) * image + marrow * TISSUES["marrow"]
-  for mask, level in ((cartilage, "cartilage"), (joint_fluid, "fluid"), (menisci, "ligament"),
-                      (cruciate, "ligament"), (cyst, "fluid")):
-    image = (1 - mask) * image + mask * TISSUES[level] * inside(body)
-  return image, inside(body)
+  image = blend(image, fat_layer, "fat")
+  image = blend(image, inside(bones), "cortex")
+  image = blend(image, inside(bones + cortex_width), "marrow")
+  for weight, level in ((cartilage, "cartilage"), (joint_fluid, "fluid"), (menisci, "ligament"),
+                        (cruciate, "ligament"), (cyst, "fluid")):
+    image = blend(image, weight, level)
+  return image * inside(body)
 
 
 def _draws(rng):
@@ -97,7 +97,8 @@ def _draws(rng):
       outline=[(uniform(0.005, 0.02), uniform(0, 2 * np.pi)) for _ in range(3)],
       shift=uniform(-0.03, 0.03, 2), fat_width=uniform(0.04, 0.08), joint=uniform(-0.08, 0.08),
       condyle_dx=uniform(0.18, 0.22), cyst=uniform(-0.1, 0.1, 2),
-      septa=[((r * np.cos(a), r * np.sin(a)), (0.7 * r * np.cos(a + 0.3), 0.7 * r * np.sin(a + 0.3)))
+      septa=[((r * np.cos(a), r * np.sin(a)),
+              (0.7 * r * np.cos(a + 0.3), 0.7 * r * np.sin(a + 0.3)))
              for r, a in zip(radii, angles)],
       vessels=[(side * uniform(0.4, 0.65), uniform(-0.8, 0.8), uniform(0.008, 0.025))
                for side in (-1, 1, -1, 1, -1, 1)])
@@ -106,11 +107,11 @@ def _draws(rng):
 def phantom(rng, size, *, slices=1) -> np.ndarray:
   """Knee-like complex phantom volume, (slices, size, size) complex128, zero outside the body.
 
-  Tissues (``TISSUES``): subcutaneous fat, muscle with septa and vessels, femur and tibia (dark
-  cortex, fatty marrow with trabecular texture), cartilage, joint fluid, menisci, cruciate
-  ligaments, a fluid cyst. Magnitudes are modulated by smooth random fields (texture, a smooth
-  bias), and the phase is a smooth random field of a few radians. Shapes and fields vary smoothly
-  from slice to slice, so the volume is usable as 3D data.
+  Tissues (``TISSUES``): subcutaneous fat, muscle with septa and small vessels, femur and tibia
+  (dark cortex, fatty marrow), cartilage, joint fluid, menisci, cruciate ligaments, a fluid cyst.
+  Magnitudes are modulated by random fields (a fine texture of a few pixels, a smooth bias), and
+  the phase is a smooth random field of a few radians. Shapes and fields vary smoothly from slice
+  to slice over z in [-1, 1], so the volume is usable as 3D data.
   """
   draws = _draws(rng)
   pixel = 2.0 / size
@@ -118,12 +119,13 @@ def phantom(rng, size, *, slices=1) -> np.ndarray:
                      indexing="ij")
   z = np.linspace(-1, 1, slices) if slices > 1 else np.zeros(1)
   dz = max(slices / 8, 1e-3)  # fields decorrelate over ~1/8 of the volume's slices
-  field = lambda s: _smooth_field(rng, (slices, size, size), (dz, s * size, s * size))
+  pad = math.ceil(3 * dz)  # no wrap-around: the first and last slices are not neighbours
+  field = lambda s: _smooth_field(rng, (slices + 2 * pad, size, size),
+                                  (dz, s * size, s * size))[pad:pad + slices]
   texture = 1 + 0.04 * field(0.01) + 0.04 * field(0.03)
   bias = 1 + 0.1 * field(0.25)
   phase = 1.5 * field(0.2) + 0.5 * field(0.06)
-  magnitude, support = zip(*(_slice(draws, x, y, zi, pixel) for zi in z))
-  magnitude = np.stack(magnitude) * texture * bias * np.stack(support)
+  magnitude = np.stack([_slice(draws, x, y, zi, pixel) for zi in z]) * texture * bias
   return magnitude * np.exp(1j * phase)
 
 

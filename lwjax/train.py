@@ -507,8 +507,9 @@ def prep_config(cfg: Config) -> data_lib.PrepConfig:
                              mask_seed=cfg.mask_seed, maps=cfg.maps)
 
 
-def load_data(cfg: Config, log=logging.info) -> tuple[data_lib.Split, data_lib.Split]:
-  """The run's training and validation splits (synthetic data in WORKDIR/data without data_dir)."""
+def load_data(cfg: Config, log=logging.info,
+              splits: tuple[str, ...] = ("train", "val")) -> tuple[data_lib.Split, ...]:
+  """The run's splits, in the order asked (synthetic data in WORKDIR/data without data_dir)."""
   workdir = Path(cfg.workdir).absolute()
   prep = prep_config(cfg)
   data_lib.mask_for(prep)  # Bad mask settings fail here, before any data is written.
@@ -518,11 +519,10 @@ def load_data(cfg: Config, log=logging.info) -> tuple[data_lib.Split, data_lib.S
         workdir / "data", train_subjects=cfg.synth_train_subjects,
         val_subjects=cfg.synth_val_subjects, slices=cfg.synth_slices, coils=cfg.synth_coils,
         size=cfg.image_size, seed=cfg.synth_seed, noise_std=cfg.synth_noise)
-  splits = []
-  for split, limit in (("train", cfg.max_train_volumes), ("val", cfg.max_val_volumes)):
-    splits.append(data_lib.load_split(data_dir, split, prep, cache_dir=workdir / "cache",
-                                      max_volumes=limit or None, log=log))
-  return splits[0], splits[1]
+  limits = {"train": cfg.max_train_volumes, "val": cfg.max_val_volumes}
+  return tuple(data_lib.load_split(data_dir, split, prep, cache_dir=workdir / "cache",
+                                   max_volumes=limits[split] or None, log=log)
+               for split in splits)
 
 
 def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:

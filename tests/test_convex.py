@@ -1,4 +1,6 @@
 """The convex stage: objective vs an independent NumPy model, solvers, certificate, ReLU mapping."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +13,11 @@ K, C_IN, P, C_OUT = 3, 3, 2, 2
 FEATURES = 2 * P * C_OUT
 
 
-def _data(seed, n=4, size=8, c_in=C_IN, noise=1.0):
+def _data(seed, n=4, size=8, c_in=C_IN):
   rng = np.random.default_rng(seed)
   h = rng.standard_normal((n, size, size, c_in)).astype(np.float32)
   skip = 0.1 * rng.standard_normal((n, size, size, C_OUT)).astype(np.float32)
-  y = skip + noise * rng.standard_normal(skip.shape).astype(np.float32)
+  y = skip + rng.standard_normal(skip.shape).astype(np.float32)
   return h, skip, y
 
 
@@ -24,27 +26,30 @@ def _batches(h, skip, y, size):
 
 
 def _random_variables(seed, c_in=C_IN, scale=0.3):
-  kv, kz = jax.random.split(jax.random.key(seed))
-  shape = (K, K, c_in, P, C_OUT)
-  return {"v": scale * jax.random.normal(kv, shape), "z": scale * jax.random.normal(kz, shape)}
+  w = scale * np.random.default_rng(seed).standard_normal((2, K, K, c_in, P, C_OUT))
+  return {"v": jnp.asarray(w[0], jnp.float32), "z": jnp.asarray(w[1], jnp.float32)}
+
+
+def _adam(lr, steps):
+  return optax.adam(optax.exponential_decay(lr, steps, 1e-3))
+
+
+@functools.partial(jax.jit, static_argnames=("st", "epochs"))
+def _run(st, variables, stacked, epochs):
+  def step(carry, batch):
+    grads, _ = jax.grad(st.loss, has_aux=True)(carry[0], *batch)
+    updates, opt = st.tx.update(grads, carry[1], carry[0])
+    return (optax.apply_updates(carry[0], updates), opt), None
+
+  def epoch(carry, _):
+    return jax.lax.scan(step, carry, stacked)[0], None
+  return jax.lax.scan(epoch, (variables, st.tx.init(variables)), None, length=epochs)[0]
 
 
 def _fit(st, variables, h, skip, y, batch_size, epochs):
   """The trainer's loop in miniature: one ``tx.update`` per equal-size batch, then ``solution``."""
   stacked = tuple(jnp.asarray(a).reshape((-1, batch_size) + a.shape[1:]) for a in (h, skip, y))
-
-  @jax.jit
-  def run(variables, opt):
-    def step(carry, batch):
-      grads, _ = jax.grad(st.loss, has_aux=True)(carry[0], *batch)
-      updates, opt = st.tx.update(grads, carry[1], carry[0])
-      return (optax.apply_updates(carry[0], updates), opt), None
-
-    def epoch(carry, _):
-      return jax.lax.scan(step, carry, stacked)[0], None
-    return jax.lax.scan(epoch, (variables, opt), None, length=epochs)[0]
-
-  return st.solution(*run(variables, st.tx.init(variables)))
+  return st.solution(*_run(st, variables, stacked, epochs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,20 +80,18 @@ def _np_objective(v, z, h, skip, y, u, beta, rho):
   viol = np.maximum(-sign[..., None, :, None] * out, 0)
   norms = np.sqrt(np.sum(wf ** 2, axis=1))
   value = 0.5 * np.sum(e ** 2) / m + beta * norms.sum() + rho * viol.sum() / pixels
-  s = np.array([1.0, -1.0])
-  g_data = np.einsum("nija,nijp,nijc,s->sapc", x, d, e, s) / m
-  active = (viol > 0) * -sign[..., None, :, None]
-  g_pen = rho * np.einsum("nija,nijspc->sapc", x, active) / pixels
+  g_data = np.einsum("nija,nijp,nijc,s->sapc", x, d, e, np.array([1.0, -1.0])) / m
+  g_pen = rho * np.einsum("nija,nijspc->sapc", x, (viol > 0) * -sign[..., None, :, None]) / pixels
   grad = (g_data + g_pen + beta * wf / norms[:, None]).reshape(w.shape)
   return value, grad
 
 
 def _dense(h, u):
-  """The gated conv operator A as a dense (N*H*W*C_OUT, 2*k*k*C*P*C_OUT) matrix, and the gates."""
+  """The gated conv operator A as a dense (N*H*W*C_OUT, 2*k*k*C*P*C_OUT) matrix."""
   x = _patches(h)
   d = (x @ np.asarray(u, np.float64).reshape(x.shape[-1], -1) >= 0).astype(np.float64)
   a = np.einsum("nija,nijp,co->nijoapc", x, d, np.eye(C_OUT)).reshape(-1, x.shape[-1] * P * C_OUT)
-  return np.concatenate([a, -a], axis=1), d
+  return np.concatenate([a, -a], axis=1)
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.7])
@@ -97,66 +100,59 @@ def test_objective_and_gradient_match_numpy(rho):
   variables = _random_variables(1)
   u = convex.gate_filters(3, K, 2, C_IN, P)
   fn = lambda w: convex.objective(w, h, skip, y, u, beta=0.05, rho=rho)
-  (value, aux), grad = jax.value_and_grad(fn, has_aux=True)(variables)
+  (value, aux), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(variables)
   ref_value, ref_grad = _np_objective(variables["v"], variables["z"], h, skip, y, u, 0.05, rho)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   np.testing.assert_allclose(grad["v"], ref_grad[0], rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(grad["z"], ref_grad[1], rtol=1e-4, atol=1e-6)
   pred = convex.predict(variables, h, skip, u)
-  np.testing.assert_allclose(aux["mse"], np.mean((pred - y) ** 2), rtol=1e-6)
+  np.testing.assert_allclose(aux["mse"], np.mean((pred - y) ** 2), rtol=1e-5)
 
 
-def test_zero_group_gradient_is_finite():
+def test_zero_groups_have_finite_gradients():
   h, skip, y = _data(0)
   st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=0.05, rho=1.0, tx=optax.adam(1e-2))
-  grad = jax.grad(lambda w: st.loss(w, h, skip, y)[0])(st.init(None, h.shape))
+  grad = jax.jit(jax.grad(lambda w: st.loss(w, h, skip, y)[0]))(st.init(None, h.shape))
   assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in jax.tree.leaves(grad))
 
 
-@pytest.mark.parametrize("rho", [0.0, 0.5])
-def test_duality_gap_matches_dense_primal_and_dual(rho):
-  """The certificate's gap equals P(w) - D(theta, lambda) at a feasible dual point, in dense form."""
+def test_duality_gap_matches_dense_primal_and_dual():
+  """The certificate's gap is P(w) - D(theta) at DESIGN.md's dual point, in dense float64 form;
+  finalize weights its ragged last batch by size."""
   h, skip, y = _data(1)
   u = convex.gate_filters(0, K, 2, C_IN, P)
   beta = 0.02
-  st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=beta, rho=rho,
+  st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=beta, rho=0.0,
                            tx=optax.adam(1e-2))
   variables = _random_variables(2, scale=0.05)
   _, report = st.finalize(variables, _batches(h, skip, y, 3))
 
-  a, d = _dense(h, u)
+  a = _dense(h, u)
   w = np.concatenate([np.asarray(variables[k], np.float64).reshape(-1) for k in ("v", "z")])
-  m = a.shape[0]
-  r = (np.asarray(y, np.float64) - skip).reshape(-1) / np.sqrt(m)
-  a = a / np.sqrt(m)
+  r = (np.asarray(y, np.float64) - skip).reshape(-1) / np.sqrt(a.shape[0])
+  a = a / np.sqrt(a.shape[0])
   e = r - a @ w
-  # The penalty k(Cw) = rho/pixels * sum relu(-sign * conv) and its subgradient lambda.
-  x = _patches(h)
-  sign = np.broadcast_to((2 * d - 1)[..., None, :, None], x.shape[:3] + (2, P, C_OUT))
-  cw = np.einsum("nija,sapc->nijspc", x, w.reshape(2, -1, P, C_OUT))
-  pen_w = rho / (m // C_OUT)
-  penalty = pen_w * np.maximum(-sign * cw, 0).sum()
-  lam = -pen_w * sign * (-sign * cw > 0)
-  groups = w.reshape(2, -1, P, C_OUT)
-  q = (a.T @ e).reshape(groups.shape) - np.einsum("nija,nijspc->sapc", x, lam)
-  s = min(1.0, beta / np.sqrt((q ** 2).sum(1)).max())
-  primal = 0.5 * e @ e + penalty + beta * np.sqrt((groups ** 2).sum(1)).sum()
-  theta = s * e
-  dual = theta @ r - 0.5 * theta @ theta
-  assert np.sqrt(((s * q) ** 2).sum(1)).max() <= beta * (1 + 1e-9)  # dual feasible
+  group_norm = lambda g: np.sqrt((g.reshape(2, -1, P * C_OUT) ** 2).sum(1))
+  theta = e * min(1.0, beta / group_norm(a.T @ e).max())
+  assert group_norm(a.T @ theta).max() <= beta * (1 + 1e-9)  # dual feasible
+  primal = 0.5 * e @ e + beta * group_norm(w).sum()
+  dual = 0.5 * r @ r - 0.5 * (r - theta) @ (r - theta)
   np.testing.assert_allclose(report["objective"], primal, rtol=1e-5)
-  np.testing.assert_allclose(report["rel_gap"], (primal - dual) / primal, rtol=1e-3)
+  np.testing.assert_allclose(report["mse"], e @ e, rtol=1e-5)  # e is scaled by 1/sqrt(M)
+  np.testing.assert_allclose(report["rel_gap"], (primal - dual) / primal, rtol=1e-4)
+  np.testing.assert_allclose(report["beta_max"], group_norm(a.T @ r).max(), rtol=1e-5)
   assert report["rel_gap"] > 0.01  # A random point is far from optimal.
 
 
 def test_lipschitz_is_the_dense_operator_norm():
   h, skip, y = _data(2)
   st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=0.01, rho=0.0, solver="fista",
-                           fista_iters=10, power_iters=50)
+                           fista_iters=10)
   st, report = st.prepare(_batches(h, skip, y, 2), h.shape)
-  a, _ = _dense(h, convex.gate_filters(0, K, 2, C_IN, P))
+  a = _dense(h, convex.gate_filters(0, K, 2, C_IN, P))
   exact = np.linalg.eigvalsh(a.T @ a / a.shape[0]).max()
-  np.testing.assert_allclose(report["lipschitz"], exact, rtol=1e-3)
+  # The power iteration approaches L from below; FISTA's 1.1 margin must cover the rest.
+  assert exact / 1.1 < report["lipschitz"] <= exact * (1 + 1e-5)
   assert st.epochs == 10
 
 
@@ -165,18 +161,19 @@ def test_lipschitz_is_the_dense_operator_norm():
 
 def test_fista_adam_inits_and_batch_sizes_reach_one_objective():
   h, skip, y = _data(3, n=8)
-  batches = _batches(h, skip, y, 3)  # finalize sees a ragged last batch
+  batches = _batches(h, skip, y, 4)
   kwargs = dict(features=FEATURES, kernel_size=K, beta=0.02, rho=0.0)
-  fista = convex.convex_stage(**kwargs, solver="fista", fista_iters=500, steps_per_epoch=2)
-  fista, _ = fista.prepare(_batches(h, skip, y, 4), h.shape)
+  fista = convex.convex_stage(**kwargs, solver="fista", fista_iters=200, steps_per_epoch=2)
+  fista, _ = fista.prepare(batches, h.shape)
   zeros = fista.init(None, h.shape)
-  _, ref = fista.finalize(_fit(fista, zeros, h, skip, y, 4, 500), batches)
+  _, ref = fista.finalize(_fit(fista, zeros, h, skip, y, 4, 200), batches)
   print(f"FISTA: objective {ref['objective']:.6g}, relative duality gap {ref['rel_gap']:.2e}")
-  assert ref["rel_gap"] < 1e-5 and ref["kkt_violation"] < 1e-2
+  assert ref["rel_gap"] < 1e-6 and ref["kkt_violation"] < 1e-3
 
-  adam = convex.convex_stage(**kwargs, tx=optax.adam(optax.exponential_decay(1e-2, 2000, 1e-3)))
-  runs = {"zeros, batch 8": (zeros, 8, 2000), "random, batch 8": (_random_variables(4), 8, 2000),
-          "zeros, batch 2": (zeros, 2, 500)}
+  adam = convex.convex_stage(**kwargs, tx=_adam(1e-2, 1000))
+  runs = {"zeros, batch 8": (zeros, 8, 1000),
+          "random, batch 8": (_random_variables(4, scale=0.05), 8, 1000),
+          "zeros, batch 2": (zeros, 2, 250)}
   for name, (init, batch_size, epochs) in runs.items():
     _, report = adam.finalize(_fit(adam, init, h, skip, y, batch_size, epochs), batches)
     print(f"Adam {name}: objective {report['objective']:.6g}, gap {report['rel_gap']:.2e}")
@@ -184,111 +181,118 @@ def test_fista_adam_inits_and_batch_sizes_reach_one_objective():
     assert report["rel_gap"] < 1e-3, name
 
 
-def test_fista_solution_lives_in_the_optimizer_state():
+def test_fista_iterate_lives_in_the_optimizer_state():
   h, skip, y = _data(4)
-  st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=0.05, rho=0.0, solver="fista",
-                           fista_iters=1, steps_per_epoch=2)
+  kwargs = dict(features=FEATURES, kernel_size=K, rho=0.0, solver="fista", fista_iters=1,
+                steps_per_epoch=2)
+  variables = convex.convex_stage(beta=1.0, **kwargs).init(None, h.shape)
+  grads = jax.jit(jax.grad(lambda w: convex.objective(
+      w, h, skip, y, convex.gate_filters(0, K, 2, C_IN, P), beta=0.0, rho=0.0)[0]))(variables)
+  beta = float(np.median(convex.group_norms(grads)))  # some groups leave zero, some stay
+  st = convex.convex_stage(beta=beta, **kwargs)
   with pytest.raises(RuntimeError, match="prepare"):
-    st.tx.init(st.init(None, h.shape))
+    st.tx.init(variables)
   st, report = st.prepare(_batches(h, skip, y, 2), h.shape)
-  variables = st.init(None, h.shape)
   x = _fit(st, variables, h, skip, y, 2, 1)
-  # One FISTA iteration from zero on the accumulated full-batch gradient is one prox step.
+  # One iteration from zero on the accumulated full-batch gradient is one prox step.
   step = 1 / (1.1 * report["lipschitz"])
-  grads = jax.grad(lambda w: st.loss(w, h, skip, y)[0])(variables)
-  expected = convex.group_shrink(jax.tree.map(lambda g: -step * g, grads), step * 0.05)
+  expected = convex.group_shrink(jax.tree.map(lambda g: -step * g, grads), step * beta)
   for k in ("v", "z"):
     np.testing.assert_allclose(x[k], expected[k], rtol=1e-5, atol=1e-8)
-  # Above beta_max every group is exactly zero.
-  _, report = st.finalize(x, _batches(h, skip, y, 4))
-  big = convex.convex_stage(features=FEATURES, kernel_size=K, beta=1.01 * report["beta_max"],
-                            rho=0.0, solver="fista", fista_iters=1, steps_per_epoch=2)
-  big, _ = big.prepare(_batches(h, skip, y, 2), h.shape)
-  x = _fit(big, variables, h, skip, y, 2, 3)
-  assert not np.any(np.asarray(convex.group_norms(x)))
+  norms = np.asarray(convex.group_norms(x))
+  assert (norms == 0).any() and (norms > 0).any()
 
 
 def test_planted_relu_net_is_recovered():
-  """y = skip + a ReLU net whose hidden units follow the gates: the gap closes, the mapped ReLU
-  network reproduces the target."""
-  h, skip, _ = _data(5, n=6, size=12)
+  """y = skip + a ReLU net whose hidden units follow the gates (a solution in the model class)."""
+  h, skip, _ = _data(5)
   u = convex.gate_filters(0, K, 2, C_IN, P)
-  rng = np.random.default_rng(0)
-  a = rng.uniform(0.5, 1.5, (P, C_OUT)).astype(np.float32)  # V_pc = a_pc U_p: on the ReLU cone
-  planted = {"v": u[..., None] * a, "z": jnp.zeros((K, K, C_IN, P, C_OUT))}
+  a = np.random.default_rng(0).uniform(0.5, 1.5, (P, C_OUT)).astype(np.float32)
+  planted = {"v": u[..., None] * a, "z": jnp.zeros((K, K, C_IN, P, C_OUT))}  # on the ReLU cones
   y = np.asarray(convex.predict(planted, h, skip, u))
-  st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=1e-4, rho=0.0, solver="fista",
-                           fista_iters=3000, steps_per_epoch=2)
-  st, _ = st.prepare(_batches(h, skip, y, 3), h.shape)
-  variables = _fit(st, st.init(None, h.shape), h, skip, y, 3, 3000)
-  _, report = st.finalize(variables, _batches(h, skip, y, 4))
+  batches = _batches(h, skip, y, 4)
   signal = np.mean((y - skip) ** 2)
-  print(f"planted: gap {report['rel_gap']:.2e}, relative mse {report['mse'] / signal:.2e}, "
-        f"ReLU net relative mse {report['mse_relu'] / signal:.2e}")
-  assert report["rel_gap"] < 1e-4
-  assert report["mse"] / signal < 1e-3
-  assert report["mse_relu"] / signal < 1e-3
-  assert report["relu_agreement"] < 3e-2
+
+  # rho = 0: the gap closes (to float32 accuracy). From zero the gated program splits each neuron
+  # evenly between V_pc and -Z_pc (it cannot tell them apart), so the +-1 head maps it to a
+  # linear unit; the refit head on relu(+-conv(h, U_p)) recovers the target.
+  st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=1e-3, rho=0.0, solver="fista",
+                           fista_iters=300, refit_head=True)
+  st, _ = st.prepare(batches, h.shape)
+  _, report = st.finalize(_fit(st, st.init(None, h.shape), h, skip, y, 4, 300), batches)
+  print(f"planted, rho = 0: gap {report['rel_gap']:.2e}, relative mse {report['mse'] / signal:.2e}"
+        f", refit ReLU net {report['mse_refit'] / signal:.2e}")
+  assert report["rel_gap"] < 1e-3
+  assert report["mse"] / signal < 1e-5 and report["mse_refit"] / signal < 1e-5
+
+  # rho > 0 picks the split on the cones: the +-1 mapped ReLU net itself fits the target.
+  st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=1e-3, rho=1.0,
+                           tx=_adam(3e-2, 1000))
+  _, report = st.finalize(_fit(st, st.init(None, h.shape), h, skip, y, 4, 1000), batches)
+  print(f"planted, rho = 1: ReLU net relative mse {report['mse_relu'] / signal:.2e}, "
+        f"agreement {report['relu_agreement']:.2e}")
+  assert report["mse_relu"] / signal < 1e-3 and report["relu_agreement"] < 1e-2
 
 
 # ----------------------------------------------------------------------------------------------
 # Back to a ReLU layer.
 
-def _on_cone(seed, c_in=C_IN):
+def _on_cone(seed, c_in):
   """V_pc = a_pc U_p, Z_pc = b_pc U_p (a, b > 0): every cone constraint holds by construction."""
-  rng = np.random.default_rng(seed)
-  u = convex.gate_filters(0, K, 2, c_in, P)
-  a, b = (rng.uniform(0.2, 1.0, (P, C_OUT)).astype(np.float32) for _ in range(2))
-  return {"v": u[..., None] * a, "z": u[..., None] * b}
+  a, b = np.random.default_rng(seed).uniform(0.2, 1.0, (2, P, C_OUT)).astype(np.float32)
+  u = convex.gate_filters(0, K, 2, c_in, P)[..., None]
+  return {"v": jnp.asarray(u * a), "z": jnp.asarray(u * b)}
 
 
 def test_mapped_relu_net_reproduces_the_convex_prediction_on_the_cone():
   x, _, y = _data(6, c_in=2)
   net = nets.DeepNet(features=FEATURES, kernel_size=K)
-  st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=0.01, rho=1.0, tx=optax.adam(1e-3))
+  forward = jax.jit(nets.forward, static_argnums=0)
+  st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=0.01, rho=1.0,
+                           tx=optax.adam(1e-3))
 
   # Stage 1: h = skip = x.
   variables = _on_cone(0, c_in=2)
-  u = convex.gate_filters(0, K, 2, 2, P)
   params = nets.stack_layer({}, st.to_layer(variables), 0)
   assert params["convs_0"]["kernel"].shape == (K, K, 2, FEATURES)
-  np.testing.assert_allclose(nets.forward(net, params, x), convex.predict(variables, x, x, u),
+  u = convex.gate_filters(0, K, 2, 2, P)
+  np.testing.assert_allclose(forward(net, params, x), convex.predict(variables, x, x, u),
                              rtol=1e-5, atol=1e-5)
-  _, report = st.finalize(variables, _batches(x, x, y, 3))
+  _, report = st.finalize(variables, _batches(x, x, y, 4))
   assert report["relu_agreement"] < 1e-5 and report["constraint_violation"] < 1e-6
   assert report["mse_relu"] == pytest.approx(report["mse"], rel=1e-5)
 
   # Stage 2 on the frozen prefix h_1 = relu(conv_0(x)).
   h = nets.prefix_features(net, params, x, 1)
   variables = _on_cone(1, c_in=FEATURES)
-  u = convex.gate_filters(0, K, 2, FEATURES, P)
   deep = nets.stack_layer(params, st.to_layer(variables), 1)
-  np.testing.assert_allclose(nets.forward(net, deep, x), convex.predict(variables, h, x, u),
+  u = convex.gate_filters(0, K, 2, FEATURES, P)
+  np.testing.assert_allclose(forward(net, deep, x), convex.predict(variables, h, x, u),
                              rtol=1e-5, atol=1e-5)
 
-  # Off the cone the two differ, and the reports say so.
-  _, report = st.finalize(_random_variables(7, c_in=2), _batches(x, x, y, 3))
+  # Off the cones the two differ, and the report says so.
+  _, report = st.finalize(_random_variables(7, c_in=2), _batches(x, x, y, 4))
   assert report["relu_agreement"] > 0.1 and report["constraint_violation"] > 0.1
 
 
 def test_penalty_and_refit():
-  """rho > 0 moves the solution towards the cones; the refit head fits the ReLU features at least
-  as well as the +-1 head, and to_layer (the deep net) then uses it."""
+  """rho > 0 moves the solution onto the cones; the refit head fits the ReLU features at least
+  as well as the +-1 head, and to_layer (so the deep net) then uses it."""
   x, _, y = _data(8, n=8, c_in=2)
-  batches = _batches(x, x, y, 3)
+  batches = _batches(x, x, y, 4)
   net = nets.DeepNet(features=FEATURES, kernel_size=K)
   reports = {}
   for rho in (0.0, 5.0):
     st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=0.01, rho=rho, refit_head=True,
-                             tx=optax.adam(optax.exponential_decay(1e-2, 1000, 1e-2)))
-    variables, reports[rho] = st.finalize(
-        _fit(st, st.init(None, x.shape), x, x, y, 8, 1000), batches)
+                             tx=_adam(1e-2, 1000))
+    variables, reports[rho] = st.finalize(_fit(st, st.init(None, x.shape), x, x, y, 8, 1000),
+                                          batches)
     assert reports[rho]["mse_refit"] <= reports[rho]["mse_relu"] * (1 + 1e-5)
     pred = nets.forward(net, nets.stack_layer({}, st.to_layer(variables), 0), x)
     assert np.mean((pred - y) ** 2) == pytest.approx(reports[rho]["mse_refit"], rel=1e-4)
   assert reports[5.0]["constraint_violation"] < 0.1 * reports[0.0]["constraint_violation"]
-  assert reports[5.0]["relu_agreement"] < reports[0.0]["relu_agreement"]
-  assert reports[5.0]["rel_gap"] >= 0
+  assert reports[5.0]["relu_agreement"] < 0.1 * reports[0.0]["relu_agreement"]
+  assert "rel_gap" in reports[0.0] and "rel_gap" not in reports[5.0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,25 +300,32 @@ def test_penalty_and_refit():
 
 def test_3d_matches_2d_on_a_single_slice():
   h, skip, y = _data(9)
-  v3 = _random_variables(10)
+  v2 = _random_variables(10)
   # A 3x3x3 kernel on a depth-1 volume (SAME padding) sees only its middle slice.
-  outer = jnp.zeros_like(v3["v"])
-  v3 = {k: jnp.stack([outer, w, outer]) for k, w in v3.items()}
+  v3 = {k: jnp.stack([jnp.zeros_like(w), w, jnp.zeros_like(w)]) for k, w in v2.items()}
   u3 = convex.gate_filters(0, K, 3, C_IN, P)
-  two = convex.objective({k: w[1] for k, w in v3.items()}, h, skip, y, u3[1], beta=0.1, rho=0.3)[0]
+  two = convex.objective(v2, h, skip, y, u3[1], beta=0.1, rho=0.3)[0]
   three = convex.objective(v3, h[:, None], skip[:, None], y[:, None], u3, beta=0.1, rho=0.3)[0]
   np.testing.assert_allclose(three, two, rtol=1e-6)
 
-  st = convex.convex_stage(features=FEATURES, kernel_size=K, ndim=3, beta=0.01, rho=0.0,
-                           solver="fista", fista_iters=50)
-  vol = tuple(np.repeat(a[:2, None], 4, axis=1) for a in (h, skip, y))  # (2, 4, 8, 8, C)
-  st, _ = st.prepare(_batches(*vol, 1), vol[0].shape)
-  variables = _fit(st, st.init(None, vol[0].shape), *vol, 2, 50)
-  variables, report = st.finalize(variables, _batches(*vol, 1))
-  assert report["rel_gap"] < 1e-2 and report["mse"] < np.mean((vol[2] - vol[1]) ** 2)
+  # The 3D stage end to end on a (2, 4, 8, 8) volume: gradient, report, ReLU layer, deep net.
+  vol = tuple(np.repeat(a[:2, None], 4, axis=1) for a in (h, skip, y))
+  st = convex.convex_stage(features=FEATURES, kernel_size=K, ndim=3, beta=0.01, rho=1.0,
+                           refit_head=True, tx=optax.adam(1e-3))
+  grad = jax.jit(jax.grad(lambda w: st.loss(w, *vol)[0]))(st.init(None, vol[0].shape))
+  assert grad["v"].shape == (K, K, K, C_IN, P, C_OUT) and np.isfinite(grad["v"]).all()
+  variables, report = st.finalize(v3, _batches(*vol, 2))
+  assert report["mse_refit"] <= report["mse_relu"]
   layer = st.to_layer(variables)
   assert layer["conv"]["kernel"].shape == (K, K, K, C_IN, FEATURES)
   assert layer["head"]["kernel"].shape == (1, 1, 1, FEATURES, C_OUT)
+  # As stage 1 of a 3D DeepNet (h = skip = x, 2 channels), nets.forward runs the same layer.
+  x = vol[1]
+  w = 0.3 * np.random.default_rng(11).standard_normal((2, K, K, K, 2, P, C_OUT))
+  layer = st.to_layer({"v": jnp.asarray(w[0], jnp.float32), "z": jnp.asarray(w[1], jnp.float32)})
+  net = nets.DeepNet(features=FEATURES, kernel_size=K, ndim=3)
+  np.testing.assert_allclose(nets.forward(net, nets.stack_layer({}, layer, 0), x),
+                             convex.relu_predict(layer, x, x), rtol=1e-5, atol=1e-6)
 
 
 def test_errors():

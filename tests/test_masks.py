@@ -98,6 +98,7 @@ def test_random_columns_differ_from_lattice():
     (lambda: masks.make_mask("poisson", (64, 64), 4, calib=32), "out of reach"),
     (lambda: masks.make_mask("cartesian", (64, 64), 4, center_fraction=0.5), "out of reach"),
     (lambda: masks.make_mask("poisson", (64, 64), 1.1), "out of reach"),
+    (lambda: masks.make_mask("poisson", (64, 64), 50, calib=8), "MAX_RADIUS"),
 ])
 def test_errors(call, match):
   with pytest.raises(ValueError, match=match):

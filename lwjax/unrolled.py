@@ -1,0 +1,387 @@
+"""The unrolled network (MoDL-style): K iterations of a CNN step and a CG-SENSE data consistency.
+
+  x_0 = x_zf
+  z_k = nets.forward(CNN_k, x_k)               (= x_k + residual: the DeepNet's skip adds x_k)
+  x_{k+1} = DC_k(z_k) = argmin_x |A x - y|^2 + lambda_k |x - z_k|^2
+          = (A^H A + lambda_k I)^{-1} (A^H y + lambda_k z_k)
+
+``A = mask * fft2c(maps * x)`` is the slice's SENSE operator and ``y`` its sampled k-space,
+divided by the same per-slice ``scale`` as ``x_zf`` (``data.load_split(with_maps=True,
+with_kspace=True)``), so ``A^H y = x_zf``. The DC step is ``sense.cg_sense`` with ``cg_iters``
+conjugate-gradient steps started at ``z_k`` (differentiated by unrolling). Each iteration has its
+own CNN (a ``nets.DeepNet``, the same forward code as the plain network) and its own
+``lambda_k = exp(log_lam_k)``.
+
+Parameters: ``{"iter_0": {"cnn": DeepNet params, "log_lam": ()}, ..., "iter_{K-1}": {...}}``. The
+number of iterations is read from the tree (as ``nets.forward`` reads the depth), so one
+``forward`` evaluates the end-to-end network and the stage-wise one after any stage.
+
+Arrays: images are channels-last float32 ``(N, *spatial, 2)`` at the interfaces and complex64
+inside the DC step; ``kspace`` and ``maps`` are ``(N, *lead, C, H, W)`` complex64 and ``mask`` is
+``(H, W)``. For 3D networks (``ndim=3``) images are volume patches ``(N, D, H, W, 2)`` with
+``kspace``/``maps`` ``(N, D, C, H, W)`` (``data.to_volumes``): the CNN is 3D and the DC step acts
+slice by slice, each slice its own CG system, as a 2D multi-slice acquisition is encoded.
+
+Training (``train_unrolled``), through ``train.fit``:
+* ``e2e`` ("unrolled_e2e"): all iterations jointly. The backward pass runs through every CNN and
+  every CG step, so training memory grows with K * (CNN activations + cg_iters * coil images).
+* ``stagewise`` ("unrolled_stagewise"): stage k trains iteration k (CNN_k and lambda_k) to fit the
+  target on the output of iterations < k, which stay frozen. Their output is the stage's input,
+  computed once per stage for the training set (``x_in``: one image per example, the unrolled
+  analogue of ``--cache_features``), so each stage costs one iteration to train. Stage k ends
+  with a k-iteration network in the same layout as the end-to-end one.
+"""
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from lwjax import data as data_lib
+from lwjax import nets
+from lwjax import sense
+from lwjax import stage as stage_lib
+from lwjax import train as train_lib
+from lwjax.config import Config
+
+Params = dict
+METHODS = {"e2e": "unrolled_e2e", "stagewise": "unrolled_stagewise"}
+# The run's --method names: e2e trains jointly, layerwise stage by stage.
+MODES = {"e2e": "e2e", "layerwise": "stagewise"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+
+def to_complex(x):
+  """(..., 2) real/imaginary channels -> (...) complex64."""
+  return jax.lax.complex(x[..., 0].astype(jnp.float32), x[..., 1].astype(jnp.float32))
+
+
+def to_channels(z):
+  """(...) complex -> (..., 2) float32 real/imaginary channels."""
+  return jnp.stack([jnp.real(z), jnp.imag(z)], axis=-1).astype(jnp.float32)
+
+
+def num_iters(params: Params) -> int:
+  """Iterations of an unrolled parameter tree."""
+  return sum(1 for name in params if name.startswith("iter_"))
+
+
+def lambdas(params: Params) -> list[float]:
+  """Every iteration's data-consistency weight, in order."""
+  return [float(np.exp(params[f"iter_{k}"]["log_lam"])) for k in range(num_iters(params))]
+
+
+def dc(z, kspace, maps, mask, lam, *, cg_iters):
+  """The data-consistency step on a 2-channel image: ``argmin_x |A x - y|^2 + lam |x - z|^2``.
+
+  ``cg_iters`` CG steps on ``(A^H A + lam I) x = A^H y + lam z``, started at ``z``.
+  """
+  x = sense.cg_sense(kspace, maps, mask, lam=lam, x0=to_complex(z), iters=cg_iters)
+  return to_channels(x)
+
+
+def iteration(net: nets.DeepNet, p: Params, x, kspace, maps, mask, *, cg_iters):
+  """One unrolled iteration ``x <- DC(x + CNN(x))`` with ``p = {"cnn", "log_lam"}``."""
+  z = nets.forward(net, p["cnn"], x)
+  return dc(z, kspace, maps, mask, jnp.exp(p["log_lam"]), cg_iters=cg_iters)
+
+
+def forward(net: nets.DeepNet, params: Params, x, kspace, maps, mask, *, cg_iters,
+            iters: Optional[int] = None):
+  """The first ``iters`` iterations (all by default) of the unrolled network on ``x = x_zf``."""
+  for k in range(num_iters(params) if iters is None else iters):
+    x = iteration(net, params[f"iter_{k}"], x, kspace, maps, mask, cg_iters=cg_iters)
+  return x
+
+
+def init_iteration(rng, x_shape, *, depth, features, kernel_size, ndim=2, dc_lambda) -> Params:
+  """One iteration's parameters: a random ``DeepNet`` and ``log_lam = log(dc_lambda)``."""
+  return {"cnn": nets.init(rng, x_shape, depth=depth, features=features,
+                           kernel_size=kernel_size, ndim=ndim),
+          "log_lam": jnp.asarray(np.log(dc_lambda), jnp.float32)}
+
+
+def init(rng, x_shape, *, iters, **kwargs) -> Params:
+  """``iters`` iterations, iteration k from ``fold_in(rng, k)`` (``init_iteration``'s kwargs)."""
+  return {f"iter_{k}": init_iteration(jax.random.fold_in(rng, k), x_shape, **kwargs)
+          for k in range(iters)}
+
+
+def cnn_template(cfg: Config) -> nets.DeepNet:
+  """The CNN of every iteration (depth, width, kernel, ndim and compute dtype of ``cfg``)."""
+  return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel_size,
+                      ndim=cfg.ndim, dtype=jnp.dtype(cfg.compute_dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives and the optimiser (for train.fit: loss_fn(params, frozen, batch)).
+# ``frozen = {"mask": (H, W)}``; ``batch = {"x", "y", "kspace", "maps"}`` (+ "x_in" for a stage).
+
+def e2e_loss(net: nets.DeepNet, *, cg_iters: int) -> train_lib.LossFn:
+  """All iterations jointly: ``half_mse(forward(params, x_zf), y)``."""
+  def loss_fn(params, frozen, batch):
+    pred = forward(net, params, batch["x"], batch["kspace"], batch["maps"], frozen["mask"],
+                   cg_iters=cg_iters)
+    mse2 = stage_lib.half_mse(pred, batch["y"])
+    aux = {f"lambda_{k}": jnp.exp(params[f"iter_{k}"]["log_lam"]) for k in range(num_iters(params))}
+    return mse2, {"mse": 2 * mse2, **aux}
+  return loss_fn
+
+
+def stage_loss(net: nets.DeepNet, index: int, *, cg_iters: int) -> train_lib.LossFn:
+  """Stage ``index + 1``: iteration ``index`` (``variables = {"iter_<index>": ...}``) on
+  ``batch["x_in"]``, the output of the frozen iterations ``0 .. index - 1`` (``x`` for the first).
+
+  The frozen iterations are not in the step at all, so nothing of theirs is differentiated or
+  kept for a backward pass (what ``stop_gradient`` on an in-step prefix would give, at the cost of
+  one image per example computed once per stage)."""
+  def loss_fn(variables, frozen, batch):
+    p = variables[f"iter_{index}"]
+    pred = iteration(net, p, batch["x_in"], batch["kspace"], batch["maps"], frozen["mask"],
+                     cg_iters=cg_iters)
+    mse2 = stage_lib.half_mse(pred, batch["y"])
+    return mse2, {"mse": 2 * mse2, "lambda": jnp.exp(p["log_lam"])}
+  return loss_fn
+
+
+def optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam with the run's schedule: the CNNs with ``--weight_decay``, ``log_lam`` without it (a
+  decay would pull lambda towards 1), or not at all with ``--nolearn_lambda`` (lambda stays
+  exactly ``--dc_lambda``)."""
+  lam_tx = train_lib.adam(cfg, steps_per_epoch) if cfg.learn_lambda else optax.set_to_zero()
+
+  def labels(params):
+    return {k: {"cnn": jax.tree.map(lambda _: "cnn", v["cnn"]), "log_lam": "lam"}
+            for k, v in params.items()}
+
+  return optax.multi_transform(
+      {"cnn": train_lib.adam(cfg, steps_per_epoch, cfg.weight_decay), "lam": lam_tx}, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and evaluation.
+
+DC_KEYS = ("x", "y", "kspace", "maps")
+
+
+def dc_arrays(cfg: Config, split: data_lib.Split) -> dict:
+  """``x, y, kspace, maps`` of a split: slices, or volume patches of ``--volume_depth`` (3D)."""
+  if split.kspace is None or split.maps is None:
+    raise ValueError("the unrolled model needs the coil maps and the sampled k-space: load the "
+                     "split with data.load_split(..., with_maps=True, with_kspace=True)")
+  if cfg.ndim == 3:
+    volumes = data_lib.to_volumes(split, cfg.volume_depth)
+    return {k: volumes[k] for k in DC_KEYS}
+  return {k: getattr(split, k) for k in DC_KEYS}
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(fn: Callable, mesh) -> Callable:
+  """``fn(params, mask, batch)`` jitted for ``mesh`` (batch split, the rest replicated), once per
+  (fn, mesh): the stage-wise driver evaluates the same prefix for its input and for the summary."""
+  rep = train_lib.replicated(mesh)
+  return jax.jit(fn, in_shardings=(rep, rep, train_lib.batch_sharded(mesh)),
+                 out_shardings=train_lib.batch_sharded(mesh))
+
+
+def _batched(fn, params, arrays: dict, mask, *, mesh, batch_size: int) -> np.ndarray:
+  """``fn(params, mask, batch)`` over every example of ``arrays`` in order, on the host."""
+  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+  jitted = _jitted(fn, mesh)
+  params, mask = jax.device_put((params, jnp.asarray(mask, jnp.float32)),
+                                train_lib.replicated(mesh))
+  out = []
+  for batch in data_lib.eval_batches({k: arrays[k] for k in ("x", "kspace", "maps")}, batch_size):
+    valid = batch.pop("valid")
+    out.append(np.asarray(jitted(params, mask, train_lib.put_batch(batch, mesh)))[valid])
+  return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=32)
+def _forward_fn(net: nets.DeepNet, cg_iters: int, iters: int) -> Callable:
+  def fn(params, mask, batch):
+    return forward(net, params, batch["x"], batch["kspace"], batch["maps"], mask,
+                   cg_iters=cg_iters, iters=iters)
+  return fn
+
+
+@functools.lru_cache(maxsize=8)
+def _cg_sense_fn(iters: int) -> Callable:
+  def fn(params, mask, batch):
+    del params
+    return to_channels(sense.cg_sense(batch["kspace"], batch["maps"], mask, iters=iters))
+  return fn
+
+
+def predict(net: nets.DeepNet, params: Params, arrays: dict, mask, *, cg_iters: int, mesh,
+            batch_size: int, iters: Optional[int] = None) -> np.ndarray:
+  """The unrolled network's output (first ``iters`` iterations, all by default) for every
+  example of ``arrays`` (``x, kspace, maps``), in order, on the host."""
+  iters = num_iters(params) if iters is None else iters
+  return _batched(_forward_fn(net, cg_iters, iters), params, arrays, mask, mesh=mesh,
+                  batch_size=batch_size)
+
+
+def cg_sense(arrays: dict, mask, *, iters: int, mesh, batch_size: int) -> np.ndarray:
+  """The classical baseline: CG-SENSE (lambda = 0, ``iters`` steps from zero) of every example."""
+  return _batched(_cg_sense_fn(iters), {}, arrays, mask, mesh=mesh, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The drivers.
+
+def _key(cfg: Config, k: int) -> jax.Array:
+  """Iteration k's initialisation: the same for the end-to-end and the stage-wise network."""
+  return jax.random.fold_in(jax.random.key(cfg.seed), 3000 + k)
+
+
+def _init_iteration(cfg: Config, k: int, x_shape) -> Params:
+  return init_iteration(_key(cfg, k), (1,) + tuple(x_shape[1:]), depth=cfg.depth,
+                        features=cfg.features, kernel_size=cfg.kernel_size, ndim=cfg.ndim,
+                        dc_lambda=cfg.dc_lambda)
+
+
+def train_unrolled(cfg: Config, mode: str, arrays: dict, mask, *, mesh, log: train_lib.MetricsLog,
+                   on_depth: Callable[[int, Params, dict], None] = lambda k, p, r: None) -> Params:
+  """Train the ``cfg.unroll_iters``-iteration network end to end or stage by stage.
+
+  Args:
+    mode: "e2e" (all iterations jointly; saved as ``params/unrolled_e2e/depth_<K>``) or
+      "stagewise" (one iteration per stage; ``params/unrolled_stagewise/depth_<k>`` and
+      ``stages/unrolled_stagewise/stage_<k>.json`` after stage k).
+    arrays: ``x, y, kspace, maps`` with one leading example axis (``dc_arrays``).
+    mask: (H, W) sampling mask.
+    on_depth: called with (iterations, params, report) for every finished network: once for e2e,
+      after every stage for stagewise (the run evaluates it there).
+
+  Finished networks and stages are loaded, not retrained; an interrupted one resumes from its
+  per-epoch checkpoint (``train.fit``). Returns the final parameters.
+  """
+  if mode not in METHODS:
+    raise ValueError(f"mode: expected one of {', '.join(METHODS)}, found {mode!r}")
+  name, iters = METHODS[mode], cfg.unroll_iters
+  net = cnn_template(cfg)
+  arrays = {k: arrays[k] for k in DC_KEYS}
+  frozen = {"mask": jnp.asarray(mask, jnp.float32)}
+  spe = data_lib.steps_per_epoch(len(arrays["x"]), cfg.batch_size)
+  x_shape = arrays["x"].shape
+
+  if mode == "e2e":
+    out = train_lib.params_dir(cfg.workdir, name, iters)
+    if out.exists():
+      params = train_lib.load_params(out)
+    else:
+      params = {f"iter_{k}": _init_iteration(cfg, k, x_shape) for k in range(iters)}
+      result = train_lib.fit(f"{name}_k{iters}", e2e_loss(net, cg_iters=cfg.cg_iters),
+                             optimizer(cfg, spe), params, frozen, arrays, cfg=cfg, mesh=mesh,
+                             epochs=cfg.epochs, log=log)
+      params = jax.device_get(result.state["params"])
+      train_lib.save_params(out, params)
+    on_depth(iters, params, {f"lambda_{k}": lam for k, lam in enumerate(lambdas(params))})
+    return params
+
+  params: Params = {}
+  for k in range(iters):
+    report_path = train_lib.stage_report_path(cfg.workdir, name, k + 1)
+    if report_path.exists():
+      params = train_lib.load_params(train_lib.params_dir(cfg.workdir, name, k + 1))
+      on_depth(k + 1, params, json.loads(report_path.read_text()))
+      continue
+    # The frozen iterations' output, once for the whole stage (a deterministic function of the
+    # saved prefix, so a resumed stage sees the same input).
+    x_in = arrays["x"] if k == 0 else predict(net, params, arrays, mask, cg_iters=cfg.cg_iters,
+                                              mesh=mesh, batch_size=cfg.eval_batch_size)
+    variables = {f"iter_{k}": _init_iteration(cfg, k, x_shape)}
+    result = train_lib.fit(f"{name}_s{k + 1}", stage_loss(net, k, cg_iters=cfg.cg_iters),
+                           optimizer(cfg, spe), variables, frozen, {**arrays, "x_in": x_in},
+                           cfg=cfg, mesh=mesh, epochs=cfg.epochs, log=log)
+    params = {**params, **jax.device_get(result.state["params"])}
+    train_lib.save_params(train_lib.params_dir(cfg.workdir, name, k + 1), params)
+    report = {"lambda": lambdas(params)[k]}
+    log.write({"phase": f"{name}_s{k + 1}", "event": "stage_done", **report})
+    train_lib._write_json(report_path, report)  # Last: its presence marks the stage finished.
+    on_depth(k + 1, params, report)
+  return params
+
+
+def step_memory(cfg: Config, mode: str, batch_size: int, *, coils: int, mesh=None) -> dict:
+  """XLA's buffer assignment of one training step (as ``memory.step_memory``), allocating nothing.
+
+  ``mode`` "e2e": all ``cfg.unroll_iters`` iterations; "stagewise": one stage (one iteration on
+  its precomputed input), the same for every stage. Images ``cfg.image_size`` square with
+  ``coils`` coils, volume patches of ``cfg.volume_depth`` slices for ``ndim=3``. Returns
+  ``{"argument", "output", "temp", "alias", "total"}`` in bytes.
+  """
+  spatial = (cfg.image_size,) * 2 if cfg.ndim == 2 else (cfg.volume_depth,) + (cfg.image_size,) * 2
+  net = cnn_template(cfg)
+  iters = cfg.unroll_iters if mode == "e2e" else 1
+  params = jax.eval_shape(lambda: {f"iter_{k}": _init_iteration(cfg, k, (1,) + spatial + (2,))
+                                   for k in range(iters)})
+  loss = (e2e_loss(net, cg_iters=cfg.cg_iters) if mode == "e2e"
+          else stage_loss(net, 0, cg_iters=cfg.cg_iters))
+  tx = optimizer(cfg, 1)
+  state = {"params": params, "opt": jax.eval_shape(tx.init, params),
+           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  image = jax.ShapeDtypeStruct((batch_size,) + spatial + (2,), jnp.float32)
+  coil = jax.ShapeDtypeStruct((batch_size,) + spatial[:-2] + (coils,) + spatial[-2:],
+                              jnp.complex64)
+  batch = {"x": image, "y": image, "kspace": coil, "maps": coil}
+  if mode != "e2e":
+    batch["x_in"] = image
+  frozen = {"mask": jax.ShapeDtypeStruct(spatial[-2:], jnp.float32)}
+  step = train_lib.make_step(loss, tx, mesh or train_lib.make_mesh(1))
+  stats = step.lower(state, frozen, batch).compile().memory_analysis()
+  out = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
+         "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return {k: int(v) for k, v in out.items()}
+
+
+def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
+        log: train_lib.MetricsLog, summary_path) -> dict:
+  """``train.run`` for ``--model=unrolled``: every method of ``cfg``, evaluated on ``val``.
+
+  ``--method=e2e`` trains ``unrolled_e2e`` (evaluated at K iterations), ``layerwise`` trains
+  ``unrolled_stagewise`` (evaluated after every stage, i.e. at 1..K iterations). summary.json:
+  ``{"zero_filled", "cg_sense" (CG-SENSE, --cg_iters steps from zero), "unrolled_e2e": {K: ...},
+  "unrolled_stagewise": {k: ...}, "stages": {"unrolled_stagewise": {k: report}},
+  "lambda": {method: {k: [lambda_0, ...]}}, "config"}``; the metric means are per 2D slice.
+  """
+  summary_path = Path(summary_path)
+  net = cnn_template(cfg)
+  mask = np.asarray(train.mask, np.float32)
+  train_arrays, val_arrays = dc_arrays(cfg, train), dc_arrays(cfg, val)
+  slice_means = lambda pred: train_lib.mean_metrics(train_lib.slice_metrics(pred, val_arrays["y"]))
+  summary = {"zero_filled": slice_means(val_arrays["x"]),
+             "cg_sense": slice_means(cg_sense(val_arrays, mask, iters=cfg.cg_iters, mesh=mesh,
+                                              batch_size=cfg.eval_batch_size)),
+             "stages": {}, "lambda": {}, "config": dataclasses.asdict(cfg)}
+  train_lib._write_json(summary_path, summary)
+
+  def record(method, iters, params, report):
+    pred = predict(net, params, val_arrays, mask, cg_iters=cfg.cg_iters, mesh=mesh,
+                   batch_size=cfg.eval_batch_size)
+    means = slice_means(pred)
+    summary.setdefault(method, {})[str(iters)] = means
+    summary["lambda"].setdefault(method, {})[str(iters)] = lambdas(params)
+    if method == METHODS["stagewise"]:
+      summary["stages"].setdefault(method, {})[str(iters)] = report
+    log.write({"phase": f"{method}_k{iters}", "event": "eval", **means})
+    logging.info("%s, %d iterations: PSNR %.2f dB SSIM %.4f NMSE %.4g (zero-filled %.2f dB, "
+                 "CG-SENSE %.2f dB)", method, iters, means["psnr"], means["ssim"], means["nmse"],
+                 summary["zero_filled"]["psnr"], summary["cg_sense"]["psnr"])
+    train_lib._write_json(summary_path, summary)
+
+  for method in cfg.methods:
+    mode = MODES[method]
+    train_unrolled(cfg, mode, train_arrays, mask, mesh=mesh, log=log,
+                   on_depth=lambda k, p, r, m=METHODS[mode]: record(m, k, p, r))
+  return summary

@@ -1,0 +1,169 @@
+"""Interpretability: filters, active units, and the effective filter as the exact linearisation."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from lwjax import config as config_lib
+from lwjax import figures
+from lwjax import interpret
+from lwjax import nets
+from lwjax import train
+
+ROOT = Path(__file__).resolve().parents[1]
+NET = nets.DeepNet(depth=3, features=8, kernel_size=3)
+
+
+def _params(zero_bias=False):
+  """Random parameters of NET; biases too unless ``zero_bias`` (for the effective bias)."""
+  shapes = jax.eval_shape(lambda k: nets.init(k, (1, 16, 16, 2), depth=3, features=8,
+                                              kernel_size=3), jax.random.key(0))
+  rng = np.random.default_rng(0)
+
+  def draw(path, s):
+    if path[-1].key == "bias":
+      return np.zeros(s.shape, np.float32) if zero_bias else 0.1 * rng.standard_normal(s.shape)
+    return rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))  # LeCun scale
+
+  return jax.tree.map_with_path(lambda p, s: jnp.asarray(draw(p, s), jnp.float32), shapes)
+
+
+def _image(seed=0):
+  return jnp.asarray(np.random.default_rng(100 + seed).standard_normal((16, 16, 2), np.float32))
+
+
+def test_layer_filters_and_receptive_field():
+  params = _params()
+  assert [k.shape for k in interpret.layer_filters(params)] == [(3, 3, 2, 8), (3, 3, 8, 8),
+                                                                 (1, 1, 8, 2)]
+  assert interpret.receptive_radius(params) == 2
+  assert interpret.receptive_field(params, (0, 15)) == (slice(0, 3), slice(13, 18))
+
+
+def test_active_fraction_counts_positive_relu_units():
+  params, x = _params(), _image()[None]
+  fractions = interpret.active_fraction(NET, params, x)
+  assert len(fractions) == 2 and all(0 < f < 1 for f in fractions)
+  for n, fraction in enumerate(fractions, 1):
+    # relu(pre) > 0 exactly where pre > 0
+    h = jax.jit(nets.prefix_features, static_argnums=(0, 3))(NET, params, x, n)
+    assert fraction == pytest.approx(float(jnp.mean(h > 0)))
+  maps = interpret.active_maps(NET, params, x)
+  assert [m.shape for m in maps] == [(1, 16, 16)] * 2
+  assert all(((m >= 0) & (m <= 1)).all() for m in maps)
+
+
+@pytest.mark.parametrize("pixel", [(8, 7), (0, 0), (15, 3)])
+@pytest.mark.parametrize("out_channel", [0, 1, None])
+def test_effective_filter_reproduces_the_output_without_biases(pixel, out_channel):
+  # Without biases the net is positively homogeneous: out_p - x_p = J_p . x exactly (Euler).
+  params, x = _params(zero_bias=True), _image()
+  jac = interpret.effective_filter(NET, params, x, pixel, out_channel)
+  assert jac.shape == (16, 16, 2)
+  out = nets.forward(NET, params, x[None])[0]
+  residual = out[pixel] - x[pixel]
+  u = (jnp.eye(2)[out_channel] if out_channel is not None
+       else out[pixel] / jnp.linalg.norm(out[pixel]))
+  assert float(jnp.sum(jac * x)) == pytest.approx(float(u @ residual), rel=1e-4, abs=1e-6)
+  # Nothing outside the receptive field (radius 2) reaches the pixel.
+  r, c = pixel
+  outside = np.ones((16, 16), bool)
+  outside[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3] = False
+  assert not jac[outside].any() and jac[~outside].any()
+
+
+@pytest.mark.parametrize("pixel", [(8, 7), (15, 3)])
+def test_effective_filter_is_the_jacobian_row(pixel):
+  # With biases the net is affine around x: the row equals the full-image Jacobian's, and a
+  # small step along any direction changes the pixel by J . d.
+  params, x = _params(), _image(1)
+  jac = interpret.effective_filter(NET, params, x, pixel, out_channel=1)
+  f = jax.jit(lambda z: nets.forward(NET, params, z[None])[0][pixel][1] - z[pixel][1])
+  np.testing.assert_allclose(jac, jax.jit(jax.grad(f))(x), rtol=1e-5, atol=1e-6)
+  d = _image(7)
+  eps = 1e-3
+  assert float((f(x + eps * d) - f(x - eps * d)) / (2 * eps)) == pytest.approx(
+      float(jnp.sum(jac * d)), rel=1e-2, abs=1e-3)
+
+
+def test_filter_tiles():
+  rng = np.random.default_rng(0)
+  first = rng.normal(size=(3, 3, 2, 8))
+  first[..., 5] *= 10  # the strongest unit comes first
+  tiles, titles, signed = interpret.filter_tiles(first, max_filters=3)
+  assert signed and len(tiles) == 6 and titles[:2] == ["5 re", "5 im"]
+  np.testing.assert_array_equal(tiles[1], first[:, :, 1, 5])
+  tiles, titles, signed = interpret.filter_tiles(rng.normal(size=(3, 3, 8, 4)))
+  assert not signed and len(tiles) == 4 and all(t.shape == (3, 3) and (t >= 0).all() for t in tiles)
+
+
+TINY = config_lib.Config(
+    image_size=32, calib=8, synth_train_subjects=1, synth_val_subjects=1, synth_slices=2,
+    synth_coils=4, maps="lowres", depth=3, features=8, kernel_size=3, epochs=1, batch_size=2,
+    method="e2e", log_every=0)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  train.run(dataclasses.replace(TINY, workdir=str(workdir)), mesh=train.make_mesh(2))
+  return workdir
+
+
+def _check_png(path, tiles_wide, tiles_high):
+  img = imread(path)
+  assert img.shape[:2] == (round(tiles_high * figures.TILE * figures.DPI),
+                           round(tiles_wide * figures.TILE * figures.DPI))
+  assert img.min() >= 0 and img.max() <= 1 and img[..., :3].std() > 0.01
+
+
+def test_run_draws_every_figure(workdir):
+  result = interpret.run(workdir, pixel=(10, 20))
+  out_dir = workdir / "figures" / "interpret" / "e2e_d3"
+  assert json.loads((out_dir / "interpret.json").read_text()) == result
+  assert (result["method"], result["depth"], result["pixel"]) == ("e2e", 3, [10, 20])
+  assert len(result["active_fraction"]) == 2
+  assert all(0 <= f <= 1 for f in result["active_fraction"])
+  # An e2e net has biases: the pixel is the filter response plus the effective bias.
+  e = result["effective_filter"]
+  assert e["response"] + e["bias"] == pytest.approx(e["residual"], abs=1e-6)
+  _check_png(out_dir / "filters_layer1.png", 16, 1)  # 8 units x (re, im)
+  _check_png(out_dir / "filters_layer2.png", 8, 1)
+  _check_png(out_dir / "active_units.png", 2, 1)
+  _check_png(out_dir / "effective_filter.png", 3, 1)
+  _check_png(out_dir / "effective_filter_zoom.png", 2, 1)
+  assert set(result["figures"].values()) == {str(p) for p in out_dir.glob("*.png")}
+
+
+def test_run_rejects_what_the_run_does_not_have(workdir):
+  with pytest.raises(ValueError, match="--method='layerwise'"):
+    interpret.run(workdir, method="layerwise")
+  with pytest.raises(ValueError, match="--depth=2"):
+    interpret.run(workdir, depth=2)
+  with pytest.raises(ValueError, match="--slice=5"):
+    interpret.run(workdir, slice_index=5)
+  with pytest.raises(ValueError, match="--pixel"):
+    interpret.run(workdir, pixel=(40, 0))
+
+
+def test_launch_script(workdir, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, str(ROOT / "launch" / "interpret.py"), f"--workdir={workdir}",
+         "--method=e2e", "--slice=1", "--pixel=3,4", f"--out_dir={tmp_path}"]
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads((tmp_path / "interpret.json").read_text())
+  assert result["pixel"] == [3, 4] and result["slice"][1] == 1
+  assert (tmp_path / "effective_filter.png").is_file()
+  done = subprocess.run(cmd[:2] + [f"--workdir={tmp_path / 'nowhere'}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0 and str(tmp_path / "nowhere") in done.stderr
