@@ -22,6 +22,10 @@ rho = 0 is the gated-ReLU relaxation (a group lasso; FISTA or Adam); rho > 0 is 
 driving the solution onto the ReLU cones ``(2 D_p - 1) * conv(h, V_pc) >= 0`` (Adam). Where those
 hold, ``relu(conv(h, V_pc)) = D_p * conv(h, V_pc)`` and the mapped ReLU layer (``to_layer``)
 predicts exactly what the convex model predicts; ``finalize`` reports how far from that a stage is.
+The gated program only sees ``V_pc - Z_pc``: started from zero it splits each neuron evenly
+between V_pc and -Z_pc, which the +-1 head maps to ``relu(u) - relu(-u) = u``, a linear unit. So
+a rho = 0 stage becomes a ReLU layer through ``refit_head``: the filters stay, the 1x1 head is
+refit by least squares on the ReLU features ``relu(+-u)``.
 """
 import dataclasses
 import functools
@@ -245,7 +249,7 @@ def _batch_sums(variables, h, skip, y, *, gate_seed, refit):
   layer = to_layer(variables)
   z = relu_features(layer, h, jnp.float32)
   pred_relu = _head(layer, z, skip)
-  sums = {"n": h.shape[0], "elements": y.size, "pixels": y.size // y.shape[-1],
+  sums = {"elements": y.size, "pixels": y.size // y.shape[-1],
           "sq_err": jnp.sum(jnp.square(e)), "sq_err_relu": jnp.sum(jnp.square(pred_relu - y)),
           "sq_diff": jnp.sum(jnp.square(pred_relu - pred)),
           "sq_signal": jnp.sum(jnp.square(pred - skip)),
@@ -303,7 +307,8 @@ def fista(step: float, beta: float) -> optax.GradientTransformation:
   ``fista_solution``). Needs ``params`` in ``update``.
   """
   def init_fn(params):
-    return FistaState(x=params, t=jnp.ones([], jnp.float32))
+    # A copy: a training state that donates its buffers must not hold one array twice.
+    return FistaState(x=jax.tree.map(jnp.copy, params), t=jnp.ones([], jnp.float32))
 
   def update_fn(grads, state, params=None):
     if params is None:
@@ -332,8 +337,17 @@ def fista_solution(variables, opt_state):
 
 
 @functools.partial(jax.jit, static_argnames="gate_seed")
+def _adjoint(variables, h, t, *, gate_seed):
+  """``A^T t`` summed over one batch: A is the gated conv operator (the prediction minus skip),
+  ``t`` (N, *spatial, C_out); ``variables`` only give the shapes."""
+  u = _gate_filters_of(variables, gate_seed)
+  zero = jnp.zeros_like(t)
+  return jax.vjp(lambda w: predict(w, h, zero, u, jnp.float32), variables)[1](t)[0]
+
+
+@functools.partial(jax.jit, static_argnames="gate_seed")
 def _normal_op(variables, h, *, gate_seed):
-  """``A^T A w`` summed over one batch; A is the gated conv operator (the prediction minus skip)."""
+  """``A^T A w`` summed over one batch."""
   u = _gate_filters_of(variables, gate_seed)
   zero = jnp.zeros(h.shape[:-1] + variables["v"].shape[-1:], jnp.float32)
   out, vjp = jax.vjp(lambda w: predict(w, h, zero, u, jnp.float32), variables)
@@ -346,7 +360,8 @@ def _tree_norm(tree):
 
 def _needs_prepare() -> optax.GradientTransformation:
   def fail(*args, **kwargs):
-    raise RuntimeError("the FISTA stage builds its solver in Stage.prepare: call it first")
+    raise RuntimeError("this convex stage sets its solver up (FISTA's step size, a relative "
+                       "beta) in Stage.prepare: call it first")
   return optax.GradientTransformation(fail, fail)
 
 
@@ -355,14 +370,15 @@ def _needs_prepare() -> optax.GradientTransformation:
 
 def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=None, gate_seed=0,
                  out_channels=2, refit_head=False, fista_iters=None, steps_per_epoch=1,
-                 power_iters=20, dtype=jnp.float32) -> stage.Stage:
+                 relative_beta=False, power_iters=20, dtype=jnp.float32) -> stage.Stage:
   """The convex layer-wise stage ("layerwise_convex") behind the ``stage.Stage`` interface.
 
   Args:
     features: hidden channels of the mapped ReLU layer, ``2 * P * out_channels`` (P arrangements;
       256 with 2 outputs gives the paper's P = 64).
     kernel_size, ndim: k and the number of spatial dimensions (2: NHWC, 3: NDHWC).
-    beta: group-lasso weight (> 0), relative to the 0.5 * mean squared-error data term.
+    beta: group-lasso weight (> 0), relative to the 0.5 * mean squared-error data term; with
+      ``relative_beta`` a fraction of ``beta_max`` (the beta that zeroes every group).
     rho: ReLU-cone penalty (>= 0); 0 is the gated-ReLU relaxation.
     solver: "adam" (the objective minimised by ``tx``, any rho) or "fista" (rho = 0: accelerated
       proximal gradient, one iteration per epoch on the full-batch gradient).
@@ -372,8 +388,21 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     refit_head: let ``finalize`` refit the 1x1 head on the ReLU features by least squares.
     fista_iters: FISTA iterations (= the stage's epochs); None: the run's epochs.
     steps_per_epoch: equal-size minibatches per epoch, accumulated into one FISTA gradient.
+    relative_beta: scale ``beta`` by this stage's ``beta_max``, found in ``prepare`` (one pass):
+      the features of each stage have their own scale, so an absolute beta means something
+      different at every stage.
     power_iters: passes of the power iteration for FISTA's Lipschitz constant.
     dtype: compute dtype of the V/Z conv (the gates, certificate and refit use float32).
+
+  Returns:
+    The stage. With FISTA or ``relative_beta`` its ``tx`` only works after ``prepare``, which
+    returns the stage to train and a report ({"lipschitz"}, {"beta_max", "beta"}).
+    ``finalize`` reports over the training set: "objective", "mse" (the convex model),
+    "rel_gap" and "kkt_violation" (rho = 0 only, see ``duality_gap``), "constraint_violation"
+    (sum of cone violations / sum of |conv(h, V_pc)|), "relu_agreement"
+    (|pred_relu - pred| / |pred - skip| with pred_relu the +-1 mapped ReLU net), "mse_relu",
+    "beta_max", "active_groups" and, with ``refit_head``, "mse_refit" (the returned variables
+    then carry the refit head, which ``to_layer`` uses).
   """
   if features % (2 * out_channels):
     raise ValueError(f"features ({features}) must be divisible by 2 * out_channels "
@@ -390,71 +419,112 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     raise ValueError("solver='adam' needs tx (Adam with the run's schedule)")
   num = features // (2 * out_channels)
 
+  def shape(c_in):
+    return (kernel_size,) * ndim + (c_in, num, out_channels)
+
   def init(rng, h_shape):
     del rng  # The program is convex: start at zero (any start reaches the same optimum).
-    shape = (kernel_size,) * ndim + (h_shape[-1], num, out_channels)
-    return {"v": jnp.zeros(shape, jnp.float32), "z": jnp.zeros(shape, jnp.float32)}
+    return {"v": jnp.zeros(shape(h_shape[-1]), jnp.float32),
+            "z": jnp.zeros(shape(h_shape[-1]), jnp.float32)}
 
-  def loss(variables, h, skip, y):
-    u = gate_filters(gate_seed, kernel_size, ndim, h.shape[-1], num)
-    value, aux = objective(variables, h, skip, y, u, beta=beta, rho=rho, dtype=dtype)
-    # FISTA differentiates the smooth part only; its prox step handles the group lasso.
-    return (0.5 * aux["mse"] if solver == "fista" else value), aux
+  def build(beta, tx):
+    """The stage for an absolute ``beta`` and a ready solver."""
 
-  def finalize(variables, feature_batches):
-    vz = {"v": variables["v"], "z": variables["z"]}
-    with jax.default_matmul_precision("highest"):
-      total = None
-      for h, skip, y in feature_batches():
-        total = _accumulate(total, _batch_sums(vz, h, skip, y, gate_seed=gate_seed,
-                                               refit=refit_head))
-      mse = total["sq_err"] / total["elements"]
-      norms = _np_group_norms(vz)
-      report = {
-          "objective": mse / 2 + beta * norms.sum() + rho * total["violation"] / total["pixels"],
-          "mse": mse,
-          "constraint_violation": total["violation"] / max(total["magnitude"], 1e-30),
-          "relu_agreement": np.sqrt(total["sq_diff"] / max(total["sq_signal"], 1e-30)),
-          "mse_relu": total["sq_err_relu"] / total["elements"],
-          "beta_max": _np_group_norms(total["at_r"]).max() / total["elements"],
-          "active_groups": np.sum(norms > _ZERO_GROUP * norms.max())}
-      if rho == 0:
-        # With rho > 0 the multipliers of the active cone constraints are unknown, and the gap
-        # of a dual point built from the gradient stays loose: only the gated program gets one.
-        cert = duality_gap(vz, jax.tree.map(lambda g: g / total["elements"], total["at_e"]),
-                           data=mse / 2, beta=beta)
-        report.update(rel_gap=cert["rel_gap"], kkt_violation=cert["kkt_violation"])
-      if refit_head:
-        vz["head"] = _refit(total["gram"], total["cross"], ndim)
-        layer = to_layer(vz)
-        sq = sum(float(_sq_err(layer, h, skip, y)) for h, skip, y in feature_batches())
-        report["mse_refit"] = sq / total["elements"]
-    return vz, {k: float(v) for k, v in report.items()}
+    def loss(variables, h, skip, y):
+      u = gate_filters(gate_seed, kernel_size, ndim, h.shape[-1], num)
+      value, aux = objective(variables, h, skip, y, u, beta=beta, rho=rho, dtype=dtype)
+      # FISTA differentiates the smooth part only; its prox step handles the group lasso.
+      return (0.5 * aux["mse"] if solver == "fista" else value), aux
+
+    def finalize(variables, feature_batches):
+      return _finalize(variables, feature_batches, beta=beta, rho=rho, gate_seed=gate_seed,
+                       refit_head=refit_head)
+
+    st = stage.Stage(name="layerwise_convex", init=init, loss=loss, tx=tx, to_layer=to_layer,
+                     finalize=finalize)
+    if solver == "fista":
+      st = dataclasses.replace(st, solution=fista_solution, epochs=fista_iters)
+    if solver == "fista" or relative_beta:
+      st = dataclasses.replace(st, prepare=prepare)
+    return st
 
   def prepare(feature_batches, h_shape):
-    shape = (kernel_size,) * ndim + (h_shape[-1], num, out_channels)
-    start = np.random.default_rng((gate_seed, 1)).standard_normal((2,) + shape, dtype=np.float32)
-    w = {"v": jnp.asarray(start[0]), "z": jnp.asarray(start[1])}
-    lipschitz = 0.0
+    report, beta_abs, tx_ = {}, beta, tx
     with jax.default_matmul_precision("highest"):
-      for _ in range(power_iters):
-        norm = _tree_norm(w)
-        w = jax.tree.map(lambda a: a / norm, w)
-        acc, elements = None, 0
-        for h, skip, _ in feature_batches():
-          g = _normal_op(w, h, gate_seed=gate_seed)
-          acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
-          elements += skip.size
-        w = jax.tree.map(lambda a: a / elements, acc)
-        lipschitz = float(_tree_norm(w))  # |A^T A w| / M with |w| = 1: a lower bound on L.
-    step = 1.0 / (_LIPSCHITZ_MARGIN * lipschitz)
-    tx_fista = optax.MultiSteps(fista(step, beta), every_k_schedule=steps_per_epoch)
-    return (dataclasses.replace(st, tx=tx_fista.gradient_transformation()),
-            {"lipschitz": lipschitz})
+      if relative_beta:
+        report["beta_max"] = _beta_max(feature_batches, shape(h_shape[-1]), gate_seed)
+        beta_abs = report["beta"] = beta * report["beta_max"]
+      if solver == "fista":
+        report["lipschitz"] = _lipschitz(feature_batches, shape(h_shape[-1]), gate_seed,
+                                         power_iters)
+        step = 1.0 / (_LIPSCHITZ_MARGIN * report["lipschitz"])
+        tx_ = optax.MultiSteps(fista(step, beta_abs), every_k_schedule=steps_per_epoch)
+        tx_ = tx_.gradient_transformation()
+    return build(beta_abs, tx_), report
 
-  st = stage.Stage(name="layerwise_convex", init=init, loss=loss,
-                   tx=tx if solver == "adam" else _needs_prepare(), to_layer=to_layer,
-                   finalize=finalize)
-  if solver == "fista":
-    st = dataclasses.replace(st, solution=fista_solution, prepare=prepare, epochs=fista_iters)
-  return st
+  ready = solver == "adam" and not relative_beta
+  return build(beta, tx if ready else _needs_prepare())
+
+
+def _beta_max(feature_batches, shape, gate_seed):
+  """``max_g |A_g^T r| / M`` over the training set (r = y - skip): the smallest beta at which
+  the all-zero point is optimal."""
+  zero = {"v": jnp.zeros(shape, jnp.float32), "z": jnp.zeros(shape, jnp.float32)}
+  acc, elements = None, 0
+  for h, skip, y in feature_batches():
+    acc = _accumulate(acc, _adjoint(zero, h, y - skip, gate_seed=gate_seed))
+    elements += y.size
+  return float(_np_group_norms(acc).max() / elements)
+
+
+def _lipschitz(feature_batches, shape, gate_seed, iters):
+  """Largest eigenvalue of ``A^T A / M`` over the training set by power iteration, from a
+  seeded start (deterministic, as ``Stage.prepare`` must be)."""
+  start = np.random.default_rng((gate_seed, 1)).standard_normal((2,) + shape, dtype=np.float32)
+  w = {"v": jnp.asarray(start[0]), "z": jnp.asarray(start[1])}
+  lipschitz = 0.0
+  for _ in range(iters):
+    norm = _tree_norm(w)
+    w = jax.tree.map(lambda a: a / norm, w)
+    acc, elements = None, 0
+    for h, skip, _ in feature_batches():
+      g = _normal_op(w, h, gate_seed=gate_seed)
+      acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
+      elements += skip.size
+    w = jax.tree.map(lambda a: a / elements, acc)
+    lipschitz = float(_tree_norm(w))  # |A^T A w| / M with |w| = 1: a lower bound on L.
+  return lipschitz
+
+
+def _finalize(variables, feature_batches, *, beta, rho, gate_seed, refit_head):
+  """``Stage.finalize``: certificate, ReLU agreement and the optional head refit (see
+  ``convex_stage``); one pass over the training set, two with the refit."""
+  vz = {"v": variables["v"], "z": variables["z"]}
+  ndim = vz["v"].ndim - 3
+  with jax.default_matmul_precision("highest"):
+    total = None
+    for h, skip, y in feature_batches():
+      total = _accumulate(total, _batch_sums(vz, h, skip, y, gate_seed=gate_seed,
+                                             refit=refit_head))
+    mse = total["sq_err"] / total["elements"]
+    norms = _np_group_norms(vz)
+    report = {
+        "objective": mse / 2 + beta * norms.sum() + rho * total["violation"] / total["pixels"],
+        "mse": mse,
+        "constraint_violation": total["violation"] / max(total["magnitude"], 1e-30),
+        "relu_agreement": np.sqrt(total["sq_diff"] / max(total["sq_signal"], 1e-30)),
+        "mse_relu": total["sq_err_relu"] / total["elements"],
+        "beta_max": _np_group_norms(total["at_r"]).max() / total["elements"],
+        "active_groups": np.sum(norms > _ZERO_GROUP * norms.max())}
+    if rho == 0:
+      # With rho > 0 the multipliers of the active cone constraints are unknown, and the gap of
+      # a dual point built from the gradient stays loose: only the gated program gets one.
+      cert = duality_gap(vz, jax.tree.map(lambda g: g / total["elements"], total["at_e"]),
+                         data=mse / 2, beta=beta)
+      report.update(rel_gap=cert["rel_gap"], kkt_violation=cert["kkt_violation"])
+    if refit_head:
+      vz["head"] = _refit(total["gram"], total["cross"], ndim)
+      layer = to_layer(vz)
+      sq = sum(float(_sq_err(layer, h, skip, y)) for h, skip, y in feature_batches())
+      report["mse_refit"] = sq / total["elements"]
+  return vz, {k: float(v) for k, v in report.items()}

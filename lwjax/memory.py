@@ -60,11 +60,17 @@ def networks(cfg: Config) -> list[Network]:
                                         for d in range(2, cfg.depth + 1)]
 
 
+def spatial(cfg: Config) -> tuple[int, ...]:
+  """The spatial shape of one training example: a slice, or a volume patch for ``ndim=3``."""
+  size = (cfg.image_size, cfg.image_size)
+  return size if cfg.ndim == 2 else (cfg.volume_depth,) + size
+
+
 def _step_inputs(cfg: Config, network: Network):
   """(loss_fn, tx, abstract params, abstract frozen prefix) of the trainer for ``network``."""
   template = train.network_template(cfg)
-  x_shape = (1, cfg.image_size, cfg.image_size, 2)
-  deep = jax.eval_shape(lambda k: nets.init(k, x_shape, depth=network.depth,
+  x_shape = (1,) + spatial(cfg) + (2,)
+  deep = jax.eval_shape(lambda k: nets.init(k, x_shape, depth=network.depth, ndim=cfg.ndim,
                                             features=cfg.features, kernel_size=cfg.kernel_size),
                         jax.random.key(0))
   if network.method == "e2e":
@@ -89,7 +95,7 @@ def step_memory(cfg: Config, network: Network, batch_size: int, *, mesh=None) ->
   loss_fn, tx, params, frozen = _step_inputs(cfg, network)
   state = {"params": params, "opt": jax.eval_shape(tx.init, params),
            "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  image = jax.ShapeDtypeStruct((batch_size, cfg.image_size, cfg.image_size, 2), jnp.float32)
+  image = jax.ShapeDtypeStruct((batch_size,) + spatial(cfg) + (2,), jnp.float32)
   step = train.make_step(loss_fn, tx, mesh or train.make_mesh(1))
   stats = step.lower(state, frozen, {"x": image, "y": image}).compile().memory_analysis()
   out = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
@@ -165,8 +171,8 @@ def report(cfg: Config, budget_bytes: int, *, log: Callable[[str], None] = lambd
   """
   out = {"budget_bytes": int(budget_bytes), "batch_size": cfg.batch_size,
          "backend": jax.default_backend(),
-         "config": {k: getattr(cfg, k) for k in ("image_size", "depth", "features", "kernel_size",
-                                                   "compute_dtype")}}
+         "config": {k: getattr(cfg, k) for k in ("image_size", "ndim", "volume_depth", "depth",
+                                                   "features", "kernel_size", "compute_dtype")}}
   for network in networks(cfg):
     entry = analyse(cfg, network, budget_bytes, batch_size=cfg.batch_size, mesh=mesh)
     log(f"{network.label}: {entry['step_bytes'] / 2**30:.2f} GiB at batch {cfg.batch_size}, "
@@ -215,7 +221,7 @@ def run_steps(cfg: Config, network: Network, batch_size: int, *, steps: int = 3,
   params, frozen = materialise(params), materialise(frozen)
   state = jax.device_put({"params": params, "opt": tx.init(params),
                           "step": jnp.zeros((), jnp.int32)}, train.replicated(mesh))
-  image = np.zeros((batch_size, cfg.image_size, cfg.image_size, 2), np.float32)
+  image = np.zeros((batch_size,) + spatial(cfg) + (2,), np.float32)
   batch = train.put_batch({"x": image, "y": image}, mesh)
   step = train.make_step(loss_fn, tx, mesh)
   for _ in range(steps):

@@ -306,9 +306,9 @@ def _write_json(path: Path, value) -> None:
 # ----------------------------------------------------------------------------------------------
 # The two methods.
 
-def network_template(cfg: Config, ndim: int = 2) -> nets.DeepNet:
+def network_template(cfg: Config, ndim: Optional[int] = None) -> nets.DeepNet:
   return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel_size,
-                      ndim=ndim, dtype=jnp.dtype(cfg.compute_dtype))
+                      ndim=cfg.ndim if ndim is None else ndim, dtype=jnp.dtype(cfg.compute_dtype))
 
 
 def _phase_key(cfg: Config, salt: int) -> jax.Array:
@@ -346,7 +346,7 @@ def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsL
     return load_params(out)
   net = network_template(cfg).clone(depth=depth)
   params = nets.init(_phase_key(cfg, 1000 + depth), (1,) + train["x"].shape[1:], depth=depth,
-                     features=cfg.features, kernel_size=cfg.kernel_size)
+                     features=cfg.features, kernel_size=cfg.kernel_size, ndim=net.ndim)
 
   spe = data_lib.steps_per_epoch(len(train["x"]), cfg.batch_size)
   result = fit(f"e2e_d{depth}", e2e_loss(net), adam(cfg, spe, cfg.weight_decay), params, {},
@@ -356,9 +356,11 @@ def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsL
   return params
 
 
-def make_stage(method: str, cfg: Config, steps_per_epoch: int, ndim: int = 2) -> stage_lib.Stage:
+def make_stage(method: str, cfg: Config, steps_per_epoch: int,
+               ndim: Optional[int] = None) -> stage_lib.Stage:
   """The stage of ``method`` ("layerwise" or "layerwise_convex") configured from ``cfg``."""
   dtype = jnp.dtype(cfg.compute_dtype)
+  ndim = cfg.ndim if ndim is None else ndim
   if method == "layerwise":
     return stage_lib.nonconvex(features=cfg.features, kernel_size=cfg.kernel_size, ndim=ndim,
                                tx=adam(cfg, steps_per_epoch, cfg.weight_decay), dtype=dtype)
@@ -520,8 +522,10 @@ def load_data(cfg: Config, log=logging.info,
         val_subjects=cfg.synth_val_subjects, slices=cfg.synth_slices, coils=cfg.synth_coils,
         size=cfg.image_size, seed=cfg.synth_seed, noise_std=cfg.synth_noise)
   limits = {"train": cfg.max_train_volumes, "val": cfg.max_val_volumes}
+  dc = cfg.model == "unrolled"  # Data consistency needs the coil maps and the sampled k-space.
   return tuple(data_lib.load_split(data_dir, split, prep, cache_dir=workdir / "cache",
-                                   max_volumes=limits[split] or None, log=log)
+                                   max_volumes=limits[split] or None, with_maps=dc,
+                                   with_kspace=dc, log=log)
                for split in splits)
 
 
@@ -541,15 +545,26 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
                len(val.x), len(set(val.volume_index.tolist())), train.x.shape[1:3], cfg.mask,
                float(train.mask.size / train.mask.sum()))
   log = MetricsLog(workdir)
-  train_arrays = {"x": train.x, "y": train.y}
   summary_path = workdir / "summary.json"
-  summary = {"zero_filled": mean_metrics(slice_metrics(val.x, val.y)),
+  if cfg.model == "unrolled":
+    from lwjax import unrolled  # Its own driver: the data-consistency steps need k-space and maps.
+    return unrolled.run(cfg, train, val, mesh=mesh, log=log, summary_path=summary_path)
+
+  def arrays(split):
+    """Slices, or for 3D networks volume patches of --volume_depth slices of one file."""
+    if cfg.ndim == 3:
+      volumes = data_lib.to_volumes(split, cfg.volume_depth)
+      return {"x": volumes["x"], "y": volumes["y"]}
+    return {"x": split.x, "y": split.y}
+
+  train_arrays, val_arrays = arrays(train), arrays(val)
+  summary = {"zero_filled": mean_metrics(slice_metrics(val_arrays["x"], val_arrays["y"])),
              "stages": {}, "config": dataclasses.asdict(cfg)}
   net = network_template(cfg)
 
   def record(method, depth, params, report=None):
-    per_slice = slice_metrics(predict(net, params, val.x, mesh=mesh,
-                                      batch_size=cfg.eval_batch_size), val.y)
+    per_slice = slice_metrics(predict(net, params, val_arrays["x"], mesh=mesh,
+                                      batch_size=cfg.eval_batch_size), val_arrays["y"])
     means = mean_metrics(per_slice)
     summary.setdefault(method, {})[str(depth)] = means
     if report:

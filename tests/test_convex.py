@@ -193,6 +193,9 @@ def test_fista_iterate_lives_in_the_optimizer_state():
   with pytest.raises(RuntimeError, match="prepare"):
     st.tx.init(variables)
   st, report = st.prepare(_batches(h, skip, y, 2), h.shape)
+  # The trainer donates params and optimizer state together: they must share no buffer.
+  buffers = lambda tree: {a.unsafe_buffer_pointer() for a in jax.tree.leaves(tree)}
+  assert not buffers(variables) & buffers(st.tx.init(variables))
   x = _fit(st, variables, h, skip, y, 2, 1)
   # One iteration from zero on the accumulated full-batch gradient is one prox step.
   step = 1 / (1.1 * report["lipschitz"])
@@ -201,6 +204,26 @@ def test_fista_iterate_lives_in_the_optimizer_state():
     np.testing.assert_allclose(x[k], expected[k], rtol=1e-5, atol=1e-8)
   norms = np.asarray(convex.group_norms(x))
   assert (norms == 0).any() and (norms > 0).any()
+
+
+def test_relative_beta_is_a_fraction_of_beta_max():
+  """beta_max zeroes every group: one FISTA step from zero keeps exactly the groups whose
+  gradient norm exceeds beta, so at 0.99 * beta_max only the top (p, c) moves (its V and Z
+  groups, whose gradients are opposite) and at 1.01 * beta_max nothing does."""
+  h, skip, y = _data(4)
+  kwargs = dict(features=FEATURES, kernel_size=K, rho=0.0, relative_beta=True)
+  adam = convex.convex_stage(beta=0.5, tx=optax.adam(1e-3), **kwargs)
+  with pytest.raises(RuntimeError, match="prepare"):
+    adam.tx.init(adam.init(None, h.shape))
+  adam, report = adam.prepare(_batches(h, skip, y, 2), h.shape)
+  assert report["beta"] == pytest.approx(0.5 * report["beta_max"])
+  _, final = adam.finalize(adam.init(None, h.shape), _batches(h, skip, y, 4))
+  assert final["beta_max"] == pytest.approx(report["beta_max"], rel=1e-5)
+  for fraction, moving in ((0.99, 2), (1.01, 0)):
+    st = convex.convex_stage(beta=fraction, solver="fista", fista_iters=1, **kwargs)
+    st, _ = st.prepare(_batches(h, skip, y, 4), h.shape)
+    x = _fit(st, st.init(None, h.shape), h, skip, y, 4, 1)
+    assert np.sum(np.asarray(convex.group_norms(x)) > 0) == moving
 
 
 def test_planted_relu_net_is_recovered():
