@@ -53,8 +53,9 @@ class Config:
   seed: int = 0  # seed of initialisation and shuffling
   # Convex stage.
   convex_solver: str = "adam"  # solver of the convex stages: adam (the paper) or fista (rho = 0 only)
-  beta: float = 1e-5  # group-lasso weight of the convex stage (relative to a 0.5*mean squared-error data term)
-  rho: float = 1.0  # ReLU-constraint penalty of the convex stage (0: the gated-ReLU relaxation)
+  beta: float = 0.01  # group-lasso weight of the convex stage: a fraction of each stage's beta_max (the weight that zeroes every group) with --beta_relative, else absolute (for a 0.5*mean squared-error data term)
+  beta_relative: bool = True  # read --beta as a fraction of each stage's beta_max (found in one pass over the data before the stage trains)
+  rho: float = 0.0  # ReLU-constraint penalty of the convex stage (0: the gated-ReLU relaxation, mapped to ReLU with a refit head)
   refit_head: bool = True  # refit each convex stage's 1x1 head on its ReLU features by least squares
   fista_iters: int = 200  # FISTA iterations (one pass over the data each) per convex stage
   gate_seed: int = 0  # seed of the convex stages' fixed gate filters

@@ -62,7 +62,7 @@ def gate_filters(seed: int, kernel_size: int, ndim: int, c_in: int, num: int) ->
 
 
 def conv(h, kernel, dtype=None):
-  """SAME, stride-1 convolution without bias: (N, *spatial, I) x (*k, I, O) -> (N, *spatial, O) f32."""
+  """SAME, stride-1 conv without bias: (N, *spatial, I) x (*k, I, O) -> (N, *spatial, O) float32."""
   ndim = h.ndim - 2
   sp = "DHW"[3 - ndim:]
   dtype = dtype or h.dtype
@@ -126,8 +126,9 @@ def _terms(variables, h, skip, y, u, dtype):
 def objective(variables, h, skip, y, u, *, beta, rho, dtype=None):
   """``(objective, aux)`` of the convex stage on one batch (see the module docstring).
 
-  ``u``: the gate filters (``gate_filters``). aux: "mse" (mean squared error of the convex prediction), "objective", "group_norm_sum",
-  "constraint_violation" (sum of cone violations / sum of |conv(h, V_pc)|, 0 on the ReLU cones).
+  ``u``: the gate filters (``gate_filters``). aux: "mse" (mean squared error of the convex
+  prediction), "objective", "group_norm_sum", "constraint_violation" (sum of cone violations /
+  sum of |conv(h, V_pc)|, 0 on the ReLU cones).
   """
   t = _terms(variables, h, skip, y, u, dtype)
   value = t["data"] + beta * t["norms"] + rho * t["penalty"]
@@ -256,7 +257,8 @@ def _batch_sums(variables, h, skip, y, *, gate_seed, refit):
           "violation": jnp.sum(violation), "magnitude": jnp.sum(jnp.abs(out)),
           "at_e": jax.tree.map(lambda a: a[0], both), "at_r": jax.tree.map(lambda a: a[1], both)}
   if refit:
-    f = jnp.concatenate([z, jnp.ones(z.shape[:-1] + (1,), z.dtype)], -1).reshape(-1, z.shape[-1] + 1)
+    f = jnp.concatenate([z, jnp.ones(z.shape[:-1] + (1,), z.dtype)], -1)
+    f = f.reshape(-1, f.shape[-1])
     sums["gram"] = f.T @ f
     sums["cross"] = f.T @ r.reshape(f.shape[0], -1)
   return sums
@@ -327,7 +329,7 @@ def fista(step: float, beta: float) -> optax.GradientTransformation:
 
 
 def fista_solution(variables, opt_state):
-  """The FISTA iterate ``x_k`` held in ``opt_state`` (inside ``optax.MultiSteps`` or any wrapper)."""
+  """The FISTA iterate ``x_k`` held in ``opt_state`` (inside ``optax.MultiSteps`` or a wrapper)."""
   del variables
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, FistaState))
            if isinstance(s, FistaState)]
@@ -395,7 +397,8 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     dtype: compute dtype of the V/Z conv (the gates, certificate and refit use float32).
 
   Returns:
-    The stage. With FISTA or ``relative_beta`` its ``tx`` only works after ``prepare``, which
+    The stage. With FISTA its ``tx`` only works after ``prepare``; with ``relative_beta`` the
+    objective's beta is set there. ``prepare``
     returns the stage to train and a report ({"lipschitz"}, {"beta_max", "beta"}).
     ``finalize`` reports over the training set: "objective", "mse" (the convex model),
     "rel_gap" and "kkt_violation" (rho = 0 only, see ``duality_gap``), "constraint_violation"
@@ -462,8 +465,9 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
         tx_ = tx_.gradient_transformation()
     return build(beta_abs, tx_), report
 
-  ready = solver == "adam" and not relative_beta
-  return build(beta, tx if ready else _needs_prepare())
+  # Adam's state does not depend on beta, so before ``prepare`` the stage already has its real
+  # optimiser (the memory analysis compiles the step from it); FISTA's step needs the data.
+  return build(beta, tx if solver == "adam" else _needs_prepare())
 
 
 def _beta_max(feature_batches, shape, gate_seed):

@@ -75,8 +75,8 @@ def _step_inputs(cfg: Config, network: Network):
                         jax.random.key(0))
   if network.method == "e2e":
     return train.e2e_loss(template), train.adam(cfg, 1, cfg.weight_decay), deep, {}
-  stage = train.make_stage(network.method, cfg, steps_per_epoch=1)
-  if stage.prepare is not None:
+  stage = train.make_stage(network.method, cfg, steps_per_epoch=1, index=network.stage - 1)
+  if cfg.convex_solver == "fista" and network.method == "layerwise_convex":
     raise ValueError(f"{network.label}: its solver is built from the data (--convex_solver="
                      f"{cfg.convex_solver}); the memory analysis needs --convex_solver=adam")
   index = network.stage - 1

@@ -356,9 +356,12 @@ def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsL
   return params
 
 
-def make_stage(method: str, cfg: Config, steps_per_epoch: int,
-               ndim: Optional[int] = None) -> stage_lib.Stage:
-  """The stage of ``method`` ("layerwise" or "layerwise_convex") configured from ``cfg``."""
+def make_stage(method: str, cfg: Config, steps_per_epoch: int, ndim: Optional[int] = None,
+               index: int = 0) -> stage_lib.Stage:
+  """Stage ``index + 1`` of ``method`` ("layerwise" or "layerwise_convex") configured from ``cfg``.
+
+  Each convex stage draws its own gate filters (seed ``--gate_seed + index``).
+  """
   dtype = jnp.dtype(cfg.compute_dtype)
   ndim = cfg.ndim if ndim is None else ndim
   if method == "layerwise":
@@ -368,8 +371,9 @@ def make_stage(method: str, cfg: Config, steps_per_epoch: int,
     from lwjax import convex  # The convex stage is only needed by this method.
     return convex.convex_stage(
         features=cfg.features, kernel_size=cfg.kernel_size, ndim=ndim, beta=cfg.beta, rho=cfg.rho,
-        solver=cfg.convex_solver, tx=adam(cfg, steps_per_epoch), gate_seed=cfg.gate_seed,
+        solver=cfg.convex_solver, tx=adam(cfg, steps_per_epoch), gate_seed=cfg.gate_seed + index,
         refit_head=cfg.refit_head, fista_iters=cfg.fista_iters, steps_per_epoch=steps_per_epoch,
+        relative_beta=cfg.beta_relative,
         dtype=dtype)
   raise ValueError(f"unknown layer-wise method {method!r}")
 
@@ -449,7 +453,7 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
       h_cached = cached_features(cfg, method, index, batches,
                                  (n,) + train["x"].shape[1:-1] + (cfg.features,))
       arrays["h"], frozen = h_cached, {}
-    stage = make_stage(method, cfg, spe)
+    stage = make_stage(method, cfg, spe, index=index)
     h_shape = (1,) + train["x"].shape[1:-1] + (2 if index == 0 else cfg.features,)
 
     def feature_batches(frozen=frozen, index=index, arrays=arrays):

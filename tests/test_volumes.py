@@ -102,15 +102,9 @@ def test_3d_deep_net_trains_end_to_end_through_fit(tmp_path):
   assert out.shape == arrays["x"].shape and np.all(np.isfinite(out))
 
 
-def test_3d_convex_stages_train_through_train_layerwise(tmp_path, monkeypatch):
+def test_3d_convex_stages_train_through_train_layerwise(tmp_path):
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path))
-  if train.network_template(cfg).ndim != 3:
-    # The driver builds 2D networks and stages unless told the dimension (train.network_template
-    # and train.make_stage take ndim, defaulting to 2): hand it cfg.ndim, as train.run will.
-    template, make_stage = train.network_template, train.make_stage
-    monkeypatch.setattr(train, "network_template", lambda c, ndim=None: template(c, ndim=c.ndim))
-    monkeypatch.setattr(train, "make_stage",
-                        lambda m, c, spe, ndim=None: make_stage(m, c, spe, ndim=c.ndim))
+  assert train.network_template(cfg).ndim == 3
   arrays = toy_volumes()
   seen = {}
   params = train.train_layerwise(cfg, "layerwise_convex", arrays, mesh=train.make_mesh(2),
