@@ -230,7 +230,7 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None,
             "mean": _map_metrics(train.mean_metrics, per_slice),
             "slices": [[f, int(s)] for f, s in val.ids], "examples": examples}
   workdir = Path(cfg.workdir)
-  (workdir / "eval.json").write_text(json.dumps(result, indent=1))
+  train.write_json(workdir / "eval.json", result)
   figure_files = draw_figures(cfg, result, example_columns(cfg, val, examples, mesh=mesh),
                               records, workdir / "figures")
   (workdir / "report.md").write_text(report_markdown(cfg, result, figure_files, stage_reports(cfg)))

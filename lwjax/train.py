@@ -296,7 +296,8 @@ def load_params(path: Path) -> Params:
   return ocp.StandardCheckpointer().restore(path)
 
 
-def _write_json(path: Path, value) -> None:
+def write_json(path: Path, value) -> None:
+  """Write ``value`` as JSON atomically (temp file + rename): readers never see half a file."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
@@ -480,7 +481,7 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
     save_params(params_dir(cfg.workdir, method, depth), params)
     report = {k: float(v) for k, v in report.items()}
     log.write({"phase": f"{method}_s{index + 1}", "event": "stage_done", **report})
-    _write_json(report_path, report)  # Last: its presence marks the stage finished.
+    write_json(report_path, report)  # Last: its presence marks the stage finished.
     on_depth(depth, params, report)
   return params
 
@@ -577,9 +578,9 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
     logging.info("%s depth %d: PSNR %.2f dB SSIM %.4f NMSE %.4g (zero-filled %.2f dB)", method,
                  depth, means["psnr"], means["ssim"], means["nmse"],
                  summary["zero_filled"]["psnr"])
-    _write_json(summary_path, summary)
+    write_json(summary_path, summary)
 
-  _write_json(summary_path, summary)
+  write_json(summary_path, summary)
   for method in cfg.methods:
     if method == "e2e":
       for depth in cfg.depths_e2e:

@@ -307,7 +307,7 @@ def train_unrolled(cfg: Config, mode: str, arrays: dict, mask, *, mesh, log: tra
     train_lib.save_params(train_lib.params_dir(cfg.workdir, name, k + 1), params)
     report = {"lambda": lambdas(params)[k]}
     log.write({"phase": f"{name}_s{k + 1}", "event": "stage_done", **report})
-    train_lib._write_json(report_path, report)  # Last: its presence marks the stage finished.
+    train_lib.write_json(report_path, report)  # Last: its presence marks the stage finished.
     on_depth(k + 1, params, report)
   return params
 
@@ -364,7 +364,7 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
              "cg_sense": slice_means(cg_sense(val_arrays, mask, iters=cfg.cg_iters, mesh=mesh,
                                               batch_size=cfg.eval_batch_size)),
              "stages": {}, "lambda": {}, "config": dataclasses.asdict(cfg)}
-  train_lib._write_json(summary_path, summary)
+  train_lib.write_json(summary_path, summary)
 
   def record(method, iters, params, report):
     pred = predict(net, params, val_arrays, mask, cg_iters=cfg.cg_iters, mesh=mesh,
@@ -378,7 +378,7 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
     logging.info("%s, %d iterations: PSNR %.2f dB SSIM %.4f NMSE %.4g (zero-filled %.2f dB, "
                  "CG-SENSE %.2f dB)", method, iters, means["psnr"], means["ssim"], means["nmse"],
                  summary["zero_filled"]["psnr"], summary["cg_sense"]["psnr"])
-    train_lib._write_json(summary_path, summary)
+    train_lib.write_json(summary_path, summary)
 
   for method in cfg.methods:
     mode = MODES[method]
