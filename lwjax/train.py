@@ -304,12 +304,23 @@ def write_json(path: Path, value) -> None:
   os.replace(tmp, path)
 
 
+def record_eval(summary: dict, summary_path: Path, log: MetricsLog, method: str, depth: int,
+                means: dict, report: Optional[dict] = None, *, stage: int, phase: str) -> dict:
+  """Put one network's validation means (and its stage report) into summary.json and the log."""
+  summary.setdefault(method, {})[str(depth)] = means
+  if report:
+    summary["stages"].setdefault(method, {})[str(stage)] = report
+  log.write({"phase": phase, "event": "eval", **means})
+  write_json(summary_path, summary)
+  return means
+
+
 # ----------------------------------------------------------------------------------------------
 # The two methods.
 
-def network_template(cfg: Config, ndim: Optional[int] = None) -> nets.DeepNet:
+def network_template(cfg: Config) -> nets.DeepNet:
   return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel_size,
-                      ndim=cfg.ndim if ndim is None else ndim, dtype=jnp.dtype(cfg.compute_dtype))
+                      ndim=cfg.ndim, dtype=jnp.dtype(cfg.compute_dtype))
 
 
 def _phase_key(cfg: Config, salt: int) -> jax.Array:
@@ -357,14 +368,14 @@ def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsL
   return params
 
 
-def make_stage(method: str, cfg: Config, steps_per_epoch: int, ndim: Optional[int] = None,
+def make_stage(method: str, cfg: Config, steps_per_epoch: int,
                index: int = 0) -> stage_lib.Stage:
   """Stage ``index + 1`` of ``method`` ("layerwise" or "layerwise_convex") configured from ``cfg``.
 
   Each convex stage draws its own gate filters (seed ``--gate_seed + index``).
   """
   dtype = jnp.dtype(cfg.compute_dtype)
-  ndim = cfg.ndim if ndim is None else ndim
+  ndim = cfg.ndim
   if method == "layerwise":
     return stage_lib.nonconvex(features=cfg.features, kernel_size=cfg.kernel_size, ndim=ndim,
                                tx=adam(cfg, steps_per_epoch, cfg.weight_decay), dtype=dtype)
@@ -570,15 +581,11 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
   def record(method, depth, params, report=None):
     per_slice = slice_metrics(predict(net, params, val_arrays["x"], mesh=mesh,
                                       batch_size=cfg.eval_batch_size), val_arrays["y"])
-    means = mean_metrics(per_slice)
-    summary.setdefault(method, {})[str(depth)] = means
-    if report:
-      summary["stages"].setdefault(method, {})[str(depth - 1)] = report
-    log.write({"phase": f"{method}_d{depth}", "event": "eval", **means})
+    means = record_eval(summary, summary_path, log, method, depth, mean_metrics(per_slice),
+                        report, stage=depth - 1, phase=f"{method}_d{depth}")
     logging.info("%s depth %d: PSNR %.2f dB SSIM %.4f NMSE %.4g (zero-filled %.2f dB)", method,
                  depth, means["psnr"], means["ssim"], means["nmse"],
                  summary["zero_filled"]["psnr"])
-    write_json(summary_path, summary)
 
   write_json(summary_path, summary)
   for method in cfg.methods:

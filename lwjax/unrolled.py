@@ -369,16 +369,13 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
   def record(method, iters, params, report):
     pred = predict(net, params, val_arrays, mask, cg_iters=cfg.cg_iters, mesh=mesh,
                    batch_size=cfg.eval_batch_size)
-    means = slice_means(pred)
-    summary.setdefault(method, {})[str(iters)] = means
     summary["lambda"].setdefault(method, {})[str(iters)] = lambdas(params)
-    if method == METHODS["stagewise"]:
-      summary["stages"].setdefault(method, {})[str(iters)] = report
-    log.write({"phase": f"{method}_k{iters}", "event": "eval", **means})
+    means = train_lib.record_eval(
+        summary, summary_path, log, method, iters, slice_means(pred),
+        report if method == METHODS["stagewise"] else None, stage=iters, phase=f"{method}_k{iters}")
     logging.info("%s, %d iterations: PSNR %.2f dB SSIM %.4f NMSE %.4g (zero-filled %.2f dB, "
                  "CG-SENSE %.2f dB)", method, iters, means["psnr"], means["ssim"], means["nmse"],
                  summary["zero_filled"]["psnr"], summary["cg_sense"]["psnr"])
-    train_lib.write_json(summary_path, summary)
 
   for method in cfg.methods:
     mode = MODES[method]
