@@ -16,7 +16,6 @@ finished and never retrained), ``metrics.jsonl`` (one line per epoch and per eva
 import collections
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
