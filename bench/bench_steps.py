@@ -84,6 +84,9 @@ flags.DEFINE_integer("warmup", 2, "untimed steps after compilation (at least 1)"
 flags.DEFINE_float("min_time_s", 0.02,
                    "each timed run repeats the step until it lasts about this long (short steps)")
 flags.DEFINE_bool("torch", True, "also time the PyTorch reference (bench/torch_ref.py)")
+flags.DEFINE_bool("torch_cudnn_benchmark", True,
+                  "PyTorch: let cuDNN time its algorithms per shape (cudnn.benchmark); false: its "
+                  "heuristic choice (cuDNN's bfloat16 7x7 search at 320x320 took minutes on an H200)")
 flags.DEFINE_bool("check", True, "first compare lwjax and PyTorch losses and gradients on a small "
                   "input (same parameters, highest precision)")
 flags.DEFINE_string("json_out", "", "write all results here as JSON (rewritten after each row)")
@@ -111,6 +114,11 @@ def log(msg=""):
 
 def elapsed() -> float:
   return time.perf_counter() - T_START
+
+
+def progress(msg: str) -> None:
+  """A timestamped line on stderr: where a run cut short by a timeout spent its time."""
+  print(f"  [{elapsed():6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def short_error(e: BaseException) -> str:
@@ -284,8 +292,9 @@ class Env:
           raise RuntimeError(f"no PyTorch reference on a {self.platform} device")
         if self.platform == "gpu" and self.tdev == "cpu":
           raise RuntimeError("PyTorch cannot see the GPU")
-        self.torch_settings = torch_ref.setup(self.tdev, tf32_conv=self.jax_tf32["conv"],
-                                              tf32_matmul=self.jax_tf32["matmul"])
+        self.torch_settings = torch_ref.setup(
+            self.tdev, cudnn_benchmark=FLAGS.torch_cudnn_benchmark,
+            tf32_conv=self.jax_tf32["conv"], tf32_matmul=self.jax_tf32["matmul"])
       except Exception as e:  # The benchmark still runs without the reference.
         self.torch, self.torch_error = None, short_error(e)
 
@@ -766,9 +775,11 @@ def measure(env, cfg, step: str, batch: int, peak: dict) -> dict:
     return TorchMeasurement(env, cfg, step, batch)
 
   try:
+    progress(f"{step} {cfg.compute_dtype} batch {batch}: compiling")
     t0 = time.perf_counter()
     m = JaxMeasurement(env, cfg, step, batch)
     r["compile_s"] = time.perf_counter() - t0
+    progress(f"compiled in {r['compile_s']:.1f} s; timing")
     r.update(cost_of(m.compiled))
     r.update(memory_of(m.compiled))
     need, limit = r.get("memory_bytes"), env.memory_limit
@@ -808,6 +819,8 @@ def measure(env, cfg, step: str, batch: int, peak: dict) -> dict:
     r["torch_error"] = "torch skipped: time budget spent"
     return r
   try:
+    progress(f"lwjax {r.get('ms', float('nan')):.2f} ms ({r.get('memory_bytes', 0) / GB:.2f} GB); "
+             "PyTorch step")
     tm = build_torch()
     torch_result(time_steps(tm.run, env.torch_block, **timing))
   except Exception as e:
@@ -903,7 +916,8 @@ def main(argv):
     if batch % env.ndev:
       log(f"batch {batch}: skipped, not a multiple of the {env.ndev} devices")
       continue
-    todo = [(s, d) for s in steps for d in dtypes if batch < too_big.get((s, d), batch + 1)]
+    # All steps of one dtype before the next: a slow or failing dtype cannot hold up the rest.
+    todo = [(s, d) for d in dtypes for s in steps if batch < too_big.get((s, d), batch + 1)]
     if not todo:
       stop = "every step is past the device memory"
       break

@@ -1,14 +1,46 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6 as one script (one lease, ~9 minutes): the step benchmark against
-# PyTorch, then the memory prediction against the measured peak. Run from the repository root;
-# results land in $OUT (or ./gpu_out).
+# The GPU check of issue 6 (about 12 minutes on an H100/H200 in all; PARTS picks some):
+#   f32       float32 steps against PyTorch (cuDNN benchmark mode), batch 8, 1, 32
+#   bf16      bfloat16 steps against PyTorch (cuDNN's heuristic algorithms: its benchmark search
+#             for the 7x7 bf16 convolutions ran for over two minutes), batch 8
+#   pipeline  the real training loop: steps/s and data wait, e2e and the convex stages without and
+#             with cached features (host and device memory)
+#   b1        float32 steps at batch 1, lwjax only
+# Run from the repository root; results land in $OUT (or ./gpu_out). SIZE overrides the
+# paper-scale size flags (CPU dry run: SIZE="--image_size=32 --features=8 --kernel_size=3").
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+PARTS=${PARTS:-"f32 bf16 pipeline"}
+SIZE=${SIZE:-"--image_size=320 --features=256 --kernel_size=7"}
+STEPS=e2e,layerwise_s4,layerwise_convex_s4,layerwise_cached,eval
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-timeout 330 python3 bench/bench_steps.py --batch_sizes=8,1,32 --compute_dtype=float32,bfloat16 \
-  --steps=e2e,layerwise_s1,layerwise_s4,layerwise_cached,layerwise_convex_s4,eval \
-  --time_budget_s=200 --json_out="$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
-timeout 150 python3 launch/memory.py --flagfile=poisson.flags --budget_gb=12 --measure \
-  --json_out="$OUT/memory_gpu.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/memory_gpu.log"
+# One persistent cache for the processes below (compiled steps and XLA's autotuning results:
+# each new set of 7x7x256 convolutions costs ~30 s of autotuning at compile time).
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/lwjax_jax_cache}
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/gpu.txt"
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+
+bench() {  # name, timeout, flags...: progress lines (stderr) show where a cut-short run was.
+  local name=$1 limit=$2; shift 2
+  # shellcheck disable=SC2086
+  timeout "$limit" python3 bench/bench_steps.py $SIZE --depth=5 --steps=$STEPS "$@" \
+    --json_out="$OUT/$name.json" >"$OUT/$name.log" 2>"$OUT/$name.err"
+  echo "$name: exit $?"; grep -v "^[IW][0-9]" "$OUT/$name.log" | tail -n 30
+  grep "^  \[" "$OUT/$name.err" | tail -n 3
+}
+for part in $PARTS; do
+  case $part in
+    f32) bench bench_f32 300 --compute_dtype=float32 --batch_sizes=8,1,32 --check=false \
+           --time_budget_s=200 ;;
+    bf16) bench bench_bf16 170 --compute_dtype=bfloat16 --batch_sizes=8 --check=false \
+            --torch_cudnn_benchmark=false --time_budget_s=120 ;;
+    b1) bench bench_b1 90 --compute_dtype=float32 --batch_sizes=1 --torch=false \
+          --steps=e2e,layerwise_convex_s4,layerwise_s4,eval --time_budget_s=60 ;;
+    pipeline)
+      # shellcheck disable=SC2086
+      timeout 200 python3 bench/bench_pipeline.py $SIZE --depth=3 --batch_size=8 --slices=48 \
+        --epochs=3 --runs=${RUNS:-e2e,layerwise_convex:none,layerwise_convex:host,layerwise_convex:device} \
+        --json_out="$OUT/pipeline.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/pipeline.log" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done

@@ -30,14 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def setup(device: str, tf32_conv: bool, tf32_matmul: bool) -> dict:
+def setup(device: str, tf32_conv: bool, tf32_matmul: bool, cudnn_benchmark: bool = True) -> dict:
   """Global PyTorch settings for a fair comparison; returns them for the report.
 
-  cuDNN picks its fastest algorithm per shape (``benchmark``), as XLA autotunes at compile time.
+  cuDNN picks its fastest algorithm per shape (``benchmark``), as XLA autotunes at compile time
+  (``cudnn_benchmark=False``: its heuristic choice; cuDNN's bfloat16 7x7 search at 320x320 ran
+  for over two minutes on an H200).
   ``tf32_*`` should match what JAX does with float32 convs and matmuls on the same device (JAX's
   default precision may use TF32 on Ampere and newer GPUs; the benchmark measures it).
   """
-  torch.backends.cudnn.benchmark = device.startswith("cuda")
+  torch.backends.cudnn.benchmark = cudnn_benchmark and device.startswith("cuda")
   torch.backends.cudnn.allow_tf32 = tf32_conv  # Both have no effect on a CPU.
   torch.backends.cuda.matmul.allow_tf32 = tf32_matmul
   return {"torch": torch.__version__,

@@ -14,7 +14,7 @@ MASKS = ("poisson", "cartesian", "equispaced")
 MAPS = ("espirit", "lowres")
 SOLVERS = ("adam", "fista")
 DTYPES = ("float32", "bfloat16")
-FEATURE_CACHES = ("none", "host", "disk")
+FEATURE_CACHES = ("none", "host", "disk", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Config:
   workdir: str = "workdir"  # everything a run writes: checkpoints, metrics, summary.json
   eval_batch_size: int = 8  # batch size of evaluation
   compute_dtype: str = "float32"  # float32, or bfloat16 compute with float32 parameters and loss
-  cache_features: str = "none"  # keep a finished stage's output features: none, host (memory) or disk
+  cache_features: str = "none"  # keep a finished stage's output features: none, host (memory), disk (memory-mapped file) or device (accelerator memory, every device a full copy)
   log_every: int = 50  # console log every this many steps (and at every epoch end)
   # Unrolled model and 3D.
   model: str = "cnn"  # cnn (the deep net) or unrolled (MoDL-style: --unroll_iters x [CNN_k, then CG-SENSE data consistency]; --method=e2e trains all iterations jointly, layerwise one iteration per stage)

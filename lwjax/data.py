@@ -307,23 +307,28 @@ def _num_examples(arrays) -> int:
   return next(iter(sizes.values()))
 
 
-def train_batches(arrays: dict[str, np.ndarray], batch_size, *, seed, epoch,
-                  num_devices=1) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of shuffled full batches, each example at most once.
+def batch_order(n: int, batch_size: int, *, seed, epoch, num_devices=1) -> list[np.ndarray]:
+  """One epoch's shuffled batches of example indices, each example at most once.
 
   The order depends only on (seed, epoch); the last ``n % batch_size`` examples of the shuffled
   order are dropped, so every batch has ``batch_size`` examples (static shapes).
   """
-  arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  n = _num_examples(arrays)
   if batch_size % num_devices:
     raise ValueError(f"batch_size {batch_size} is not divisible by num_devices {num_devices}")
   if not 0 < batch_size <= n:
     raise ValueError(f"batch_size {batch_size}: expected 1..{n} (the number of examples)")
   order = np.random.default_rng([seed, epoch]).permutation(n)
   steps = steps_per_epoch(n, batch_size)
-  batches = np.split(order[:steps * batch_size], steps)
-  return ({k: v[idx] for k, v in arrays.items()} for idx in batches)
+  return np.split(order[:steps * batch_size], steps)
+
+
+def train_batches(arrays: dict[str, np.ndarray], batch_size, *, seed, epoch,
+                  num_devices=1) -> Iterator[dict[str, np.ndarray]]:
+  """One epoch of shuffled full batches of host ``arrays``, in :func:`batch_order`."""
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  order = batch_order(_num_examples(arrays), batch_size, seed=seed, epoch=epoch,
+                      num_devices=num_devices)
+  return ({k: v[idx] for k, v in arrays.items()} for idx in order)
 
 
 def _pad(a, n):

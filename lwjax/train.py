@@ -86,6 +86,13 @@ def device_batches(batches: Iterator[dict], mesh: Mesh, prefetch: int = 2) -> It
     yield queue.popleft()
 
 
+def take_batch(mesh: Mesh):
+  """Jitted ``(arrays, idx) -> {k: v[idx]}`` for arrays held on the devices (replicated); the
+  batch comes out split over the mesh, as ``put_batch`` would give it."""
+  return jax.jit(lambda arrays, idx: {k: jnp.take(v, idx, axis=0) for k, v in arrays.items()},
+                 out_shardings=batch_sharded(mesh))
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimiser.
 
@@ -198,16 +205,25 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
     logging.info("%s: resumed from the checkpoint of epoch %d in %s", phase, start, ckpt_dir)
 
   step_fn = make_step(loss_fn, tx, mesh)
+  # Arrays already on the accelerator (--cache_features=device) are gathered there; the others
+  # are gathered on the host and copied ahead of the step.
+  resident = {k: v for k, v in arrays.items() if isinstance(v, jax.Array)}
+  host = {k: v for k, v in arrays.items() if k not in resident}
+  take = take_batch(mesh) if resident else None
   t_phase = time.time()
   for epoch in range(start, epochs):
     t0 = time.time()
     losses, last = [], {}
+    order = data_lib.batch_order(n, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                 num_devices=num_devices)
     batches = device_batches(data_lib.train_batches(
-        arrays, cfg.batch_size, seed=cfg.seed, epoch=epoch, num_devices=num_devices), mesh)
+        host, cfg.batch_size, seed=cfg.seed, epoch=epoch, num_devices=num_devices), mesh)
     data_s = 0.0
     for i in range(spe):
       t_data = time.perf_counter()
       batch = next(batches)
+      if take is not None:
+        batch = {**batch, **take(resident, order[i])}
       data_s += time.perf_counter() - t_data
       state, last = step_fn(state, frozen, batch)
       losses.append(last["loss"])
@@ -393,24 +409,37 @@ def stage_report_path(workdir, method: str, index: int) -> Path:
   return Path(workdir).absolute() / "stages" / method / f"stage_{index}.json"
 
 
-def _features(net: nets.DeepNet, layers: Params, inputs: np.ndarray, n: int,
-              batch_size: int) -> Iterator[np.ndarray]:
-  """``h_n`` of the layers ``convs_0 .. convs_{n-1}`` on ``inputs``, batch by batch, on the host."""
+def _features(net: nets.DeepNet, layers: Params, inputs, n: int,
+              batch_size: int) -> Iterator[jax.Array]:
+  """``h_n`` of the layers ``convs_0 .. convs_{n-1}`` on ``inputs``, batch by batch (on device)."""
   prefix = jax.jit(lambda f, x: nets.prefix_features(net, f, x, n))
   for start in range(0, len(inputs), batch_size):
-    yield np.asarray(prefix(layers, jnp.asarray(inputs[start:start + batch_size])))
+    yield prefix(layers, jnp.asarray(inputs[start:start + batch_size]))
 
 
-def cached_features(cfg: Config, method: str, index: int, batches: Iterator[np.ndarray],
-                    shape: tuple) -> np.ndarray:
+def cached_features(cfg: Config, method: str, index: int, batches: Iterator[jax.Array],
+                    shape: tuple, *, mesh: Optional[Mesh] = None):
   """All training examples' ``h_index`` (N, *spatial, features), held as ``--cache_features`` says.
 
   "host" keeps them in memory; "disk" in ``WORKDIR/features/<method>/h_<index>.npy``, written to a
   temporary file and renamed when complete (a killed run leaves no file that looks finished) and
-  read back memory-mapped, so only the batches in use occupy host memory.
+  read back memory-mapped, so only the batches in use occupy host memory; "device" in accelerator
+  memory (a full copy on every device of ``mesh``), where the trainer gathers each batch without
+  a copy from the host.
   """
   if cfg.cache_features == "host":
-    return np.concatenate(list(batches))
+    return np.concatenate([np.asarray(b) for b in batches])
+  if cfg.cache_features == "device":
+    # Filled in place batch by batch (the buffer is donated), so the peak is one cache + a batch.
+    put = jax.jit(lambda buf, b, i: jax.lax.dynamic_update_slice_in_dim(buf, b, i, 0),
+                  donate_argnums=0)
+    buf, start = None, 0
+    for batch in batches:
+      if buf is None:
+        buf = jax.device_put(jnp.zeros(shape, batch.dtype), replicated(mesh or make_mesh(1)))
+      buf = put(buf, batch, start)
+      start += len(batch)
+    return buf
   path = Path(cfg.workdir).absolute() / "features" / method / f"h_{index}.npy"
   if path.exists():
     cached = np.load(path, mmap_mode="r")
@@ -421,7 +450,7 @@ def cached_features(cfg: Config, method: str, index: int, batches: Iterator[np.n
   out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
   start = 0
   for batch in batches:
-    out[start:start + len(batch)] = batch
+    out[start:start + len(batch)] = np.asarray(batch)
     start += len(batch)
   out.flush()
   del out
@@ -462,7 +491,7 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
         batches = _features(net, {"convs_0": frozen[f"convs_{index - 1}"]}, h_cached, 1,
                             cfg.batch_size)
       h_cached = cached_features(cfg, method, index, batches,
-                                 (n,) + train["x"].shape[1:-1] + (cfg.features,))
+                                 (n,) + train["x"].shape[1:-1] + (cfg.features,), mesh=mesh)
       arrays["h"], frozen = h_cached, {}
     stage = make_stage(method, cfg, spe, index=index)
     h_shape = (1,) + train["x"].shape[1:-1] + (2 if index == 0 else cfg.features,)

@@ -108,17 +108,28 @@ def test_validate_rejects_bad_settings():
   config_lib.validate(CFG, num_devices=4)
 
 
-@pytest.mark.parametrize("cache", ["host", "disk"])
+@pytest.mark.parametrize("cache", ["host", "disk", "device"])
 def test_cached_features_give_the_same_network(tmp_path, cache):
   arrays = toy_arrays()
   results = {}
+  mesh = train.make_mesh(4 if cache == "device" else 1)  # Device caches are copied to each device.
   for mode in ("none", cache):
     cfg = dataclasses.replace(CFG, workdir=str(tmp_path / mode), method="layerwise", epochs=2,
                               cache_features=mode)
-    results[mode] = train.train_layerwise(cfg, "layerwise", arrays, mesh=train.make_mesh(1),
+    results[mode] = train.train_layerwise(cfg, "layerwise", arrays, mesh=mesh,
                                           log=train.MetricsLog(cfg.workdir))
   for a, b in zip(jax.tree.leaves(results["none"]), jax.tree.leaves(results[cache])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   if cache == "disk":
     h = np.load(tmp_path / "disk" / "features" / "layerwise" / "h_1.npy")
     assert h.shape == (8, 8, 8, 4) and np.all(h >= 0)
+
+
+def test_take_batch_gathers_on_device_and_splits_over_the_mesh():
+  mesh = train.make_mesh(4)
+  h = np.random.default_rng(0).normal(size=(10, 3, 3, 2)).astype(np.float32)
+  resident = {"h": jax.device_put(h, train.replicated(mesh))}
+  idx = np.array([7, 2, 9, 0])
+  out = train.take_batch(mesh)(resident, idx)["h"]
+  np.testing.assert_array_equal(np.asarray(out), h[idx])
+  assert out.sharding.is_equivalent_to(train.batch_sharded(mesh), out.ndim)
