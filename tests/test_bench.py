@@ -1,0 +1,46 @@
+"""Smoke tests of the benchmarks (tiny sizes): they call the trainer's internals and must keep
+working when those change. Speed itself is never asserted here."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image_size=16", "--features=4", "--kernel_size=3", "--depth=3"]
+
+
+def run(script, *args):
+  result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *TINY, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def test_bench_pipeline_reports_every_phase(tmp_path):
+  out = tmp_path / "pipeline.json"
+  run("bench_pipeline.py", "--batch_size=4", "--slices=8", "--epochs=2",
+      "--runs=e2e,layerwise:device,layerwise_convex:host", f"--json_out={out}",
+      f"--scratch={tmp_path / 'runs'}")
+  report = json.loads(out.read_text())
+  phases = {(r["method"], r["cache_features"]): [p["phase"] for p in r["phases"]]
+            for r in report["runs"]}
+  assert phases == {("e2e", "none"): ["e2e_d3"],
+                    ("layerwise", "device"): ["layerwise_s1", "layerwise_s2"],
+                    ("layerwise_convex", "host"): ["layerwise_convex_s1", "layerwise_convex_s2"]}
+  for r in report["runs"]:
+    for p in r["phases"]:
+      assert p["epochs_timed"] == 1 and p["steps_per_s"] > 0 and 0 <= p["data_wait_frac"] <= 1
+
+
+def test_bench_steps_measures_each_step(tmp_path):
+  out = tmp_path / "steps.json"
+  run("bench_steps.py", "--torch=false", "--num_devices=1", "--batch_sizes=4", "--repeats=2", "--peak_size=256",
+      "--steps=e2e,layerwise_s2,layerwise_convex_cached,eval", f"--json_out={out}")
+  rows = {r["step"]: r for r in json.loads(out.read_text())["results"]}
+  assert set(rows) == {"e2e", "layerwise_s2", "layerwise_convex_cached", "eval"}
+  for r in rows.values():
+    assert "error" not in r, r.get("error_detail")
+    assert r["ms"] > 0 and r["conv_flops"] > 0 and r["memory_bytes"] > 0
+  # XLA's count of the compiled step leaves out the multiply-adds on zero padding (a quarter of
+  # a 3x3 conv's at 16x16): at most the hand count of the convolutions, and not far below it.
+  assert 0.6 < rows["e2e"]["flops"] / rows["e2e"]["conv_flops"] <= 1.01
