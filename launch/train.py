@@ -23,6 +23,7 @@ def main(argv):
   train.quiet_library_logs()
   cfg = config.from_flags()
   try:
+    train.initialize_distributed(cfg.distributed)
     train.run(cfg)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     logging.error("%s", e)

@@ -64,6 +64,7 @@ class Config:
   eval_batch_size: int = 8  # batch size of evaluation
   compute_dtype: str = "float32"  # float32, or bfloat16 compute with float32 parameters and loss
   cache_features: str = "none"  # keep a finished stage's output features: none, host (memory), disk (memory-mapped file) or device (accelerator memory, every device a full copy)
+  distributed: str = ""  # multi-host runs (every host runs the same command): auto (jax.distributed.initialize() detects TPU pods, SLURM, Open MPI, Kubernetes) or ADDRESS:PORT,NUM_PROCESSES,PROCESS_ID; empty: one host
   log_every: int = 50  # console log every this many steps (and at every epoch end)
   # Unrolled model and 3D.
   model: str = "cnn"  # cnn (the deep net) or unrolled (MoDL-style: --unroll_iters x [CNN_k, then CG-SENSE data consistency]; --method=e2e trains all iterations jointly, layerwise one iteration per stage)

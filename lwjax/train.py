@@ -16,6 +16,7 @@ finished and never retrained), ``metrics.jsonl`` (one line per epoch and per eva
 import collections
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lwjax import data as data_lib
@@ -51,6 +53,41 @@ def quiet_library_logs() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Mesh and sharding.
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (process 0 of a multi-host run)."""
+  return jax.process_index() == 0
+
+
+def primary_first(fn: Callable[[], Any], what: str) -> Any:
+  """``fn()`` on process 0, then on the others, which find what it wrote (data, caches).
+
+  One process: just ``fn()``. Every host of a multi-host run calls this at the same point.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  out = fn() if is_primary() else None
+  multihost_utils.sync_global_devices(f"lwjax: {what} ready on process 0")
+  return out if is_primary() else fn()
+
+
+def initialize_distributed(spec: str) -> None:
+  """``--distributed``: "" (one host), "auto" (TPU pods, SLURM, Open MPI, Kubernetes: detected),
+  or "ADDRESS:PORT,NUM_PROCESSES,PROCESS_ID". Must run before anything touches a device."""
+  if not spec:
+    return
+  # Cross-process collectives of the CPU backend (tests, CPU clusters); GPUs/TPUs have their own.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if spec == "auto":
+    jax.distributed.initialize()
+    return
+  parts = spec.split(",")
+  if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+    raise ValueError(f"--distributed={spec!r}: expected 'auto' or "
+                     "'ADDRESS:PORT,NUM_PROCESSES,PROCESS_ID' (e.g. 10.0.0.2:1234,4,0)")
+  jax.distributed.initialize(coordinator_address=parts[0], num_processes=int(parts[1]),
+                             process_id=int(parts[2]))
+
 
 def make_mesh(num_devices: Optional[int] = None) -> Mesh:
   """A 1-D mesh with a "data" axis over the first ``num_devices`` devices (all by default)."""
@@ -156,6 +193,8 @@ class MetricsLog:
       pass
 
   def write(self, record: dict) -> None:
+    if not is_primary():
+      return
     record = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v)
               for k, v in record.items()}
     with self.path.open("a") as f:
@@ -273,6 +312,8 @@ def predict(net: nets.DeepNet, params: Params, x: np.ndarray, *, mesh: Mesh,
   out = []
   for batch in data_lib.eval_batches({"x": x}, batch_size):
     pred = forward(params, put_batch({"x": batch["x"]}, mesh)["x"])
+    if not pred.is_fully_addressable:  # Multi-host: every process gets the whole batch.
+      pred = multihost_utils.process_allgather(pred, tiled=True)
     out.append(np.asarray(pred)[batch["valid"]])
   return np.concatenate(out)
 
@@ -312,7 +353,11 @@ def load_params(path: Path) -> Params:
 
 
 def write_json(path: Path, value) -> None:
-  """Write ``value`` as JSON atomically (temp file + rename): readers never see half a file."""
+  """Write ``value`` as JSON atomically (temp file + rename): readers never see half a file.
+
+  Only process 0 of a multi-host run writes (every process holds the same value)."""
+  if not is_primary():
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
@@ -417,6 +462,25 @@ def _features(net: nets.DeepNet, layers: Params, inputs, n: int,
     yield prefix(layers, jnp.asarray(inputs[start:start + batch_size]))
 
 
+def free_device_bytes(device) -> Optional[int]:
+  """Bytes the allocator of ``device`` can still hand out, or None where it does not say (CPU)."""
+  stats = device.memory_stats()
+  if not stats or "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def _check_device_room(need: int, mesh: Mesh, index: int) -> None:
+  """Refuses a device feature cache that would not leave room for the stage's step (20%)."""
+  free = [free_device_bytes(d) for d in mesh.local_devices]  # Others are asked by their host.
+  known = [f for f in free if f is not None]
+  if known and need > 0.8 * min(known):
+    raise ValueError(
+        f"--cache_features=device: the features h_{index} need {need / 2**30:.2f} GiB on every "
+        f"device, {min(known) / 2**30:.2f} GiB are free; use --cache_features=host or disk "
+        "(or fewer training slices)")
+
+
 def cached_features(cfg: Config, method: str, index: int, batches: Iterator[jax.Array],
                     shape: tuple, *, mesh: Optional[Mesh] = None):
   """All training examples' ``h_index`` (N, *spatial, features), held as ``--cache_features`` says.
@@ -433,13 +497,21 @@ def cached_features(cfg: Config, method: str, index: int, batches: Iterator[jax.
     # Filled in place batch by batch (the buffer is donated), so the peak is one cache + a batch.
     put = jax.jit(lambda buf, b, i: jax.lax.dynamic_update_slice_in_dim(buf, b, i, 0),
                   donate_argnums=0)
+    mesh = mesh or make_mesh(1)
     buf, start = None, 0
     for batch in batches:
       if buf is None:
-        buf = jax.device_put(jnp.zeros(shape, batch.dtype), replicated(mesh or make_mesh(1)))
+        _check_device_room(math.prod(shape) * batch.dtype.itemsize, mesh, index)
+        buf = jax.device_put(jnp.zeros(shape, batch.dtype), replicated(mesh))
       buf = put(buf, batch, start)
       start += len(batch)
     return buf
+  return primary_first(lambda: _disk_features(cfg, method, index, batches, shape),
+                       f"features h_{index}")
+
+
+def _disk_features(cfg: Config, method: str, index: int, batches: Iterator[jax.Array],
+                   shape: tuple) -> np.ndarray:
   path = Path(cfg.workdir).absolute() / "features" / method / f"h_{index}.npy"
   if path.exists():
     cached = np.load(path, mmap_mode="r")
@@ -529,7 +601,8 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
 # A whole run: data, every method at every depth, summary.json.
 
 # Fields that may change when a run is resumed; any other change would mix two experiments.
-_RESUMABLE_FIELDS = {"log_every", "eval_batch_size", "workdir", "data_dir", "cache_features"}
+_RESUMABLE_FIELDS = {"log_every", "eval_batch_size", "workdir", "data_dir", "cache_features",
+                     "distributed"}
 
 
 def _check_resume(cfg: Config, workdir: Path) -> None:
@@ -544,7 +617,8 @@ def _check_resume(cfg: Config, workdir: Path) -> None:
           f"{path}: this workdir holds a run with other settings ("
           + ", ".join(f"--{k}: {old.get(k)!r} there, {new[k]!r} now" for k in changed)
           + "); use another --workdir or the same flags")
-  config_lib.save(cfg, path)
+  if is_primary():
+    config_lib.save(cfg, path)
 
 
 def prep_config(cfg: Config) -> data_lib.PrepConfig:
@@ -553,9 +627,7 @@ def prep_config(cfg: Config) -> data_lib.PrepConfig:
                              mask_seed=cfg.mask_seed, maps=cfg.maps)
 
 
-def load_data(cfg: Config, log=logging.info,
-              splits: tuple[str, ...] = ("train", "val")) -> tuple[data_lib.Split, ...]:
-  """The run's splits, in the order asked (synthetic data in WORKDIR/data without data_dir)."""
+def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Split, ...]:
   workdir = Path(cfg.workdir).absolute()
   prep = prep_config(cfg)
   data_lib.mask_for(prep)  # Bad mask settings fail here, before any data is written.
@@ -571,6 +643,15 @@ def load_data(cfg: Config, log=logging.info,
                                    max_volumes=limits[split] or None, with_maps=dc,
                                    with_kspace=dc, log=log)
                for split in splits)
+
+
+def load_data(cfg: Config, log=logging.info,
+              splits: tuple[str, ...] = ("train", "val")) -> tuple[data_lib.Split, ...]:
+  """The run's splits, in the order asked (synthetic data in WORKDIR/data without data_dir).
+
+  Every host of a multi-host run holds all of them; process 0 generates and prepares first, the
+  others then read its files and slice cache."""
+  return primary_first(lambda: _load_data(cfg, log, splits), "data")
 
 
 def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:

@@ -84,3 +84,45 @@ def test_summary_and_resume_after_sigkill(tmp_path):
   # The same workdir with other settings is refused, naming the setting.
   result = run(train_cmd(killed, "--method=layerwise,e2e", "--depth=2", "--epochs=4"))
   assert result.returncode != 0 and "--epochs" in result.stderr
+
+
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_hosts_train_the_same_networks_as_one(tmp_path):
+  # Two processes of 2 CPU devices each (--distributed) against one process of 4 devices: the
+  # same global mesh, so the same networks; process 0 alone writes the files.
+  flags = ["--method=layerwise_convex,e2e", "--depth=3", "--e2e_depths=3", "--epochs=2",
+           "--synth_slices=4", "--batch_size=4", "--cache_features=device"]
+  one = tmp_path / "one"
+  env4 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+              JAX_PLATFORMS="cpu")
+  result = subprocess.run(train_cmd(one, *flags), cwd=ROOT, env=env4, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  two = tmp_path / "two"
+  port = free_port()
+  env2 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+              JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(train_cmd(two, *flags, f"--distributed=localhost:{port},2,{pid}"),
+                            cwd=ROOT, env=env2, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for pid in (0, 1)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "4 x cpu" in outs[0][1]  # the mesh spans both processes' devices
+
+  s1 = json.loads((one / "summary.json").read_text())
+  s2 = json.loads((two / "summary.json").read_text())
+  for method in ("layerwise_convex", "e2e"):
+    for key in ("psnr", "ssim", "nmse"):
+      np.testing.assert_allclose(s2[method]["3"][key], s1[method]["3"][key], rtol=1e-3)
+  records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+  epochs = [(r["phase"], r["epoch"]) for r in records if "epoch_s" in r]
+  assert len(epochs) == len(set(epochs)) == 3 * 2  # e2e_d3 + 2 stages, 2 epochs, once each
+  assert not (two / "features").exists()

@@ -133,3 +133,13 @@ def test_take_batch_gathers_on_device_and_splits_over_the_mesh():
   out = train.take_batch(mesh)(resident, idx)["h"]
   np.testing.assert_array_equal(np.asarray(out), h[idx])
   assert out.sharding.is_equivalent_to(train.batch_sharded(mesh), out.ndim)
+
+
+def test_device_cache_that_does_not_fit_is_refused_before_training(tmp_path, monkeypatch):
+  monkeypatch.setattr(train, "free_device_bytes", lambda device: 1000)  # 1 kB free per device
+  cfg = dataclasses.replace(CFG, workdir=str(tmp_path), method="layerwise", epochs=1,
+                            cache_features="device")
+  with pytest.raises(ValueError, match=r"--cache_features=device: the features h_1 need .* GiB"):
+    train.train_layerwise(cfg, "layerwise", toy_arrays(), mesh=train.make_mesh(1),
+                          log=train.MetricsLog(cfg.workdir))
+  assert not (tmp_path / "checkpoints" / "layerwise_s2").exists()
