@@ -72,12 +72,19 @@ class Config:
   dc_lambda: float = 0.05  # unrolled model: weight lambda of the data-consistency step argmin |Ax - y|^2 + lambda |x - z|^2 (the start value when learned)
   learn_lambda: bool = True  # unrolled model: learn each iteration's lambda (log-parametrised); false: keep --dc_lambda
   cg_iters: int = 10  # unrolled model: conjugate-gradient steps per data-consistency step
-  ndim: int = 2  # spatial dimensions of the network: 2 (slices) or 3 (volume patches of --volume_depth consecutive slices of one file, kernels of --kernel_size^3)
+  ndim: int = 2  # spatial dimensions of the network: 2 (slices) or 3 (volume patches of --volume_depth consecutive slices of one file, kernels --kernel_depth x --kernel_size x --kernel_size)
   volume_depth: int = 8  # 3D: slices per volume patch (a file's last slices that fill no patch are dropped)
+  kernel_depth: int = 0  # 3D: kernel extent across slices (0: --kernel_size; e.g. 3 with --kernel_size=7 for 3x7x7 kernels on thick slices)
 
   @property
   def methods(self) -> tuple[str, ...]:
     return tuple(m.strip() for m in self.method.split(",") if m.strip())
+
+  @property
+  def kernel(self) -> tuple[int, ...]:
+    """The hidden layers' kernel extent per spatial dimension: (k, k) or (kernel_depth, k, k)."""
+    k = (self.kernel_size,) * 2
+    return ((self.kernel_depth or self.kernel_size),) + k if self.ndim == 3 else k
 
   @property
   def depths_e2e(self) -> tuple[int, ...]:
@@ -130,6 +137,9 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.cg_iters >= 1, "cg_iters", "must be >= 1")
   need(cfg.ndim in (2, 3), "ndim", "expected 2 or 3")
   need(cfg.volume_depth >= 1, "volume_depth", "must be >= 1")
+  need(cfg.kernel_depth >= 0, "kernel_depth", "must be >= 0 (0: --kernel_size)")
+  need(cfg.kernel_depth == 0 or cfg.ndim == 3, "kernel_depth", "applies to 3D networks only "
+       "(--ndim=3)")
   need(bool(cfg.workdir), "workdir", "must not be empty")
   if cfg.data_dir:
     need(Path(cfg.data_dir).is_dir(), "data_dir", "is not a directory")

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lwjax import nets
 from lwjax import stage
 
 Params = Any
@@ -51,13 +52,13 @@ _LIPSCHITZ_MARGIN = 1.1
 # ----------------------------------------------------------------------------------------------
 # The model.
 
-def gate_filters(seed: int, kernel_size: int, ndim: int, c_in: int, num: int) -> np.ndarray:
+def gate_filters(seed: int, kernel_size, ndim: int, c_in: int, num: int) -> np.ndarray:
   """The fixed gate filters ``U``: (*k, c_in, num) i.i.d. standard normal float32, from ``seed``.
 
   Drawn with NumPy: the same on every backend, and a constant inside a jitted loss (threefry
   traced into every step function would add seconds of compile time to each).
   """
-  shape = (kernel_size,) * ndim + (c_in, num)
+  shape = nets.kernel_shape(kernel_size, ndim) + (c_in, num)
   return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
@@ -428,7 +429,7 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
   num = features // (2 * out_channels)
 
   def shape(c_in):
-    return (kernel_size,) * ndim + (c_in, num, out_channels)
+    return nets.kernel_shape(kernel_size, ndim) + (c_in, num, out_channels)
 
   def init(rng, h_shape):
     del rng  # The program is convex: start at zero (any start reaches the same optimum).

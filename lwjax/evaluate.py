@@ -165,7 +165,7 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
   lines = [f"# Evaluation of {cfg.workdir}", "",
            f"{len(result['slices'])} validation slices from {files} file(s); mask {cfg.mask} "
            f"x{cfg.accel:g}, {cfg.image_size}x{cfg.image_size}, {cfg.features} channels, "
-           f"{cfg.kernel_size}x{cfg.kernel_size} kernels. Per-slice PSNR, SSIM and NMSE of "
+           f"{'x'.join(map(str, cfg.kernel))} kernels. Per-slice PSNR, SSIM and NMSE of "
            "magnitude images (data range: each target slice's maximum), mean ± std over slices; "
            "the gap is the method minus e2e at the same depth.", "",
            "| network | depth | PSNR (dB) | SSIM | NMSE | PSNR gap (dB) | SSIM gap |",

@@ -71,7 +71,7 @@ def _step_inputs(cfg: Config, network: Network):
   template = train.network_template(cfg)
   x_shape = (1,) + spatial(cfg) + (2,)
   deep = jax.eval_shape(lambda k: nets.init(k, x_shape, depth=network.depth, ndim=cfg.ndim,
-                                            features=cfg.features, kernel_size=cfg.kernel_size),
+                                            features=cfg.features, kernel_size=cfg.kernel),
                         jax.random.key(0))
   if network.method == "e2e":
     return train.e2e_loss(template), train.adam(cfg, 1, cfg.weight_decay), deep, {}

@@ -14,6 +14,16 @@ import jax
 import jax.numpy as jnp
 
 
+def kernel_shape(kernel_size, ndim: int) -> tuple[int, ...]:
+  """The spatial extent of a kernel: ``k`` -> ``(k,) * ndim``; a tuple must have ``ndim`` entries."""
+  if isinstance(kernel_size, int):
+    return (kernel_size,) * ndim
+  shape = tuple(int(k) for k in kernel_size)
+  if len(shape) != ndim:
+    raise ValueError(f"kernel_size {shape}: expected {ndim} extents for a {ndim}D network")
+  return shape
+
+
 class DeepNet(nn.Module):
   """``out = head(h_{L-1}) + x`` with ``h_0 = x``, ``h_i = relu(conv_i(h_{i-1}))``.
 
@@ -22,7 +32,7 @@ class DeepNet(nn.Module):
   """
   depth: int = 5
   features: int = 256
-  kernel_size: int = 7
+  kernel_size: Any = 7  # k in every spatial dimension, or one extent per dimension (3, 7, 7)
   ndim: int = 2
   out_channels: int = 2
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
@@ -30,7 +40,7 @@ class DeepNet(nn.Module):
   def setup(self):
     if self.depth < 2:
       raise ValueError(f"depth must be >= 2 (one hidden layer and the head), got {self.depth}")
-    k = (self.kernel_size,) * self.ndim
+    k = kernel_shape(self.kernel_size, self.ndim)
     self.convs = [nn.Conv(self.features, k, padding="SAME", dtype=self.dtype)
                   for _ in range(self.depth - 1)]
     self.head = nn.Conv(self.out_channels, (1,) * self.ndim, dtype=self.dtype)
@@ -49,14 +59,14 @@ class DeepNet(nn.Module):
 class TwoLayer(nn.Module):
   """A non-convex layer-wise stage: ``f(relu(g(h))) + skip`` (g: k x k conv, f: 1x1 conv)."""
   features: int = 256
-  kernel_size: int = 7
+  kernel_size: Any = 7  # as DeepNet's
   ndim: int = 2
   out_channels: int = 2
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h, skip):
-    k = (self.kernel_size,) * self.ndim
+    k = kernel_shape(self.kernel_size, self.ndim)
     z = nn.relu(nn.Conv(self.features, k, padding="SAME", dtype=self.dtype, name="conv")(h))
     return nn.Conv(self.out_channels, (1,) * self.ndim, dtype=self.dtype, name="head")(z).astype(
         skip.dtype) + skip

@@ -103,6 +103,13 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec("data"))
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly batch-sharded) global array as NumPy, on every process."""
+  if not x.is_fully_addressable:  # Multi-host: gather the other hosts' rows.
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
 def put_batch(batch: dict, mesh: Mesh) -> dict:
   """Host arrays with a leading batch axis -> global device arrays split over the mesh."""
   sharding = batch_sharded(mesh)
@@ -312,9 +319,7 @@ def predict(net: nets.DeepNet, params: Params, x: np.ndarray, *, mesh: Mesh,
   out = []
   for batch in data_lib.eval_batches({"x": x}, batch_size):
     pred = forward(params, put_batch({"x": batch["x"]}, mesh)["x"])
-    if not pred.is_fully_addressable:  # Multi-host: every process gets the whole batch.
-      pred = multihost_utils.process_allgather(pred, tiled=True)
-    out.append(np.asarray(pred)[batch["valid"]])
+    out.append(to_host(pred)[batch["valid"]])
   return np.concatenate(out)
 
 
@@ -379,7 +384,7 @@ def record_eval(summary: dict, summary_path: Path, log: MetricsLog, method: str,
 # The two methods.
 
 def network_template(cfg: Config) -> nets.DeepNet:
-  return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel_size,
+  return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel,
                       ndim=cfg.ndim, dtype=jnp.dtype(cfg.compute_dtype))
 
 
@@ -418,7 +423,7 @@ def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsL
     return load_params(out)
   net = network_template(cfg).clone(depth=depth)
   params = nets.init(_phase_key(cfg, 1000 + depth), (1,) + train["x"].shape[1:], depth=depth,
-                     features=cfg.features, kernel_size=cfg.kernel_size, ndim=net.ndim)
+                     features=cfg.features, kernel_size=cfg.kernel, ndim=net.ndim)
 
   spe = data_lib.steps_per_epoch(len(train["x"]), cfg.batch_size)
   result = fit(f"e2e_d{depth}", e2e_loss(net), adam(cfg, spe, cfg.weight_decay), params, {},
@@ -437,12 +442,12 @@ def make_stage(method: str, cfg: Config, steps_per_epoch: int,
   dtype = jnp.dtype(cfg.compute_dtype)
   ndim = cfg.ndim
   if method == "layerwise":
-    return stage_lib.nonconvex(features=cfg.features, kernel_size=cfg.kernel_size, ndim=ndim,
+    return stage_lib.nonconvex(features=cfg.features, kernel_size=cfg.kernel, ndim=ndim,
                                tx=adam(cfg, steps_per_epoch, cfg.weight_decay), dtype=dtype)
   if method == "layerwise_convex":
     from lwjax import convex  # The convex stage is only needed by this method.
     return convex.convex_stage(
-        features=cfg.features, kernel_size=cfg.kernel_size, ndim=ndim, beta=cfg.beta, rho=cfg.rho,
+        features=cfg.features, kernel_size=cfg.kernel, ndim=ndim, beta=cfg.beta, rho=cfg.rho,
         solver=cfg.convex_solver, tx=adam(cfg, steps_per_epoch), gate_seed=cfg.gate_seed + index,
         refit_head=cfg.refit_head, fista_iters=cfg.fista_iters, steps_per_epoch=steps_per_epoch,
         relative_beta=cfg.beta_relative,

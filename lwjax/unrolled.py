@@ -117,7 +117,7 @@ def init(rng, x_shape, *, iters, **kwargs) -> Params:
 
 def cnn_template(cfg: Config) -> nets.DeepNet:
   """The CNN of every iteration (depth, width, kernel, ndim and compute dtype of ``cfg``)."""
-  return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel_size,
+  return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel,
                       ndim=cfg.ndim, dtype=jnp.dtype(cfg.compute_dtype))
 
 
@@ -201,7 +201,7 @@ def _batched(fn, params, arrays: dict, mask, *, mesh, batch_size: int) -> np.nda
   out = []
   for batch in data_lib.eval_batches({k: arrays[k] for k in ("x", "kspace", "maps")}, batch_size):
     valid = batch.pop("valid")
-    out.append(np.asarray(jitted(params, mask, train_lib.put_batch(batch, mesh)))[valid])
+    out.append(train_lib.to_host(jitted(params, mask, train_lib.put_batch(batch, mesh)))[valid])
   return np.concatenate(out)
 
 
@@ -245,7 +245,7 @@ def _key(cfg: Config, k: int) -> jax.Array:
 
 def _init_iteration(cfg: Config, k: int, x_shape) -> Params:
   return init_iteration(_key(cfg, k), (1,) + tuple(x_shape[1:]), depth=cfg.depth,
-                        features=cfg.features, kernel_size=cfg.kernel_size, ndim=cfg.ndim,
+                        features=cfg.features, kernel_size=cfg.kernel, ndim=cfg.ndim,
                         dc_lambda=cfg.dc_lambda)
 
 

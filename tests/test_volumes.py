@@ -154,3 +154,33 @@ def test_unrolled_step_memory_stagewise_below_e2e():
   stage = unrolled.step_memory(cfg, "stagewise", 2, coils=COILS)
   assert set(e2e) == {"argument", "output", "temp", "alias", "total"}
   assert 0 < stage["temp"] < e2e["temp"] and stage["total"] < e2e["total"]
+
+
+# Anisotropic 3D kernels (--kernel_depth): a 1 x k x k kernel must act slice by slice.
+
+def test_kernel_depth_one_is_the_2d_network_on_every_slice():
+  x = toy_volumes(n=2, depth=3, size=8)["x"]
+  p3 = nets.init(jax.random.key(3), (1,) + x.shape[1:], depth=3, features=4, kernel_size=(1, 3, 3),
+                 ndim=3)
+  assert p3["convs_0"]["kernel"].shape == (1, 3, 3, 2, 4)
+  p2 = jax.tree.map(lambda w: w[0] if w.ndim == 5 else w, p3)  # drop the depth axis of kernels
+  out3 = nets.forward(nets.DeepNet(features=4, kernel_size=(1, 3, 3), ndim=3), p3, x)
+  out2 = nets.forward(nets.DeepNet(features=4, kernel_size=3, ndim=2), p2,
+                      x.reshape(-1, 8, 8, 2)).reshape(x.shape)
+  np.testing.assert_allclose(out3, out2, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="expected 3 extents"):
+    nets.kernel_shape((3, 3), 3)
+
+
+def test_kernel_depth_reaches_every_stage_and_is_validated(tmp_path):
+  cfg = dataclasses.replace(CFG, workdir=str(tmp_path), kernel_depth=1, kernel_size=3)
+  assert cfg.kernel == (1, 3, 3)
+  params = train.train_layerwise(cfg, "layerwise_convex", toy_volumes(),
+                                 mesh=train.make_mesh(2), log=train.MetricsLog(tmp_path))
+  assert params["convs_0"]["kernel"].shape == (1, 3, 3, 2, 4)
+  assert params["convs_1"]["kernel"].shape == (1, 3, 3, 4, 4)
+  e2e = train.train_e2e(dataclasses.replace(cfg, workdir=str(tmp_path / "e2e")), 3, toy_volumes(),
+                        mesh=train.make_mesh(2), log=train.MetricsLog(tmp_path / "e2e"))
+  assert e2e["convs_1"]["kernel"].shape == (1, 3, 3, 4, 4)
+  with pytest.raises(ValueError, match="--kernel_depth=3: applies to 3D"):
+    config_lib.validate(dataclasses.replace(CFG, ndim=2, kernel_depth=3), num_devices=2)
