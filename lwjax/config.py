@@ -29,6 +29,7 @@ class Config:
   center_fraction: float = 0.04  # fully sampled centre fraction of 1D Cartesian masks
   mask_seed: int = 0  # seed of the (fixed) sampling mask
   maps: str = "espirit"  # coil-map estimation from the calibration region: espirit or lowres
+  prep_workers: int = 0  # processes preparing slices that are not cached yet (ESPIRiT is the slow part); 0: one per CPU core
   max_train_volumes: int = 0  # use at most this many training files (subjects); 0: all
   max_val_volumes: int = 0  # use at most this many validation files (subjects); 0: all
   synth_train_subjects: int = 30  # synthetic data: training subjects (files)
@@ -137,6 +138,7 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.cg_iters >= 1, "cg_iters", "must be >= 1")
   need(cfg.ndim in (2, 3), "ndim", "expected 2 or 3")
   need(cfg.volume_depth >= 1, "volume_depth", "must be >= 1")
+  need(cfg.prep_workers >= 0, "prep_workers", "must be >= 0 (0: one per CPU core)")
   need(cfg.kernel_depth >= 0, "kernel_depth", "must be >= 0 (0: --kernel_size)")
   need(cfg.kernel_depth == 0 or cfg.ndim == 3, "kernel_depth", "applies to 3D networks only "
        "(--ndim=3)")

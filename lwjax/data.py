@@ -10,9 +10,11 @@ Data consistency (the unrolled network) also needs the coil maps and the undersa
 ``scale`` as ``x``, so ``sense.zero_filled(kspace, maps, mask) == x`` as a complex image.
 ``to_volumes`` stacks consecutive slices of one file into volume patches for 3D networks.
 """
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -160,14 +162,15 @@ def _entry(example, with_maps, with_kspace=False) -> dict:
   return entry
 
 
-def _load_slice(info, index, mask, cfg, cache_dir, with_maps,
-                with_kspace=False) -> tuple[dict, bool]:
-  """The cache entry of a slice, read or prepared and written now; and whether it was read."""
+def _cached_slice(info, index, cfg, cache_dir, with_maps, with_kspace) -> Optional[dict]:
   file = Path(cache_dir) / f"{cache_key(info.path, index, cfg)}.npz"
-  entry = _read_entry(file, cfg.image_size,
-                      info.num_coils if with_maps or with_kspace else None, with_kspace)
-  if entry is not None:
-    return entry, True
+  return _read_entry(file, cfg.image_size,
+                     info.num_coils if with_maps or with_kspace else None, with_kspace)
+
+
+def _prepare_and_cache(info, index, mask, cfg, cache_dir, with_maps, with_kspace) -> dict:
+  """Prepares one slice from its file and writes its cache entry (atomically); returns it."""
+  file = Path(cache_dir) / f"{cache_key(info.path, index, cfg)}.npz"
   grid = fastmri.to_grid(fastmri.read_slice(info.path, index), cfg.image_size)
   try:
     entry = _entry(prepare_slice(grid, mask, cfg), with_maps, with_kspace)
@@ -175,18 +178,39 @@ def _load_slice(info, index, mask, cfg, cache_dir, with_maps,
     raise fastmri.DataError(f"{info.path}: key '{fastmri.KSPACE}', slice {index}: {e}") from e
   with fastmri.atomic_write(file) as tmp, open(tmp, "wb") as f:
     np.savez(f, **entry)
-  return entry, False
+  return entry
+
+
+def _worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+  """Processes for slice preparation: spawned (the parent may run JAX's threads, which a fork
+  would copy half-way), each with single-threaded BLAS/FFT so that ``workers`` use as many cores."""
+  single = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+  saved = {k: os.environ.get(k) for k in single}
+  os.environ.update(single)  # Inherited by the workers, spawned below.
+  try:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"))
+    for _ in pool.map(int, range(workers)):  # Start them all now, under this environment.
+      pass
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  return pool
 
 
 def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
-               with_maps=False, with_kspace=False,
+               with_maps=False, with_kspace=False, workers: int = 1,
                log: Optional[Callable[[str], None]] = None) -> Split:
   """Every slice of the first ``max_volumes`` files of a split, prepared or read from the cache.
 
   Each slice is cached as one ``.npz`` keyed by :func:`cache_key`; entries are written atomically
   and validated on reading, and an invalid one is prepared and written again. ``with_maps`` and
   ``with_kspace`` add the coil maps and the sampled, scaled k-space (what data consistency needs)
-  to the split; an entry cached without them is prepared again once.
+  to the split; an entry cached without them is prepared again once. Slices not in the cache
+  are prepared by ``workers`` processes (0: one per CPU core; ESPIRiT is the slow part).
   """
   if max_volumes is not None and max_volumes < 1:
     raise ValueError(f"max_volumes: expected None or >= 1, found {max_volumes}")
@@ -197,18 +221,33 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
                             f"coil count, found {sorted({i.num_coils for i in infos})}")
   mask = mask_for(cfg)
   Path(cache_dir).mkdir(parents=True, exist_ok=True)
-  total = sum(info.num_slices for info in infos)
+  slices = [(v, info, index) for v, info in enumerate(infos) for index in range(info.num_slices)]
+  total = len(slices)
   every = max(1, total // 10)
-  examples, ids, volume_index, hits = [], [], [], 0
-  for v, info in enumerate(infos):
-    for index in range(info.num_slices):
-      example, cached = _load_slice(info, index, mask, cfg, cache_dir, with_maps, with_kspace)
-      examples.append(example)
-      ids.append((info.path.name, index))
-      volume_index.append(v)
-      hits += cached
-      if log and (len(examples) % every == 0 or len(examples) == total):
-        log(f"{split}: prepared {len(examples)}/{total} slices ({hits} from cache)")
+  examples = [_cached_slice(info, index, cfg, cache_dir, with_maps, with_kspace)
+              for _, info, index in slices]
+  missing = [i for i, e in enumerate(examples) if e is None]
+  hits, done = total - len(missing), total - len(missing)
+  args = lambda i: (slices[i][1], slices[i][2], mask, cfg, cache_dir, with_maps, with_kspace)
+  workers = min(workers or os.cpu_count() or 1, len(missing))
+  if workers > 1:
+    with _worker_pool(workers) as pool:
+      futures = {pool.submit(_prepare_and_cache, *args(i)): i for i in missing}
+      for future in concurrent.futures.as_completed(futures):
+        examples[futures[future]] = future.result()  # A worker's DataError is raised here.
+        done += 1
+        if log and (done % every == 0 or done == total):
+          log(f"{split}: prepared {done}/{total} slices ({hits} from cache, {workers} workers)")
+  else:
+    for i in missing:
+      examples[i] = _prepare_and_cache(*args(i))
+      done += 1
+      if log and (done % every == 0 or done == total):
+        log(f"{split}: prepared {done}/{total} slices ({hits} from cache)")
+  if log and not missing:
+    log(f"{split}: prepared {total}/{total} slices ({hits} from cache)")
+  ids = [(info.path.name, index) for _, info, index in slices]
+  volume_index = [v for v, _, _ in slices]
   stack = lambda k: np.stack([e[k] for e in examples])
   return Split(x=stack("x"), y=stack("y"), mask=mask, ids=ids, scale=stack("scale"),
                volume_index=np.asarray(volume_index), maps=stack("maps") if with_maps else None,

@@ -196,18 +196,19 @@ def test_cache_keys(dataset):
   assert data.cache_key(path, 0, CFG) != key
 
 
-def test_bad_files_name_file_and_slice(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])  # 2: raised in a worker process, re-raised here
+def test_bad_files_name_file_and_slice(tmp_path, workers):
   (tmp_path / "train").mkdir()
   kspace = np.ones((2, COILS, 2 * SIZE, SIZE), np.complex64)
   kspace[1] = 0  # an empty slice: no scale
   fastmri.write_volume(tmp_path / "train" / "zero.h5", kspace, np.ones((2, SIZE, SIZE)))
   with pytest.raises(fastmri.DataError,
                      match=r"zero.h5: key 'kspace', slice 1: zero-filled image: expected"):
-    data.load_split(tmp_path, "train", CFG, cache_dir=tmp_path / "cache")
+    data.load_split(tmp_path, "train", CFG, cache_dir=tmp_path / "cache", workers=workers)
   kspace[1, 0, 3, 3] = np.nan
   fastmri.write_volume(tmp_path / "train" / "zero.h5", kspace, np.ones((2, SIZE, SIZE)))
   with pytest.raises(fastmri.DataError, match=r"zero.h5: key 'kspace', slice 1: expected finite"):
-    data.load_split(tmp_path, "train", CFG, cache_dir=tmp_path / "cache")
+    data.load_split(tmp_path, "train", CFG, cache_dir=tmp_path / "cache", workers=workers)
   with pytest.raises(fastmri.DataError, match=r"split 'val'"):
     data.load_split(tmp_path, "val", CFG, cache_dir=tmp_path / "cache")
   fastmri.write_volume(tmp_path / "train" / "zero.h5", kspace[:, :2], np.ones((2, SIZE, SIZE)))
@@ -302,3 +303,20 @@ def test_eval_batches():
   assert len(list(data.eval_batches(arrays, 5))) == 2
   with pytest.raises(ValueError, match="batch_size 0"):
     data.eval_batches(arrays, 0)
+
+
+def test_parallel_preparation_matches_serial(dataset, tmp_path):
+  serial = data.load_split(dataset, "train", CFG, cache_dir=tmp_path / "serial", workers=1)
+  messages = []
+  parallel = data.load_split(dataset, "train", CFG, cache_dir=tmp_path / "parallel", workers=2,
+                             log=messages.append)
+  _assert_same(parallel, serial)
+  assert parallel.ids == serial.ids
+  assert any("2 workers" in m for m in messages)
+  # The workers wrote the cache: a second read prepares nothing.
+  messages.clear()
+  _assert_same(data.load_split(dataset, "train", CFG, cache_dir=tmp_path / "parallel",
+                               workers=2, log=messages.append), serial)
+  n = len(serial.x)
+  assert messages == [f"train: prepared {n}/{n} slices ({n} from cache)"]
+
