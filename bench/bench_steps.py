@@ -85,8 +85,9 @@ flags.DEFINE_float("min_time_s", 0.02,
                    "each timed run repeats the step until it lasts about this long (short steps)")
 flags.DEFINE_bool("torch", True, "also time the PyTorch reference (bench/torch_ref.py)")
 flags.DEFINE_bool("torch_cudnn_benchmark", True,
-                  "PyTorch: let cuDNN time its algorithms per shape (cudnn.benchmark); false: its "
-                  "heuristic choice (cuDNN's bfloat16 7x7 search at 320x320 took minutes on an H200)")
+                  "PyTorch: let cuDNN time its algorithms per shape (cudnn.benchmark); false: "
+                  "its heuristic choice (cuDNN's bf16 7x7 search at 320x320 took minutes on an "
+                  "H200)")
 flags.DEFINE_bool("check", True, "first compare lwjax and PyTorch losses and gradients on a small "
                   "input (same parameters, highest precision)")
 flags.DEFINE_string("json_out", "", "write all results here as JSON (rewritten after each row)")

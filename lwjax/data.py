@@ -183,10 +183,13 @@ def _prepare_and_cache(info, index, mask, cfg, cache_dir, with_maps, with_kspace
 
 def _worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
   """Processes for slice preparation: spawned (the parent may run JAX's threads, which a fork
-  would copy half-way), each with single-threaded BLAS/FFT so that ``workers`` use as many cores."""
-  single = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-  saved = {k: os.environ.get(k) for k in single}
-  os.environ.update(single)  # Inherited by the workers, spawned below.
+  would copy half-way), each with single-threaded BLAS/FFT so that ``workers`` use as many cores.
+  Preparation is NumPy only; JAX is pinned to the CPU there all the same, so that no worker can
+  ever take accelerator memory."""
+  worker_env = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+  worker_env["JAX_PLATFORMS"] = "cpu"
+  saved = {k: os.environ.get(k) for k in worker_env}
+  os.environ.update(worker_env)  # Inherited by the workers, spawned below.
   try:
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"))

@@ -13,7 +13,10 @@ predicts the validation split with each and writes:
                       training_curves.png
 
 Metrics are the trainer's (``train.slice_metrics``): slice-based PSNR, SSIM and NMSE on magnitude
-images, data range = each target slice's maximum.
+images, data range = each target slice's maximum. Every kind of run is evaluated as its trainer
+evaluates it: 2D slices, 3D volume patches (metrics per slice of each patch) or the unrolled
+model (with k-space and maps; plus the "cg_sense" baseline); for the unrolled model "depth" is the
+number of iterations.
 """
 import dataclasses
 import json
@@ -28,6 +31,7 @@ from lwjax import data as data_lib
 from lwjax import figures
 from lwjax import metrics as metrics_lib
 from lwjax import train
+from lwjax import unrolled
 from lwjax.config import Config
 
 # Settings a run may be evaluated with other than its own: where the data is, how much at once.
@@ -71,7 +75,17 @@ def overrides_from_flags(flag_values, *, used=()) -> dict:
 
 
 def trained_networks(cfg: Config) -> list[tuple[str, int]]:
-  """``(method, depth)`` of every network a finished run of ``cfg`` has saved, in method order."""
+  """``(method, depth)`` of every network a finished run of ``cfg`` has saved, in method order.
+
+  For ``--model=unrolled`` the methods are ``unrolled_e2e`` / ``unrolled_stagewise`` and the
+  "depth" is the number of unrolled iterations."""
+  if cfg.model == "unrolled":
+    out = []
+    for method in cfg.methods:
+      mode = unrolled.MODES[method]
+      iters = range(1, cfg.unroll_iters + 1) if mode == "stagewise" else [cfg.unroll_iters]
+      out += [(unrolled.METHODS[mode], k) for k in iters]
+    return out
   return [(method, depth) for method in cfg.methods
           for depth in (cfg.depths_e2e if method == "e2e" else range(2, cfg.depth + 1))]
 
@@ -88,6 +102,41 @@ def load_network(cfg: Config, method: str, depth: int):
   return train.load_params(train.params_dir(cfg.workdir, method, depth))
 
 
+def eval_arrays(cfg: Config, val: data_lib.Split) -> tuple[dict, np.ndarray]:
+  """The networks' examples as the trainer evaluates them, and their slices' indices into ``val``.
+
+  Slices, or for 3D networks volume patches of ``--volume_depth`` (``data.to_volumes``: a file's
+  last slices that fill no patch are not evaluated); with k-space and maps for the unrolled
+  model. Returns ``(arrays, slices)``, ``slices`` (N,) in the order of ``as_slices`` outputs."""
+  keys = unrolled.DC_KEYS if cfg.model == "unrolled" else ("x", "y")
+  if cfg.ndim == 3:
+    volumes = data_lib.to_volumes(val, cfg.volume_depth)
+    return {k: volumes[k] for k in keys}, volumes["slices"].reshape(-1)
+  return {k: getattr(val, k) for k in keys}, np.arange(len(val.x))
+
+
+def as_slices(images: np.ndarray) -> np.ndarray:
+  """(N, h, w, 2) slices, or (M, depth, h, w, 2) patches flattened to (M * depth, h, w, 2)."""
+  return images.reshape((-1,) + images.shape[-3:])
+
+
+def predictor(cfg: Config, arrays: dict, mask: np.ndarray,
+              *, mesh) -> Callable[[str, int], np.ndarray]:
+  """``(method, depth) -> (N, h, w, 2)`` the saved network's output on ``arrays``, as slices."""
+  if cfg.model == "unrolled":
+    net, mask = unrolled.cnn_template(cfg), np.asarray(mask, np.float32)
+
+    def run(params):
+      return unrolled.predict(net, params, arrays, mask, cg_iters=cfg.cg_iters, mesh=mesh,
+                              batch_size=cfg.eval_batch_size)
+  else:
+    net = train.network_template(cfg)
+
+    def run(params):
+      return train.predict(net, params, arrays["x"], mesh=mesh, batch_size=cfg.eval_batch_size)
+  return lambda method, depth: as_slices(run(load_network(cfg, method, depth)))
+
+
 def validation_split(cfg: Config, log: Callable[[str], None] = lambda s: None) -> data_lib.Split:
   """The run's validation slices (from the run's cache where it has them)."""
   # The validation split does not depend on the training files: reading one instead of all of
@@ -95,15 +144,32 @@ def validation_split(cfg: Config, log: Callable[[str], None] = lambda s: None) -
   return train.load_data(cfg, log=log, splits=("val",))[0]
 
 
-def per_slice_metrics(cfg: Config, val: data_lib.Split, *, mesh) -> dict:
-  """``{"zero_filled": metrics, method: {"<depth>": metrics}}``, metrics ``{name: (N,) array}``."""
-  net = train.network_template(cfg)
-  out = {"zero_filled": train.slice_metrics(val.x, val.y)}
+def per_slice_metrics(cfg: Config, val: data_lib.Split, *, mesh) -> tuple[dict, dict, np.ndarray]:
+  """Metrics of the baselines and of every saved network, per evaluated slice.
+
+  Returns ``(metrics, outputs, slices)``: metrics ``{"zero_filled": m, ["cg_sense": m,]
+  method: {"<depth>": m}}`` with m ``{name: (N,) array}``; ``outputs`` the magnitude images of
+  the zero-filled input, each method's deepest network and the target (``example_columns``);
+  ``slices`` (N,) the evaluated slices' indices into ``val``.
+  """
+  arrays, slices = eval_arrays(cfg, val)
+  x, y = as_slices(arrays["x"]), as_slices(arrays["y"])
+  out = {"zero_filled": train.slice_metrics(x, y)}
+  outputs = {"zero-filled": metrics_lib.magnitude(x)}
+  if cfg.model == "unrolled":
+    cg = unrolled.cg_sense(arrays, np.asarray(val.mask, np.float32), iters=cfg.cg_iters,
+                           mesh=mesh, batch_size=cfg.eval_batch_size)
+    out["cg_sense"] = train.slice_metrics(as_slices(cg), y)
+  predict = predictor(cfg, arrays, val.mask, mesh=mesh)
+  final = dict(final_networks(cfg))
   for method, depth in trained_networks(cfg):
-    pred = train.predict(net, load_network(cfg, method, depth), val.x, mesh=mesh,
-                         batch_size=cfg.eval_batch_size)
-    out.setdefault(method, {})[str(depth)] = train.slice_metrics(pred, val.y)
-  return out
+    pred = predict(method, depth)
+    out.setdefault(method, {})[str(depth)] = train.slice_metrics(pred, y)
+    if final[method] == depth:
+      outputs[f"{method} ({depth} {'iterations' if cfg.model == 'unrolled' else 'layers'})"] = (
+          metrics_lib.magnitude(pred))
+  outputs["target"] = metrics_lib.magnitude(y)
+  return out, outputs, slices
 
 
 def _map_metrics(fn, tree):
@@ -120,17 +186,9 @@ def representative_slices(psnr: np.ndarray) -> list[int]:
   return list(dict.fromkeys(picks))
 
 
-def example_columns(cfg: Config, val: data_lib.Split, slices: list[int], *, mesh) -> dict:
-  """Magnitude images of ``slices``: zero-filled, the deepest net of each method, target."""
-  net = train.network_template(cfg)
-  x = val.x[slices]
-  columns = {"zero-filled": metrics_lib.magnitude(x)}
-  for method, depth in final_networks(cfg):
-    pred = train.predict(net, load_network(cfg, method, depth), x, mesh=mesh,
-                         batch_size=cfg.eval_batch_size)
-    columns[f"{method} ({depth} layers)"] = metrics_lib.magnitude(pred)
-  columns["target"] = metrics_lib.magnitude(val.y[slices])
-  return {name: list(np.asarray(images)) for name, images in columns.items()}
+def example_columns(outputs: dict, examples: list[int]) -> dict:
+  """The ``examples`` (indices of evaluated slices) of each of ``per_slice_metrics``' outputs."""
+  return {name: list(np.asarray(images)[examples]) for name, images in outputs.items()}
 
 
 def read_metrics_log(workdir) -> list[dict]:
@@ -143,14 +201,15 @@ def read_metrics_log(workdir) -> list[dict]:
 def stage_reports(cfg: Config) -> dict:
   """``{method: {stage: report}}`` of the finished layer-wise stages that report anything."""
   out = {}
-  for method in cfg.methods:
-    if method == "e2e":
+  for method, depth in trained_networks(cfg):
+    if method in ("e2e", unrolled.METHODS["e2e"]):
       continue
-    for stage in range(1, cfg.depth):
-      path = train.stage_report_path(cfg.workdir, method, stage)
-      report = json.loads(path.read_text()) if path.is_file() else {}
-      if report:
-        out.setdefault(method, {})[stage] = report
+    # A CNN stage i gives depth i + 1; an unrolled stage k gives k iterations.
+    stage = depth if cfg.model == "unrolled" else depth - 1
+    path = train.stage_report_path(cfg.workdir, method, stage)
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    if report:
+      out.setdefault(method, {})[stage] = report
   return out
 
 
@@ -170,14 +229,17 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
            "the gap is the method minus e2e at the same depth.", "",
            "| network | depth | PSNR (dB) | SSIM | NMSE | PSNR gap (dB) | SSIM gap |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-  z = per_slice["zero_filled"]
-  lines.append(f"| zero-filled | | {_cell(z['psnr'], '.2f')} | {_cell(z['ssim'], '.4f')} | "
-               f"{_cell(z['nmse'], '.4f')} | | |")
-  e2e = mean.get("e2e", {})
+  for name, label in (("zero_filled", "zero-filled"), ("cg_sense", "CG-SENSE")):
+    if name in per_slice:
+      z = per_slice[name]
+      lines.append(f"| {label} | | {_cell(z['psnr'], '.2f')} | {_cell(z['ssim'], '.4f')} | "
+                   f"{_cell(z['nmse'], '.4f')} | | |")
+  ref_method = unrolled.METHODS["e2e"] if cfg.model == "unrolled" else "e2e"
+  e2e = mean.get(ref_method, {})
   for method, depth in trained_networks(cfg):
     m = per_slice[method][str(depth)]
     gap = ["", ""]
-    if method != "e2e" and str(depth) in e2e:
+    if method != ref_method and str(depth) in e2e:
       ref = e2e[str(depth)]
       gap = [f"{mean[method][str(depth)]['psnr'] - ref['psnr']:+.2f}",
              f"{mean[method][str(depth)]['ssim'] - ref['ssim']:+.4f}"]
@@ -223,16 +285,17 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None,
   records = read_metrics_log(cfg.workdir)
   mesh = mesh or train.make_mesh()
   val = validation_split(cfg, log=log)
-  per_slice = per_slice_metrics(cfg, val, mesh=mesh)
+  per_slice, outputs, slices = per_slice_metrics(cfg, val, mesh=mesh)
   method, depth = final_networks(cfg)[0]
   examples = representative_slices(per_slice[method][str(depth)]["psnr"])
   result = {"per_slice": _map_metrics(lambda m: {k: v.tolist() for k, v in m.items()}, per_slice),
             "mean": _map_metrics(train.mean_metrics, per_slice),
-            "slices": [[f, int(s)] for f, s in val.ids], "examples": examples}
+            "slices": [[val.ids[i][0], int(val.ids[i][1])] for i in slices],
+            "examples": examples}
   workdir = Path(cfg.workdir)
   train.write_json(workdir / "eval.json", result)
-  figure_files = draw_figures(cfg, result, example_columns(cfg, val, examples, mesh=mesh),
-                              records, workdir / "figures")
+  figure_files = draw_figures(cfg, result, example_columns(outputs, examples), records,
+                              workdir / "figures")
   (workdir / "report.md").write_text(report_markdown(cfg, result, figure_files, stage_reports(cfg)))
   log(f"wrote {workdir / 'eval.json'}, {workdir / 'report.md'} and {len(figure_files)} figures")
   return result

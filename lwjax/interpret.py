@@ -207,6 +207,9 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   Writes ``interpret.json`` (``draw``'s numbers, the slice, the network) next to the figures.
   """
   cfg = evaluate.load_config(workdir, **overrides)
+  if cfg.model != "cnn" or cfg.ndim != 2:
+    raise ValueError(f"{workdir}: interpretation covers 2D CNN runs; this run has "
+                     f"--model={cfg.model} --ndim={cfg.ndim} (launch/evaluate.py evaluates it)")
   deepest = dict(evaluate.final_networks(cfg))
   method = method or cfg.methods[0]
   if method not in deepest:

@@ -34,8 +34,8 @@ def test_bench_pipeline_reports_every_phase(tmp_path):
 
 def test_bench_steps_measures_each_step(tmp_path):
   out = tmp_path / "steps.json"
-  run("bench_steps.py", "--torch=false", "--num_devices=1", "--batch_sizes=4", "--repeats=2", "--peak_size=256",
-      "--steps=e2e,layerwise_convex_cached,eval", f"--json_out={out}")
+  run("bench_steps.py", "--torch=false", "--num_devices=1", "--batch_sizes=4", "--repeats=2",
+      "--peak_size=256", "--steps=e2e,layerwise_convex_cached,eval", f"--json_out={out}")
   rows = {r["step"]: r for r in json.loads(out.read_text())["results"]}
   assert set(rows) == {"e2e", "layerwise_convex_cached", "eval"}
   for r in rows.values():

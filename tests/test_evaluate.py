@@ -137,3 +137,29 @@ def test_representative_slices():
   assert psnr[median] == np.median(psnr)
   assert psnr[low] == 10.0  # nearest the 10th percentile of 11 values: the 2nd smallest
   assert evaluate.representative_slices(np.array([1.0])) == [0]
+
+
+@pytest.mark.parametrize("changes, networks", [
+    (dict(model="unrolled", unroll_iters=2, depth=2, method="layerwise,e2e", cg_iters=3),
+     [("zero_filled",), ("cg_sense",), ("unrolled_stagewise", "1"), ("unrolled_stagewise", "2"),
+      ("unrolled_e2e", "2")]),
+    (dict(ndim=3, volume_depth=2, synth_slices=3, batch_size=1, method="layerwise,e2e"),
+     [("zero_filled",), ("layerwise", "2"), ("layerwise", "3"), ("e2e", "3")]),
+])
+def test_unrolled_and_3d_runs_evaluate_like_their_trainer(tmp_path, changes, networks):
+  # The trainer's summary.json (its own prediction code) and evaluate's eval.json must agree.
+  cfg = dataclasses.replace(TINY, workdir=str(tmp_path), **changes)
+  summary = train.run(cfg, mesh=train.make_mesh(1))
+  result = evaluate.run(tmp_path, mesh=train.make_mesh(1))
+  assert sorted(p for p, _ in _leaves(result["mean"])) == sorted(networks)
+  for path, means in _leaves(result["mean"]):
+    expected = summary
+    for key in path:
+      expected = expected[key]
+    for metric, value in means.items():
+      assert value == pytest.approx(expected[metric], abs=1e-5), (path, metric)
+  # 3D: the file's 3 slices give one patch of 2; its last slice is not evaluated.
+  assert [index for _, index in result["slices"]] == [0, 1]
+  assert (tmp_path / "figures" / "examples.png").is_file()
+  report = (tmp_path / "report.md").read_text()
+  assert ("CG-SENSE" in report) == (changes.get("model") == "unrolled")
