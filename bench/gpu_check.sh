@@ -6,6 +6,8 @@
 #   pipeline  the real training loop: steps/s and data wait, e2e and the convex stages without and
 #             with cached features (host and device memory)
 #   b1        float32 steps at batch 1, lwjax only
+#   layers    one conv layer at a time (first, hidden, head; fwd and fwd+bwd) against PyTorch,
+#             float32 and bfloat16 at batch 8: which layer a step's gap to PyTorch comes from
 # Run from the repository root; results land in $OUT (or ./gpu_out). SIZE overrides the
 # paper-scale size flags (CPU dry run: SIZE="--image_size=32 --features=8 --kernel_size=3").
 set -u
@@ -36,6 +38,11 @@ for part in $PARTS; do
             --torch_cudnn_benchmark=false --time_budget_s=120 ;;
     b1) bench bench_b1 90 --compute_dtype=float32 --batch_sizes=1 --torch=false \
           --steps=e2e,layerwise_convex_s4,layerwise_s4,eval --time_budget_s=60 ;;
+    layers)
+      # shellcheck disable=SC2086
+      timeout 200 python3 bench/bench_layers.py $SIZE --batch_sizes=8 \
+        --compute_dtype=float32,bfloat16 --torch_cudnn_benchmark=false \
+        --json_out="$OUT/layers.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/layers.log" ;;
     pipeline)
       # shellcheck disable=SC2086
       timeout 200 python3 bench/bench_pipeline.py $SIZE --depth=3 --batch_size=8 --slices=48 \

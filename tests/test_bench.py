@@ -44,3 +44,13 @@ def test_bench_steps_measures_each_step(tmp_path):
   # XLA's count of the compiled step leaves out the multiply-adds on zero padding (a quarter of
   # a 3x3 conv's at 16x16): at most the hand count of the convolutions, and not far below it.
   assert 0.6 < rows["e2e"]["flops"] / rows["e2e"]["conv_flops"] <= 1.01
+
+
+def test_bench_layers_times_every_layer_kind(tmp_path):
+  out = tmp_path / "layers.json"
+  run("bench_layers.py", "--torch=false", "--num_devices=1", "--batch_sizes=2", "--repeats=2",
+      f"--json_out={out}")
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["layer"], r["mode"]) for r in rows] == [
+      (kind, mode) for kind in ("first", "hidden", "head") for mode in ("fwd", "fwd+bwd")]
+  assert all("error" not in r and r["ms"] > 0 and r["tflop"] > 0 for r in rows)
