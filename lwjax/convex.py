@@ -231,9 +231,11 @@ def duality_gap(variables, neg_grad, *, data, beta):
 
 
 def _gate_filters_of(variables, gate_seed):
-  """The gate filters that belong to ``variables`` (their kernel size, ndim, C_in and P)."""
+  """The gate filters that belong to ``variables``: their kernel extent per spatial dimension
+  (anisotropic 3D kernels too), C_in and P. The one place every pass derives the gates from."""
   v = variables["v"]
-  return gate_filters(gate_seed, v.shape[0], v.ndim - 3, v.shape[-3], v.shape[-2])
+  spatial = v.shape[:-3]
+  return gate_filters(gate_seed, spatial, len(spatial), v.shape[-3], v.shape[-2])
 
 
 @functools.partial(jax.jit, static_argnames=("gate_seed", "refit"))
@@ -440,7 +442,7 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     """The stage for an absolute ``beta`` and a ready solver."""
 
     def loss(variables, h, skip, y):
-      u = gate_filters(gate_seed, kernel_size, ndim, h.shape[-1], num)
+      u = _gate_filters_of(variables, gate_seed)
       value, aux = objective(variables, h, skip, y, u, beta=beta, rho=rho, dtype=dtype)
       # FISTA differentiates the smooth part only; its prox step handles the group lasso.
       return (0.5 * aux["mse"] if solver == "fista" else value), aux

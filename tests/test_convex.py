@@ -374,3 +374,25 @@ def test_bfloat16_conv_is_a_bfloat16_convolution_close_to_float32():
   ref = np.asarray(convex.conv(h, w, jnp.float32), np.float64)
   assert out.dtype == jnp.float32
   assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-2
+
+
+def test_anisotropic_3d_stage_uses_one_set_of_gates_everywhere():
+  # With a 1 x K x K kernel the loss, beta_max, FISTA and the certificate must all gate with the
+  # same (1, K, K) filters: a 1 x K x K stage on a depth-1 volume is the 2D stage.
+  h, skip, y = _data(9)
+  v2 = _random_variables(10)
+  v3 = {k: w[None] for k, w in v2.items()}  # (1, K, K, C_in, P, C_out)
+  u3 = convex.gate_filters(0, (1, K, K), 3, C_IN, P)
+  np.testing.assert_array_equal(convex._gate_filters_of(v3, 0), u3)
+  st2 = convex.convex_stage(features=FEATURES, kernel_size=K, ndim=2, beta=0.01, rho=0.0,
+                            refit_head=True, tx=optax.adam(1e-3))
+  st3 = convex.convex_stage(features=FEATURES, kernel_size=(1, K, K), ndim=3, beta=0.01,
+                            rho=0.0, refit_head=True, tx=optax.adam(1e-3))
+  # Same seed and element count: the 2D gates are the 3D ones without the depth axis.
+  np.testing.assert_array_equal(u3[0], convex.gate_filters(0, K, 2, C_IN, P))
+  vol = tuple(a[:, None] for a in (h, skip, y))
+  np.testing.assert_allclose(st3.loss(v3, *vol)[0], st2.loss(v2, h, skip, y)[0], rtol=1e-5)
+  _, rep2 = st2.finalize(v2, _batches(h, skip, y, 3))
+  _, rep3 = st3.finalize(v3, _batches(*vol, 3))
+  for key in ("mse", "beta_max", "rel_gap", "mse_refit"):
+    np.testing.assert_allclose(rep3[key], rep2[key], rtol=1e-4, err_msg=key)
