@@ -131,11 +131,7 @@ def main(argv):
     print(f"{method} {cache}: {wall:.1f} s wall, {run['other_s']:.1f} s outside timed epochs",
           flush=True)
     if FLAGS.json_out:
-      p = Path(FLAGS.json_out)
-      p.parent.mkdir(parents=True, exist_ok=True)
-      tmp = p.with_name(p.name + ".tmp")
-      tmp.write_text(json.dumps(report, indent=1))
-      os.replace(tmp, p)
+      train.write_json(Path(FLAGS.json_out), report)
   if not FLAGS.scratch:
     shutil.rmtree(scratch, ignore_errors=True)
 

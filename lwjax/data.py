@@ -162,15 +162,18 @@ def _entry(example, with_maps, with_kspace=False) -> dict:
   return entry
 
 
+def _cache_file(info, index, cfg, cache_dir) -> Path:
+  return Path(cache_dir) / f"{cache_key(info.path, index, cfg)}.npz"
+
+
 def _cached_slice(info, index, cfg, cache_dir, with_maps, with_kspace) -> Optional[dict]:
-  file = Path(cache_dir) / f"{cache_key(info.path, index, cfg)}.npz"
-  return _read_entry(file, cfg.image_size,
+  return _read_entry(_cache_file(info, index, cfg, cache_dir), cfg.image_size,
                      info.num_coils if with_maps or with_kspace else None, with_kspace)
 
 
 def _prepare_and_cache(info, index, mask, cfg, cache_dir, with_maps, with_kspace) -> dict:
   """Prepares one slice from its file and writes its cache entry (atomically); returns it."""
-  file = Path(cache_dir) / f"{cache_key(info.path, index, cfg)}.npz"
+  file = _cache_file(info, index, cfg, cache_dir)
   grid = fastmri.to_grid(fastmri.read_slice(info.path, index), cfg.image_size)
   try:
     entry = _entry(prepare_slice(grid, mask, cfg), with_maps, with_kspace)
@@ -230,23 +233,25 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   examples = [_cached_slice(info, index, cfg, cache_dir, with_maps, with_kspace)
               for _, info, index in slices]
   missing = [i for i, e in enumerate(examples) if e is None]
-  hits, done = total - len(missing), total - len(missing)
+  hits = total - len(missing)
   args = lambda i: (slices[i][1], slices[i][2], mask, cfg, cache_dir, with_maps, with_kspace)
   workers = min(workers or os.cpu_count() or 1, len(missing))
-  if workers > 1:
+
+  def prepared() -> Iterator[tuple[int, dict]]:
+    """(index, entry) of every missing slice, as each is ready."""
+    if workers <= 1:
+      yield from ((i, _prepare_and_cache(*args(i))) for i in missing)
+      return
     with _worker_pool(workers) as pool:
       futures = {pool.submit(_prepare_and_cache, *args(i)): i for i in missing}
       for future in concurrent.futures.as_completed(futures):
-        examples[futures[future]] = future.result()  # A worker's DataError is raised here.
-        done += 1
-        if log and (done % every == 0 or done == total):
-          log(f"{split}: prepared {done}/{total} slices ({hits} from cache, {workers} workers)")
-  else:
-    for i in missing:
-      examples[i] = _prepare_and_cache(*args(i))
-      done += 1
-      if log and (done % every == 0 or done == total):
-        log(f"{split}: prepared {done}/{total} slices ({hits} from cache)")
+        yield futures[future], future.result()  # A worker's DataError is raised here.
+
+  pool_note = f", {workers} workers" if workers > 1 else ""
+  for done, (i, entry) in enumerate(prepared(), start=hits + 1):
+    examples[i] = entry
+    if log and (done % every == 0 or done == total):
+      log(f"{split}: prepared {done}/{total} slices ({hits} from cache{pool_note})")
   if log and not missing:
     log(f"{split}: prepared {total}/{total} slices ({hits} from cache)")
   ids = [(info.path.name, index) for _, info, index in slices]

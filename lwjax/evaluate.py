@@ -102,19 +102,6 @@ def load_network(cfg: Config, method: str, depth: int):
   return train.load_params(train.params_dir(cfg.workdir, method, depth))
 
 
-def eval_arrays(cfg: Config, val: data_lib.Split) -> tuple[dict, np.ndarray]:
-  """The networks' examples as the trainer evaluates them, and their slices' indices into ``val``.
-
-  Slices, or for 3D networks volume patches of ``--volume_depth`` (``data.to_volumes``: a file's
-  last slices that fill no patch are not evaluated); with k-space and maps for the unrolled
-  model. Returns ``(arrays, slices)``, ``slices`` (N,) in the order of ``as_slices`` outputs."""
-  keys = unrolled.DC_KEYS if cfg.model == "unrolled" else ("x", "y")
-  if cfg.ndim == 3:
-    volumes = data_lib.to_volumes(val, cfg.volume_depth)
-    return {k: volumes[k] for k in keys}, volumes["slices"].reshape(-1)
-  return {k: getattr(val, k) for k in keys}, np.arange(len(val.x))
-
-
 def as_slices(images: np.ndarray) -> np.ndarray:
   """(N, h, w, 2) slices, or (M, depth, h, w, 2) patches flattened to (M * depth, h, w, 2)."""
   return images.reshape((-1,) + images.shape[-3:])
@@ -144,7 +131,8 @@ def validation_split(cfg: Config, log: Callable[[str], None] = lambda s: None) -
   return train.load_data(cfg, log=log, splits=("val",))[0]
 
 
-def per_slice_metrics(cfg: Config, val: data_lib.Split, *, mesh) -> tuple[dict, dict, np.ndarray]:
+def per_slice_metrics(cfg: Config, val: data_lib.Split,
+                      *, mesh) -> tuple[dict, dict, np.ndarray]:
   """Metrics of the baselines and of every saved network, per evaluated slice.
 
   Returns ``(metrics, outputs, slices)``: metrics ``{"zero_filled": m, ["cg_sense": m,]
@@ -152,7 +140,9 @@ def per_slice_metrics(cfg: Config, val: data_lib.Split, *, mesh) -> tuple[dict, 
   the zero-filled input, each method's deepest network and the target (``example_columns``);
   ``slices`` (N,) the evaluated slices' indices into ``val``.
   """
-  arrays, slices = eval_arrays(cfg, val)
+  # As the trainer evaluates them: slices or 3D patches, with k-space and maps when unrolled.
+  keys = unrolled.DC_KEYS if cfg.model == "unrolled" else ("x", "y")
+  arrays, slices = train.example_arrays(cfg, val, keys)
   x, y = as_slices(arrays["x"]), as_slices(arrays["y"])
   out = {"zero_filled": train.slice_metrics(x, y)}
   outputs = {"zero-filled": metrics_lib.magnitude(x)}

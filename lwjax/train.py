@@ -383,6 +383,20 @@ def record_eval(summary: dict, summary_path: Path, log: MetricsLog, method: str,
 # ----------------------------------------------------------------------------------------------
 # The two methods.
 
+def example_arrays(cfg: Config, split: data_lib.Split,
+                   keys: tuple[str, ...] = ("x", "y")) -> tuple[dict, np.ndarray]:
+  """The examples the networks of ``cfg`` train and are evaluated on, and their slices.
+
+  Slices, or for 3D networks volume patches of ``--volume_depth`` consecutive slices of one file
+  (``data.to_volumes``: a file's last slices that fill no patch are dropped). Returns
+  ``({key: array}, slices)``, ``slices`` the examples' slices as indices into ``split``, in the
+  order of the examples flattened to slices."""
+  if cfg.ndim == 3:
+    volumes = data_lib.to_volumes(split, cfg.volume_depth)
+    return {k: volumes[k] for k in keys}, volumes["slices"].reshape(-1)
+  return {k: getattr(split, k) for k in keys}, np.arange(len(split.x))
+
+
 def network_template(cfg: Config) -> nets.DeepNet:
   return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel,
                       ndim=cfg.ndim, dtype=jnp.dtype(cfg.compute_dtype))
@@ -487,7 +501,7 @@ def _check_device_room(need: int, mesh: Mesh, index: int) -> None:
 
 
 def cached_features(cfg: Config, method: str, index: int, batches: Iterator[jax.Array],
-                    shape: tuple, *, mesh: Optional[Mesh] = None):
+                    shape: tuple, *, mesh: Mesh):
   """All training examples' ``h_index`` (N, *spatial, features), held as ``--cache_features`` says.
 
   "host" keeps them in memory; "disk" in ``WORKDIR/features/<method>/h_<index>.npy``, written to a
@@ -502,7 +516,6 @@ def cached_features(cfg: Config, method: str, index: int, batches: Iterator[jax.
     # Filled in place batch by batch (the buffer is donated), so the peak is one cache + a batch.
     put = jax.jit(lambda buf, b, i: jax.lax.dynamic_update_slice_in_dim(buf, b, i, 0),
                   donate_argnums=0)
-    mesh = mesh or make_mesh(1)
     buf, start = None, 0
     for batch in batches:
       if buf is None:
@@ -680,14 +693,7 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
     from lwjax import unrolled  # Its own driver: the data-consistency steps need k-space and maps.
     return unrolled.run(cfg, train, val, mesh=mesh, log=log, summary_path=summary_path)
 
-  def arrays(split):
-    """Slices, or for 3D networks volume patches of --volume_depth slices of one file."""
-    if cfg.ndim == 3:
-      volumes = data_lib.to_volumes(split, cfg.volume_depth)
-      return {"x": volumes["x"], "y": volumes["y"]}
-    return {"x": split.x, "y": split.y}
-
-  train_arrays, val_arrays = arrays(train), arrays(val)
+  (train_arrays, _), (val_arrays, _) = example_arrays(cfg, train), example_arrays(cfg, val)
   summary = {"zero_filled": mean_metrics(slice_metrics(val_arrays["x"], val_arrays["y"])),
              "stages": {}, "config": dataclasses.asdict(cfg)}
   net = network_template(cfg)

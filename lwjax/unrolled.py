@@ -177,10 +177,7 @@ def dc_arrays(cfg: Config, split: data_lib.Split) -> dict:
   if split.kspace is None or split.maps is None:
     raise ValueError("the unrolled model needs the coil maps and the sampled k-space: load the "
                      "split with data.load_split(..., with_maps=True, with_kspace=True)")
-  if cfg.ndim == 3:
-    volumes = data_lib.to_volumes(split, cfg.volume_depth)
-    return {k: volumes[k] for k in DC_KEYS}
-  return {k: getattr(split, k) for k in DC_KEYS}
+  return train_lib.example_arrays(cfg, split, DC_KEYS)[0]
 
 
 @functools.lru_cache(maxsize=32)
