@@ -27,10 +27,7 @@ def main(argv):
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 1
-  for name, entry in result["mean"].items():
-    for depth, m in ({"": entry} if name == "zero_filled" else entry).items():
-      print(f"{name:>18} {depth:>2}: PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}  "
-            f"NMSE {m['nmse']:.4g}")
+  print("\n".join(evaluate.mean_lines(result["mean"])))
   return 0
 
 

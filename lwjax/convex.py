@@ -410,8 +410,9 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     returns the stage to train and a report ({"lipschitz"}, {"beta_max", "beta"}).
     ``finalize`` reports over the training set: "objective", "mse" (the convex model),
     "rel_gap" and "kkt_violation" (rho = 0 only, see ``duality_gap``), "constraint_violation"
-    (sum of cone violations / sum of |conv(h, V_pc)|), "relu_agreement"
-    (|pred_relu - pred| / |pred - skip| with pred_relu the +-1 mapped ReLU net), "mse_relu",
+    (sum of cone violations / sum of |conv(h, V_pc)|), "relu_mismatch"
+    (|pred_relu - pred| / |pred - skip| with pred_relu the +-1 mapped ReLU net: 0 where the ReLU
+    layer predicts exactly what the convex model does; it can exceed 1), "mse_relu",
     "beta_max", "active_groups" and, with ``refit_head``, "mse_refit" (the returned variables
     then carry the refit head, which ``to_layer`` uses).
   """
@@ -509,7 +510,7 @@ def _lipschitz(feature_batches, shape, gate_seed, iters):
 
 
 def _finalize(variables, feature_batches, *, beta, rho, gate_seed, refit_head):
-  """``Stage.finalize``: certificate, ReLU agreement and the optional head refit (see
+  """``Stage.finalize``: certificate, ReLU mismatch and the optional head refit (see
   ``convex_stage``); one pass over the training set, two with the refit."""
   vz = {"v": variables["v"], "z": variables["z"]}
   ndim = vz["v"].ndim - 3
@@ -524,7 +525,7 @@ def _finalize(variables, feature_batches, *, beta, rho, gate_seed, refit_head):
         "objective": mse / 2 + beta * norms.sum() + rho * total["violation"] / total["pixels"],
         "mse": mse,
         "constraint_violation": total["violation"] / max(total["magnitude"], 1e-30),
-        "relu_agreement": np.sqrt(total["sq_diff"] / max(total["sq_signal"], 1e-30)),
+        "relu_mismatch": np.sqrt(total["sq_diff"] / max(total["sq_signal"], 1e-30)),
         "mse_relu": total["sq_err_relu"] / total["elements"],
         "beta_max": _np_group_norms(total["at_r"]).max() / total["elements"],
         "active_groups": np.sum(norms > _ZERO_GROUP * norms.max())}

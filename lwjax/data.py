@@ -55,7 +55,7 @@ class Split:
   ids: list[tuple[str, int]]  # (file name, slice index)
   scale: np.ndarray  # (N,) float32, max |zero-filled image| before scaling
   volume_index: np.ndarray  # (N,) int, index of the file (subject) in the split
-  maps: Optional[np.ndarray] = None  # (N, C, h, w) complex64 when asked for
+  maps: Optional[np.ndarray] = None  # (N, C, h, w) complex64 when asked for (C: the most coils)
   kspace: Optional[np.ndarray] = None  # (N, C, h, w) complex64 mask * kspace / scale, if asked
 
 
@@ -68,6 +68,21 @@ def mask_for(cfg: PrepConfig) -> np.ndarray:
   """
   return masks.make_mask(cfg.mask, (cfg.image_size, cfg.image_size), cfg.accel,
                          seed=cfg.mask_seed, calib=cfg.calib, center_fraction=cfg.center_fraction)
+
+
+def checked_mask(cfg: PrepConfig) -> np.ndarray:
+  """``mask_for(cfg)``, after checking that the settings can make coil maps at all; raises
+  ValueError naming the flags (before any file is read: no data file is to blame)."""
+  mask = mask_for(cfg)
+  calib = calib_size(mask, cfg.calib)
+  if cfg.maps == "espirit" and calib < coils.ESPIRIT_MIN_CALIB:
+    raise ValueError(
+        f"--maps=espirit needs a fully sampled k-space centre of at least "
+        f"{coils.ESPIRIT_MIN_CALIB}x{coils.ESPIRIT_MIN_CALIB}; --mask={cfg.mask} with --calib="
+        f"{cfg.calib}, --center_fraction={cfg.center_fraction} at --image_size={cfg.image_size} "
+        f"samples {calib}x{calib}: raise --center_fraction (1D masks) or --calib (Poisson), "
+        "or use --maps=lowres")
+  return mask
 
 
 def calib_size(mask, calib) -> int:
@@ -111,18 +126,26 @@ def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
   scale = float(np.abs(x).max())
   if not np.isfinite(scale) or scale <= 0:
     raise ValueError(f"zero-filled image: expected a finite positive maximum, found {scale} "
-                     f"(all-zero k-space, or {cfg.maps} maps from the {calib}x{calib} centre)")
+                     f"(all-zero k-space, or {cfg.maps} maps from the {calib}x{calib} centre: "
+                     "a larger --calib / --center_fraction or --maps=lowres)")
   return dict(x=_channels(x / scale), y=_channels(y / scale),
               maps=np.asarray(maps, np.complex64),
               kspace=np.asarray(kspace_grid * mask / scale, np.complex64), scale=scale)
 
 
-def cache_key(path, index, cfg: PrepConfig) -> str:
-  """Names a prepared slice: file identity (absolute path, size, mtime), slice, config, format."""
+# File attrs that change with the k-space (fastMRI stores its norm and the target's maximum): a
+# file rewritten with other data under the same size and mtime (``cp -p``) still gets a new key.
+_CONTENT_ATTRS = ("norm", "max")
+
+
+def cache_key(path, index, cfg: PrepConfig, attrs: Optional[dict] = None) -> str:
+  """Names a prepared slice: file identity (absolute path, size, mtime and the ``norm``/``max``
+  of its ``attrs``, as ``fastmri.open_volume`` reads them), slice, config, format."""
   st = os.stat(path)
+  content = {k: repr(attrs[k]) for k in _CONTENT_ATTRS if k in (attrs or {})}
   blob = json.dumps({"version": CACHE_VERSION, "path": str(Path(path).resolve()),
-                     "size": st.st_size, "mtime_ns": st.st_mtime_ns, "slice": index,
-                     "cfg": dataclasses.asdict(cfg)}, sort_keys=True)
+                     "size": st.st_size, "mtime_ns": st.st_mtime_ns, "attrs": content,
+                     "slice": index, "cfg": dataclasses.asdict(cfg)}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -163,7 +186,7 @@ def _entry(example, with_maps, with_kspace=False) -> dict:
 
 
 def _cache_file(info, index, cfg, cache_dir) -> Path:
-  return Path(cache_dir) / f"{cache_key(info.path, index, cfg)}.npz"
+  return Path(cache_dir) / f"{cache_key(info.path, index, cfg, info.attrs)}.npz"
 
 
 def _cached_slice(info, index, cfg, cache_dir, with_maps, with_kspace) -> Optional[dict]:
@@ -215,17 +238,23 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   Each slice is cached as one ``.npz`` keyed by :func:`cache_key`; entries are written atomically
   and validated on reading, and an invalid one is prepared and written again. ``with_maps`` and
   ``with_kspace`` add the coil maps and the sampled, scaled k-space (what data consistency needs)
-  to the split; an entry cached without them is prepared again once. Slices not in the cache
-  are prepared by ``workers`` processes (0: one per CPU core; ESPIRiT is the slow part).
+  to the split; an entry cached without them is prepared again once. Files with fewer coils than
+  the split's most are padded with zero coils (map and k-space 0), which adds exactly nothing to
+  any SENSE sum over coils (fastMRI brain files have 4 to 20). Slices not in the cache are
+  prepared by ``workers`` processes (0: one per CPU core; ESPIRiT is the slow part).
   """
   if max_volumes is not None and max_volumes < 1:
     raise ValueError(f"max_volumes: expected None or >= 1, found {max_volumes}")
+  mask = checked_mask(cfg)
   infos = [fastmri.open_volume(f) for f in fastmri.list_volumes(data_dir, split)[:max_volumes]]
-  if (with_maps or with_kspace) and len({info.num_coils for info in infos}) > 1:
-    asked = "with_maps" if with_maps else "with_kspace"
-    raise fastmri.DataError(f"{data_dir} ({split}): key '{fastmri.KSPACE}': {asked} expects one "
-                            f"coil count, found {sorted({i.num_coils for i in infos})}")
-  mask = mask_for(cfg)
+  coil_counts = sorted({info.num_coils for info in infos})
+  if log and (with_maps or with_kspace) and len(coil_counts) > 1:
+    log(f"{split}: files with {coil_counts} coils; maps and k-space are padded with zero coils "
+        f"to {coil_counts[-1]}")
+  small = [info.path.name for info in infos if min(info.kspace_shape[2:]) < cfg.image_size]
+  if log and small:
+    log(f"{split}: {len(small)} file(s) have k-space smaller than --image_size={cfg.image_size} "
+        f"in H or W and are zero-padded in image space (e.g. {small[0]})")
   Path(cache_dir).mkdir(parents=True, exist_ok=True)
   slices = [(v, info, index) for v, info in enumerate(infos) for index in range(info.num_slices)]
   total = len(slices)
@@ -257,9 +286,10 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   ids = [(info.path.name, index) for _, info, index in slices]
   volume_index = [v for v, _, _ in slices]
   stack = lambda k: np.stack([e[k] for e in examples])
+  coils = lambda k: np.stack([_pad(e[k], coil_counts[-1]) for e in examples])
   return Split(x=stack("x"), y=stack("y"), mask=mask, ids=ids, scale=stack("scale"),
-               volume_index=np.asarray(volume_index), maps=stack("maps") if with_maps else None,
-               kspace=stack("kspace") if with_kspace else None)
+               volume_index=np.asarray(volume_index), maps=coils("maps") if with_maps else None,
+               kspace=coils("kspace") if with_kspace else None)
 
 
 def to_volumes(split: Split, depth: int) -> dict[str, np.ndarray]:
@@ -363,7 +393,8 @@ def batch_order(n: int, batch_size: int, *, seed, epoch, num_devices=1) -> list[
   if batch_size % num_devices:
     raise ValueError(f"batch_size {batch_size} is not divisible by num_devices {num_devices}")
   if not 0 < batch_size <= n:
-    raise ValueError(f"batch_size {batch_size}: expected 1..{n} (the number of examples)")
+    raise ValueError(f"--batch_size={batch_size}: expected 1..{n}, the number of training "
+                     "examples (slices, or volume patches of a 3D network)")
   order = np.random.default_rng([seed, epoch]).permutation(n)
   steps = steps_per_epoch(n, batch_size)
   return np.split(order[:steps * batch_size], steps)

@@ -169,6 +169,17 @@ def _map_metrics(fn, tree):
   return {k: _map_metrics(fn, v) for k, v in tree.items()}
 
 
+def mean_lines(means: dict) -> list[str]:
+  """One printable line per network of eval.json's ``mean``: baselines (zero-filled, CG-SENSE:
+  one entry of metrics) and each method at each depth."""
+  lines = []
+  for name, entry in means.items():
+    for depth, m in ({"": entry} if set(entry) == set(METRICS) else entry).items():
+      lines.append(f"{name:>18} {depth:>2}: PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}  "
+                   f"NMSE {m['nmse']:.4g}")
+  return lines
+
+
 def representative_slices(psnr: np.ndarray) -> list[int]:
   """Indices of the slices nearest ``EXAMPLE_QUANTILES`` of ``psnr`` (N,), without repeats."""
   order = np.argsort(psnr, kind="stable")

@@ -23,6 +23,9 @@ KSPACE = "kspace"
 RSS = "reconstruction_rss"
 HEADER = "ismrmrd_header"
 SPLITS = ("train", "val")
+# What marks a fastMRI test/challenge file: its k-space is already undersampled (zeros where
+# ``mask`` is 0) and it has no fully sampled target, so it can be neither trained nor scored on.
+UNDERSAMPLED_MARKS = ("mask", "acceleration", "num_low_frequency")
 _PIXEL_MM = 0.5  # nominal in-plane resolution written into synthetic headers
 
 _HEADER_XML = """<?xml version="1.0" encoding="utf-8"?>
@@ -137,7 +140,8 @@ def list_volumes(data_dir, split) -> list[Path]:
     raise DataError(f"split: expected one of {SPLITS}, found {split!r}")
   candidates = [Path(data_dir) / split, Path(data_dir) / f"multicoil_{split}"]
   for d in candidates:
-    files = sorted(d.glob("*.h5"))
+    # Hidden files are not volumes: macOS leaves "._name.h5" (AppleDouble) beside each copied file.
+    files = sorted(f for f in d.glob("*.h5") if not f.name.startswith("."))
     if files:
       return files
   found = [f"{d} ({'empty of .h5 files' if d.is_dir() else 'missing'})" for d in candidates]
@@ -151,7 +155,11 @@ def _open(path) -> h5py.File:
     raise DataError(f"{path}: no such file (expected a fastMRI .h5 volume)")
   if not h5py.is_hdf5(path):
     raise DataError(f"{path}: expected an HDF5 file, found another format")
-  return h5py.File(path, "r")
+  try:
+    return h5py.File(path, "r")
+  except OSError as e:  # A truncated download passes is_hdf5 (the signature is at the start).
+    raise DataError(f"{path}: expected a readable HDF5 file, found a damaged or truncated one "
+                    f"({e})") from e
 
 
 def _kspace(f: h5py.File, path) -> h5py.Dataset:
@@ -165,6 +173,12 @@ def _kspace(f: h5py.File, path) -> h5py.Dataset:
     hint = " (a single-coil file? multi-coil data is expected)" if ds.ndim == 3 else ""
     raise DataError(f"{path}: key '{KSPACE}': expected a non-empty 4-D (slices, coils, H, W) "
                     f"array, found shape {ds.shape}{hint}")
+  marks = [m for m in UNDERSAMPLED_MARKS if m in f or m in f.attrs]
+  if marks:
+    where = ", ".join(f"key '{m}'" if m in f else f"attr '{m}'" for m in marks)
+    raise DataError(f"{path}: {where}: a fastMRI test/challenge file (its k-space is already "
+                    "undersampled and it has no fully sampled target); expected fully sampled "
+                    "k-space (multicoil_train / multicoil_val files)")
   return ds
 
 
@@ -191,7 +205,11 @@ def read_slice(path, index) -> np.ndarray:
     if not 0 <= index < ds.shape[0]:
       raise DataError(f"{path}: key '{KSPACE}': expected a slice index in [0, {ds.shape[0]}), "
                       f"found {index}")
-    kspace = np.asarray(ds[index], np.complex64)
+    try:
+      kspace = np.asarray(ds[index], np.complex64)
+    except OSError as e:  # A damaged chunk or compression filter.
+      raise DataError(f"{path}: key '{KSPACE}', slice {index}: expected readable data, found a "
+                      f"damaged file ({e})") from e
   bad = np.size(kspace) - np.count_nonzero(np.isfinite(kspace))
   if bad:
     raise DataError(f"{path}: key '{KSPACE}', slice {index}: expected finite values, "

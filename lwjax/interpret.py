@@ -11,7 +11,9 @@ with ``b_p`` the effective bias (the biases passed on by the active units; 0 wit
 pixel depends on (its receptive field), which gives the same row as the whole image at a fraction
 of the cost.
 
-Images are (H, W, 2) (real, imaginary) float32 as everywhere; filters are HWIO kernels.
+Images are (H, W, 2) (real, imaginary) float32 as everywhere, or (D, H, W, 2) volume patches
+for 3D networks; filters are HWIO (DHWIO) kernels. A pixel is (row, col), or (plane, row, col) in a
+patch; the figures of a 3D network show the pixel's plane (filters: their centre plane).
 """
 import functools
 import json
@@ -35,25 +37,30 @@ NEAR_ZERO = 1e-3
 
 
 def layer_filters(params) -> list[np.ndarray]:
-  """Kernels of every layer in order: hidden ``(k, k, C_in, C_out)`` ones, then the head's."""
+  """Kernels of every layer in order: hidden ``(*k, C_in, C_out)`` ones, then the head's."""
   names = [f"convs_{i}" for i in range(nets.depth_of(params) - 1)] + ["head"]
   return [np.asarray(params[name]["kernel"]) for name in names]
 
 
-def receptive_radius(params) -> int:
-  """Pixels from p on which the output at p depends, per axis (half the receptive field)."""
-  return sum((k.shape[0] - 1) // 2 for k in layer_filters(params))
+def receptive_radius(params) -> tuple[int, ...]:
+  """Pixels from p on which the output at p depends, per spatial axis (half the receptive field;
+  anisotropic 3D kernels such as 3x7x7 give a smaller radius along the slices)."""
+  kernels = layer_filters(params)
+  return tuple(sum((k.shape[axis] - 1) // 2 for k in kernels)
+               for axis in range(kernels[0].ndim - 2))
 
 
-def receptive_field(params, pixel: Sequence[int]) -> tuple[slice, slice]:
-  """The (rows, cols) slices of the input on which the output at ``pixel`` depends."""
+def receptive_field(params, pixel: Sequence[int]) -> tuple[slice, ...]:
+  """The slices of the input, one per spatial axis, on which the output at ``pixel`` depends."""
   radius = receptive_radius(params)
-  return tuple(slice(max(p - radius, 0), p + radius + 1) for p in pixel)
+  if len(pixel) != len(radius):
+    raise ValueError(f"pixel {tuple(pixel)}: expected {len(radius)} coordinates")
+  return tuple(slice(max(p - r, 0), p + r + 1) for p, r in zip(pixel, radius))
 
 
 @functools.partial(jax.jit, static_argnames="net")
 def forward_with_pre_activations(net: nets.DeepNet, params, x):
-  """The network on ``x`` (N, H, W, 2) and the input of each hidden ReLU, (N, H, W, C) each."""
+  """The network on ``x`` (N, *spatial, 2) and the input of each hidden ReLU, (N, *spatial, C)."""
   net = net.clone(depth=nets.depth_of(params))
   out, state = net.apply({"params": params}, x, mutable=["intermediates"],
                          capture_intermediates=lambda m, _: (isinstance(m, nn.Conv)
@@ -68,7 +75,7 @@ def _share_active(pre) -> np.ndarray:
 
 
 def active_maps(net: nets.DeepNet, params, x) -> list[np.ndarray]:
-  """Per hidden layer, the share of its units active (> 0) at each pixel: (N, H, W) in [0, 1]."""
+  """Per hidden layer, the share of its units active (> 0) at each pixel: (N, *spatial) in [0, 1]."""
   return [_share_active(z) for z in forward_with_pre_activations(net, params, x)[1]]
 
 
@@ -78,14 +85,15 @@ def active_fraction(net: nets.DeepNet, params, x) -> list[float]:
 
 
 @functools.partial(jax.jit, static_argnames="net")
-def _jacobian_row(net, params, x, row, col, channel):
-  """Row (row, col) of the Jacobian of ``forward(x) - x`` (x: (H, W, 2)) along output ``channel``,
-  or along the output's phase at the pixel for ``channel < 0``."""
+def _jacobian_row(net, params, x, pixel, channel):
+  """Row ``pixel`` ((ndim,) int) of the Jacobian of ``forward(x) - x`` (x: (*spatial, 2)) along
+  output ``channel``, or along the output's phase at the pixel for ``channel < 0``."""
   out, vjp = jax.vjp(lambda z: nets.forward(net, params, z[None])[0] - z, x)
-  full = out[row, col] + x[row, col]
+  at = tuple(pixel)
+  full = out[at] + x[at]
   phase = full / jnp.maximum(jnp.linalg.norm(full), jnp.finfo(jnp.float32).tiny)
   u = jnp.where(channel < 0, phase, jnp.eye(2, dtype=jnp.float32)[jnp.maximum(channel, 0)])
-  return vjp(jnp.zeros_like(out).at[row, col].set(u))[0]
+  return vjp(jnp.zeros_like(out).at[at].set(u))[0]
 
 
 def effective_filter(net: nets.DeepNet, params, x, pixel: Sequence[int],
@@ -95,13 +103,13 @@ def effective_filter(net: nets.DeepNet, params, x, pixel: Sequence[int],
   Args:
     net: the architecture (``train.network_template``); the depth comes from ``params``.
     params: a ``DeepNet`` parameter tree.
-    x: (H, W, 2) one input image.
-    pixel: (row, col).
+    x: (*spatial, 2) one input image (or volume patch of a 3D network).
+    pixel: (row, col), or (plane, row, col) for a 3D network.
     out_channel: 0 (real) or 1 (imaginary) output; None: the output's own direction (phase) at
       the pixel, ``u = out_p / |out_p|``, i.e. the filter behind the pixel's magnitude.
 
   Returns:
-    (H, W, 2) ``J`` with ``u . (out_p - x_p) = sum(J * x) + b`` (u the one-hot ``out_channel``
+    (*spatial, 2) ``J`` with ``u . (out_p - x_p) = sum(J * x) + b`` (u the one-hot ``out_channel``
     or the phase; b the effective bias), zero outside the receptive field.
   """
   x = jnp.asarray(x, jnp.float32)
@@ -109,29 +117,32 @@ def effective_filter(net: nets.DeepNet, params, x, pixel: Sequence[int],
   # image edge is the same for the crop as for the image: the crop's row is exact.
   window = receptive_field(params, pixel)
   channel = -1 if out_channel is None else out_channel
-  row = _jacobian_row(net, params, x[window], pixel[0] - window[0].start,
-                      pixel[1] - window[1].start, channel)
+  local = jnp.asarray([p - w.start for p, w in zip(pixel, window)], jnp.int32)
+  row = _jacobian_row(net, params, x[window], local, channel)
   return np.asarray(jnp.zeros_like(x).at[window].set(row))
 
 
 def unit_norms(kernel) -> np.ndarray:
-  """(C_out,) l2 norm of each output unit's filter in a (k, k, C_in, C_out) kernel."""
-  return np.sqrt(np.sum(np.square(np.asarray(kernel, np.float64)), axis=(0, 1, 2)))
+  """(C_out,) l2 norm of each output unit's filter in a (*k, C_in, C_out) kernel."""
+  kernel = np.asarray(kernel, np.float64)
+  return np.sqrt(np.sum(np.square(kernel), axis=tuple(range(kernel.ndim - 1))))
 
 
 def filter_tiles(kernel, max_filters: int = 64) -> tuple[list[np.ndarray], list[str], bool]:
-  """(k, k) images of a hidden layer's kernel (k, k, C_in, C_out), strongest units first.
+  """(k, k) images of a hidden layer's kernel (*k, C_in, C_out), strongest units first.
 
   A first layer (C_in = 2) shows each unit's signed filters on the real and imaginary input; a
-  deeper one each unit's l2 norm over its input channels (where in its window it looks).
-  Returns (tiles, titles, signed).
+  deeper one each unit's l2 norm over its input channels (where in its window it looks). A 3D
+  kernel (d, k, k, C_in, C_out) shows its centre plane ``d // 2`` (units ranked by their whole
+  filter). Returns (tiles, titles, signed).
   """
   kernel = np.asarray(kernel)
   units = np.argsort(-unit_norms(kernel), kind="stable")[:max_filters]
-  if kernel.shape[2] == 2:
-    return ([kernel[:, :, part, o] for o in units for part in (0, 1)],
+  plane = kernel[kernel.shape[0] // 2] if kernel.ndim == 5 else kernel
+  if plane.shape[2] == 2:
+    return ([plane[:, :, part, o] for o in units for part in (0, 1)],
             [f"{o} {name}" for o in units for name in ("re", "im")], True)
-  tiles = [np.sqrt(np.sum(np.square(kernel[..., o]), axis=-1)) for o in units]
+  tiles = [np.sqrt(np.sum(np.square(plane[..., o]), axis=-1)) for o in units]
   return tiles, [str(o) for o in units], False
 
 
@@ -142,16 +153,19 @@ def _near_zero(kernel) -> int:
 
 def draw(net: nets.DeepNet, params, x, pixel: Sequence[int], out_dir, *,
          max_filters: int = 64) -> dict:
-  """Draws what the network does to one image ``x`` (H, W, 2) and returns the numbers.
+  """Draws what the network does to one image ``x`` (*spatial, 2) and returns the numbers.
 
   Writes to ``out_dir``: ``filters_layer<i>.png`` per hidden layer (``filter_tiles``),
   ``active_units.png`` (share of active units per pixel, per layer), ``effective_filter.png``
   (|input|, |output|, and |J| of the pixel's magnitude over the image) and
-  ``effective_filter_zoom.png`` (J on the real and imaginary input, receptive field only).
-  Returns a JSON-ready dict: the numbers, and the figures' paths.
+  ``effective_filter_zoom.png`` (J on the real and imaginary input, receptive field only; for a
+  3D network one row per plane of the receptive field). The images of a 3D network are the
+  pixel's plane of the patch. Returns a JSON-ready dict: the numbers, and the figures' paths.
   """
   out_dir = Path(out_dir)
   x = jnp.asarray(x, jnp.float32)
+  pixel = tuple(int(p) for p in pixel)
+  plane = pixel[:-2]  # () for 2D; (plane,) for a 3D patch
   kernels = layer_filters(params)[:-1]
   paths = {}
   for i, kernel in enumerate(kernels, 1):
@@ -163,31 +177,37 @@ def draw(net: nets.DeepNet, params, x, pixel: Sequence[int], out_dir, *,
   out, pre = forward_with_pre_activations(net, params, x[None])
   maps = [_share_active(z[0]) for z in pre]
   paths["active_units"] = figures.image_grid(
-      maps, out_dir / "active_units.png", ncols=len(maps), cmap="viridis",
+      [m[plane] for m in maps], out_dir / "active_units.png", ncols=len(maps), cmap="viridis",
       titles=[f"layer {i}: {m.mean():.0%} active" for i, m in enumerate(maps, 1)])
 
   jac = effective_filter(net, params, x, pixel)
   window = receptive_field(params, pixel)
-  r, c = pixel
+  r, c = pixel[-2:]
   paths["effective_filter"] = figures.image_grid(
-      [metrics_lib.magnitude(x), metrics_lib.magnitude(out[0]), np.hypot(jac[..., 0], jac[..., 1])],
+      [metrics_lib.magnitude(x[plane]), metrics_lib.magnitude(out[0][plane]),
+       np.hypot(jac[plane][..., 0], jac[plane][..., 1])],
       out_dir / "effective_filter.png", ncols=3, cmap="gray",
-      titles=["|input|", "|output|", f"|filter| of ({r}, {c})"])
+      titles=["|input|", "|output|", f"|filter| of {pixel}"])
+  planes = [()] if not plane else [(d,) for d in range(window[0].start, window[0].stop)
+                                   if d < x.shape[0]]
+  zoom = [jac[d][window[-2:]][..., part] for d in planes for part in (0, 1)]
   paths["effective_filter_zoom"] = figures.image_grid(
-      [jac[window][..., 0], jac[window][..., 1]], out_dir / "effective_filter_zoom.png", ncols=2,
-      cmap="RdBu_r", symmetric=True, titles=["filter on Re x", "filter on Im x"])
+      zoom, out_dir / "effective_filter_zoom.png", ncols=2, cmap="RdBu_r", symmetric=True,
+      titles=[f"{f'plane {d[0]}: ' if d else ''}filter on {part} x"
+              for d in planes for part in ("Re", "Im")])
 
-  residual = np.asarray(out[0, r, c] - x[r, c])
-  phase = np.asarray(out[0, r, c]) / max(float(np.linalg.norm(out[0, r, c])), 1e-30)
+  out_p, x_p = np.asarray(out[0][pixel]), np.asarray(x[pixel])
+  phase = out_p / max(float(np.linalg.norm(out_p)), 1e-30)
+  residual = float(phase @ (out_p - x_p))
   response = float(np.sum(jac * np.asarray(x)))
   return {
-      "pixel": [int(r), int(c)], "receptive_radius": receptive_radius(params),
+      "pixel": list(pixel), "receptive_radius": list(receptive_radius(params)),
       "active_fraction": [float(m.mean()) for m in maps],
       "filters": [{"layer": i, "shape": list(k.shape), "near_zero_units": _near_zero(k)}
                   for i, k in enumerate(kernels, 1)],
       # The pixel's change along the output's phase, split into filter response and bias.
-      "effective_filter": {"residual": float(phase @ residual), "response": response,
-                           "bias": float(phase @ residual) - response},
+      "effective_filter": {"residual": residual, "response": response,
+                           "bias": residual - response},
       "figures": paths,
   }
 
@@ -199,7 +219,8 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
 
   Args:
     method, depth: the network (default: the run's first method at its largest depth).
-    slice_index: index into the validation split (default: its middle slice).
+    slice_index: index into the validation split (default: its middle slice). A 3D network sees
+      the volume patch (``train.example_arrays``) that holds the slice, and the figures show it.
     pixel: (row, col) (default: the image centre).
     out_dir: default ``WORKDIR/figures/interpret/<method>_d<depth>``.
     overrides: ``evaluate.OVERRIDABLE`` settings (``data_dir``, ``eval_batch_size``).
@@ -207,9 +228,9 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   Writes ``interpret.json`` (``draw``'s numbers, the slice, the network) next to the figures.
   """
   cfg = evaluate.load_config(workdir, **overrides)
-  if cfg.model != "cnn" or cfg.ndim != 2:
-    raise ValueError(f"{workdir}: interpretation covers 2D CNN runs; this run has "
-                     f"--model={cfg.model} --ndim={cfg.ndim} (launch/evaluate.py evaluates it)")
+  if cfg.model != "cnn":
+    raise ValueError(f"{workdir}: interpretation covers CNN runs; this run has "
+                     f"--model={cfg.model} (launch/evaluate.py evaluates it)")
   deepest = dict(evaluate.final_networks(cfg))
   method = method or cfg.methods[0]
   if method not in deepest:
@@ -220,15 +241,27 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
                      f"{[d for m, d in evaluate.trained_networks(cfg) if m == method]}")
   params = evaluate.load_network(cfg, method, depth)
   val = evaluate.validation_split(cfg)
+  arrays, slices = train.example_arrays(cfg, val, keys=("x",))
   n, size = len(val.x), val.x.shape[1:3]
-  slice_index = n // 2 if slice_index is None else slice_index
+  slice_index = int(slices[len(slices) // 2]) if slice_index is None else slice_index
   pixel = tuple(pixel) if pixel is not None else (size[0] // 2, size[1] // 2)
   if not 0 <= slice_index < n:
     raise ValueError(f"--slice={slice_index}: the validation split has {n} slices")
   if len(pixel) != 2 or not all(0 <= p < s for p, s in zip(pixel, size)):
     raise ValueError(f"--pixel={pixel}: expected row,col inside the {size[0]}x{size[1]} image")
+  where = np.flatnonzero(slices == slice_index)
+  if not where.size:
+    raise ValueError(f"--slice={slice_index} ({val.ids[slice_index][0]}, slice "
+                     f"{val.ids[slice_index][1]}) is in no volume patch of "
+                     f"--volume_depth={cfg.volume_depth}: a file's last slices that fill no "
+                     "patch are dropped")
+  if cfg.ndim == 3:  # The patch that holds the slice, and the slice's plane in it.
+    example, plane = divmod(int(where[0]), cfg.volume_depth)
+    pixel = (plane,) + pixel
+  else:
+    example = slice_index
   out_dir = Path(out_dir or Path(cfg.workdir) / "figures" / "interpret" / f"{method}_d{depth}")
   result = {"method": method, "depth": depth, "slice": list(val.ids[slice_index]),
-            **draw(train.network_template(cfg), params, val.x[slice_index], pixel, out_dir)}
+            **draw(train.network_template(cfg), params, arrays["x"][example], pixel, out_dir)}
   (out_dir / "interpret.json").write_text(json.dumps(result, indent=1))
   return result

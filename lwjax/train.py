@@ -639,6 +639,41 @@ def _check_resume(cfg: Config, workdir: Path) -> None:
     config_lib.save(cfg, path)
 
 
+def _data_record(split: data_lib.Split) -> dict:
+  """What identifies a split's data: its files with their slice counts, and each slice's scale
+  (max |zero-filled image|: it changes with the content)."""
+  files = collections.Counter(name for name, _ in split.ids)
+  return {"files": [[name, count] for name, count in files.items()],
+          "scale": [float(v) for v in split.scale]}
+
+
+def _check_same_data(workdir: Path, splits: dict[str, data_lib.Split]) -> None:
+  """Refuses to go on with a run on other data than it started on; the first run writes
+  ``WORKDIR/data.json``. ``--data_dir`` may change (the data moved), the data may not."""
+  path = workdir / "data.json"
+  record = {name: _data_record(split) for name, split in splits.items()}
+  if not path.exists():
+    if is_primary():
+      write_json(path, record)
+    return
+  old = json.loads(path.read_text())
+  for name, new in record.items():
+    was = old.get(name, {"files": [], "scale": []})
+    if new["files"] != was["files"]:
+      diff = next(((a, b) for a, b in zip(was["files"], new["files"]) if a != b), None)
+      found = (f"{diff[0][0]} ({diff[0][1]} slices) there, {diff[1][0]} ({diff[1][1]}) now"
+               if diff else f"{len(was['files'])} files there, {len(new['files'])} now")
+      raise ValueError(f"{path}: this workdir was trained on other {name} data ({found}); use "
+                       "another --workdir, or the data it was trained on")
+    # Scales are compared loosely: a rebuilt cache may differ in the last float32 bits.
+    if not np.allclose(new["scale"], was["scale"], rtol=1e-3, atol=0):
+      i = int(np.argmax(~np.isclose(new["scale"], was["scale"], rtol=1e-3, atol=0)))
+      raise ValueError(f"{path}: this workdir was trained on other {name} data: the files have "
+                       f"the same names but other content (slice {i} of the split: scale "
+                       f"{was['scale'][i]:.6g} there, {new['scale'][i]:.6g} now); use another "
+                       "--workdir, or the data it was trained on")
+
+
 def prep_config(cfg: Config) -> data_lib.PrepConfig:
   return data_lib.PrepConfig(image_size=cfg.image_size, mask=cfg.mask, accel=cfg.accel,
                              calib=cfg.calib, center_fraction=cfg.center_fraction,
@@ -648,7 +683,7 @@ def prep_config(cfg: Config) -> data_lib.PrepConfig:
 def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Split, ...]:
   workdir = Path(cfg.workdir).absolute()
   prep = prep_config(cfg)
-  data_lib.mask_for(prep)  # Bad mask settings fail here, before any data is written.
+  data_lib.checked_mask(prep)  # Bad mask or map settings fail here, before any data is read.
   data_dir = cfg.data_dir
   if not data_dir:
     data_dir = data_lib.make_synthetic_dataset(
@@ -683,10 +718,17 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
   logging.info("devices: %d x %s; workdir %s", mesh.devices.size, jax.devices()[0].platform,
                workdir)
   train, val = load_data(cfg)
+  _check_same_data(workdir, {"train": train, "val": val})
   logging.info("data: %d training slices from %d files, %d validation slices from %d files, "
                "grid %s, mask %s x%.2f", len(train.x), len(set(train.volume_index.tolist())),
                len(val.x), len(set(val.volume_index.tolist())), train.x.shape[1:3], cfg.mask,
                float(train.mask.size / train.mask.sum()))
+  if cfg.ndim == 3:
+    in_patches = lambda s: int(sum(c // cfg.volume_depth * cfg.volume_depth
+                                   for c in np.bincount(s.volume_index)))
+    logging.info("3D: patches of %d slices hold %d of %d training and %d of %d validation slices "
+                 "(a file's last slices that fill no patch are dropped)", cfg.volume_depth,
+                 in_patches(train), len(train.x), in_patches(val), len(val.x))
   log = MetricsLog(workdir)
   summary_path = workdir / "summary.json"
   if cfg.model == "unrolled":

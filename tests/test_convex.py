@@ -254,8 +254,8 @@ def test_planted_relu_net_is_recovered():
                            tx=_adam(3e-2, 1000))
   _, report = st.finalize(_fit(st, st.init(None, h.shape), h, skip, y, 4, 1000), batches)
   print(f"planted, rho = 1: ReLU net relative mse {report['mse_relu'] / signal:.2e}, "
-        f"agreement {report['relu_agreement']:.2e}")
-  assert report["mse_relu"] / signal < 1e-3 and report["relu_agreement"] < 1e-2
+        f"mismatch {report['relu_mismatch']:.2e}")
+  assert report["mse_relu"] / signal < 1e-3 and report["relu_mismatch"] < 1e-2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_mapped_relu_net_reproduces_the_convex_prediction_on_the_cone():
   np.testing.assert_allclose(forward(net, params, x), convex.predict(variables, x, x, u),
                              rtol=1e-5, atol=1e-5)
   _, report = st.finalize(variables, _batches(x, x, y, 4))
-  assert report["relu_agreement"] < 1e-5 and report["constraint_violation"] < 1e-6
+  assert report["relu_mismatch"] < 1e-5 and report["constraint_violation"] < 1e-6
   assert report["mse_relu"] == pytest.approx(report["mse"], rel=1e-5)
 
   # Stage 2 on the frozen prefix h_1 = relu(conv_0(x)).
@@ -296,7 +296,7 @@ def test_mapped_relu_net_reproduces_the_convex_prediction_on_the_cone():
 
   # Off the cones the two differ, and the report says so.
   _, report = st.finalize(_random_variables(7, c_in=2), _batches(x, x, y, 4))
-  assert report["relu_agreement"] > 0.1 and report["constraint_violation"] > 0.1
+  assert report["relu_mismatch"] > 0.1 and report["constraint_violation"] > 0.1
 
 
 def test_penalty_and_refit():
@@ -315,7 +315,7 @@ def test_penalty_and_refit():
     pred = nets.forward(net, nets.stack_layer({}, st.to_layer(variables), 0), x)
     assert np.mean((pred - y) ** 2) == pytest.approx(reports[rho]["mse_refit"], rel=1e-4)
   assert reports[5.0]["constraint_violation"] < 0.1 * reports[0.0]["constraint_violation"]
-  assert reports[5.0]["relu_agreement"] < 0.1 * reports[0.0]["relu_agreement"]
+  assert reports[5.0]["relu_mismatch"] < 0.1 * reports[0.0]["relu_mismatch"]
   assert "rel_gap" in reports[0.0] and "rel_gap" not in reports[5.0]
 
 

@@ -158,6 +158,10 @@ def test_unrolled_and_3d_runs_evaluate_like_their_trainer(tmp_path, changes, net
       expected = expected[key]
     for metric, value in means.items():
       assert value == pytest.approx(expected[metric], abs=1e-5), (path, metric)
+  # What launch/evaluate.py prints: a line per baseline and per network.
+  lines = evaluate.mean_lines(result["mean"])
+  assert len(lines) == len(networks) and all("PSNR" in line for line in lines)
+  assert ("cg_sense   : PSNR" in "\n".join(lines)) == (changes.get("model") == "unrolled")
   # 3D: the file's 3 slices give one patch of 2; its last slice is not evaluated.
   assert [index for _, index in result["slices"]] == [0, 1]
   assert (tmp_path / "figures" / "examples.png").is_file()

@@ -16,10 +16,11 @@ def _random_volume(rng, shape=(3, 4, 64, 36), recon=(32, 32)):
   return kspace, rng.random((shape[0], *recon)).astype(np.float32)
 
 
-def _h5(path, **datasets):
+def _h5(path, attrs=None, **datasets):
   with h5py.File(path, "w") as f:
     for k, v in datasets.items():
       f[k] = v
+    f.attrs.update(attrs or {})
   return path
 
 
@@ -100,6 +101,7 @@ def test_list_volumes(tmp_path):
     fastmri.write_volume(tmp_path / "plain" / "train" / name, kspace, rss)
   (tmp_path / "fastmri" / "multicoil_val").mkdir(parents=True)
   fastmri.write_volume(tmp_path / "fastmri" / "multicoil_val" / "file1000.h5", kspace, rss)
+  (tmp_path / "plain" / "train" / "._a.h5").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble
   assert [p.name for p in fastmri.list_volumes(tmp_path / "plain", "train")] == ["a.h5", "b.h5"]
   assert [p.name for p in fastmri.list_volumes(tmp_path / "fastmri", "val")] == ["file1000.h5"]
 
@@ -123,12 +125,41 @@ def test_list_volumes(tmp_path):
      r"missing.h5: key 'kspace': expected .*4-D.*found shape \(2, 8, 8\).*multi-coil"),
     (lambda p: _h5(p, kspace=np.zeros((8, 8), np.complex64)),
      r"missing.h5: key 'kspace': expected .*4-D.*found shape \(8, 8\)"),
+    # fastMRI test/challenge files: undersampled k-space, no target.
+    (lambda p: _h5(p, kspace=np.ones((2, 3, 8, 8), np.complex64), mask=np.ones(8, bool)),
+     r"missing.h5: key 'mask': a fastMRI test/challenge file .*expected fully sampled"),
+    (lambda p: _h5(p, kspace=np.ones((2, 3, 8, 8), np.complex64), attrs={"acceleration": 4}),
+     r"missing.h5: attr 'acceleration': a fastMRI test/challenge file"),
 ])
 def test_open_volume_errors(tmp_path, make, match):
   path = make(tmp_path / "missing.h5")
   for read in (fastmri.open_volume, lambda p: fastmri.read_slice(p, 0)):
     with pytest.raises(fastmri.DataError, match=match):
       read(path)
+
+
+def test_damaged_files_name_the_file(tmp_path):
+  kspace, rss = _random_volume(np.random.default_rng(0))
+  path = tmp_path / "vol.h5"
+  fastmri.write_volume(path, kspace, rss)
+  good = path.read_bytes()
+  path.write_bytes(good[:len(good) // 2])  # an interrupted download
+  for read in (fastmri.open_volume, lambda p: fastmri.read_slice(p, 0)):
+    with pytest.raises(fastmri.DataError, match=r"vol.h5: expected a readable HDF5 file, found a "
+                                                 r"damaged or truncated one"):
+      read(path)
+  # A damaged compressed chunk: the file opens, the slice does not read.
+  with h5py.File(path, "w") as f:
+    f.create_dataset("kspace", data=kspace, chunks=(1,) + kspace.shape[1:], compression="gzip")
+  with h5py.File(path, "r") as f:
+    offset = f["kspace"].id.get_chunk_info(1).byte_offset
+  raw = bytearray(path.read_bytes())
+  raw[offset:offset + 64] = b"\xff" * 64
+  path.write_bytes(bytes(raw))
+  fastmri.read_slice(path, 0)
+  with pytest.raises(fastmri.DataError, match=r"vol.h5: key 'kspace', slice 1: expected readable "
+                                               r"data, found a damaged file"):
+    fastmri.read_slice(path, 1)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, complex(0, -np.inf)])

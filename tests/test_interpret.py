@@ -13,6 +13,7 @@ import pytest
 from matplotlib.image import imread
 
 from lwjax import config as config_lib
+from lwjax import evaluate
 from lwjax import figures
 from lwjax import interpret
 from lwjax import nets
@@ -44,8 +45,10 @@ def test_layer_filters_and_receptive_field():
   params = _params()
   assert [k.shape for k in interpret.layer_filters(params)] == [(3, 3, 2, 8), (3, 3, 8, 8),
                                                                  (1, 1, 8, 2)]
-  assert interpret.receptive_radius(params) == 2
+  assert interpret.receptive_radius(params) == (2, 2)
   assert interpret.receptive_field(params, (0, 15)) == (slice(0, 3), slice(13, 18))
+  with pytest.raises(ValueError, match="2 coordinates"):
+    interpret.receptive_field(params, (1, 0, 15))
 
 
 def test_active_fraction_counts_positive_relu_units():
@@ -94,6 +97,31 @@ def test_effective_filter_is_the_jacobian_row(pixel):
       float(jnp.sum(jac * d)), rel=1e-2, abs=1e-3)
 
 
+NET3 = nets.DeepNet(depth=3, features=4, kernel_size=(3, 5, 5), ndim=3)  # radius (2, 4, 4)
+
+
+@pytest.mark.parametrize("pixel", [(2, 6, 5), (0, 11, 0)])
+def test_effective_filter_3d(pixel):
+  # Anisotropic 3D kernels: the row is the full-volume Jacobian's, zero outside the receptive
+  # field (2 planes, 4 pixels in-plane), and without biases it reproduces the output (Euler).
+  params = nets.init(jax.random.key(3), (1, 5, 12, 12, 2), depth=3, features=4,
+                     kernel_size=(3, 5, 5), ndim=3)
+  assert interpret.receptive_radius(params) == (2, 4, 4)
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((5, 12, 12, 2)), jnp.float32)
+  jac = interpret.effective_filter(NET3, params, x, pixel, out_channel=0)
+  f = jax.jit(lambda z: nets.forward(NET3, params, z[None])[0][pixel][0] - z[pixel][0])
+  np.testing.assert_allclose(jac, jax.jit(jax.grad(f))(x), rtol=1e-5, atol=1e-6)
+  outside = np.ones(x.shape[:-1], bool)
+  outside[tuple(slice(max(p - r, 0), p + r + 1) for p, r in zip(pixel, (2, 4, 4)))] = False
+  assert not jac[outside].any() and jac[~outside].any()
+  unbiased = jax.tree.map_with_path(
+      lambda path, a: jnp.zeros_like(a) if path[-1].key == "bias" else a, params)
+  jac = interpret.effective_filter(NET3, unbiased, x, pixel, out_channel=1)
+  out = nets.forward(NET3, unbiased, x[None])[0]
+  assert float(jnp.sum(jac * x)) == pytest.approx(float(out[pixel][1] - x[pixel][1]),
+                                                  rel=1e-4, abs=1e-6)
+
+
 def test_filter_tiles():
   rng = np.random.default_rng(0)
   first = rng.normal(size=(3, 3, 2, 8))
@@ -101,6 +129,11 @@ def test_filter_tiles():
   tiles, titles, signed = interpret.filter_tiles(first, max_filters=3)
   assert signed and len(tiles) == 6 and titles[:2] == ["5 re", "5 im"]
   np.testing.assert_array_equal(tiles[1], first[:, :, 1, 5])
+  kernel3 = rng.normal(size=(3, 3, 3, 2, 4))
+  tiles, titles, signed = interpret.filter_tiles(kernel3, max_filters=1)
+  strongest = int(np.argmax(interpret.unit_norms(kernel3)))
+  assert signed and titles == [f"{strongest} re", f"{strongest} im"]
+  np.testing.assert_array_equal(tiles[1], kernel3[1, :, :, 1, strongest])  # the centre plane
   tiles, titles, signed = interpret.filter_tiles(rng.normal(size=(3, 3, 8, 4)))
   assert not signed and len(tiles) == 4 and all(t.shape == (3, 3) and (t >= 0).all() for t in tiles)
 
@@ -167,3 +200,28 @@ def test_launch_script(workdir, tmp_path):
   done = subprocess.run(cmd[:2] + [f"--workdir={tmp_path / 'nowhere'}"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode != 0 and str(tmp_path / "nowhere") in done.stderr
+
+
+def test_run_3d_draws_the_patch_that_holds_the_slice(tmp_path):
+  # 3 slices, patches of 2: the patch holds slices 0 and 1; slice 2 is in none.
+  cfg = dataclasses.replace(TINY, workdir=str(tmp_path), ndim=3, volume_depth=2, synth_slices=3,
+                            kernel_depth=1, batch_size=1)
+  train.run(cfg, mesh=train.make_mesh(1))
+  result = interpret.run(tmp_path, slice_index=1, pixel=(10, 20), out_dir=tmp_path / "fig")
+  assert result["slice"][1] == 1 and result["pixel"] == [1, 10, 20]
+  assert result["receptive_radius"] == [0, 2, 2]  # 1x3x3 kernels see one plane
+  assert [f["shape"] for f in result["filters"]] == [[1, 3, 3, 2, 8], [1, 3, 3, 8, 8]]
+  e = result["effective_filter"]
+  assert e["response"] + e["bias"] == pytest.approx(e["residual"], abs=1e-6)
+  # A 1xkxk network is the 2D network on each plane: its effective filter lives in the
+  # pixel's plane, and the figures show that plane.
+  params = train.load_params(train.params_dir(tmp_path, "e2e", 3))
+  val = evaluate.validation_split(evaluate.load_config(tmp_path))
+  net = train.network_template(evaluate.load_config(tmp_path))
+  patch = np.stack([val.x[0], val.x[1]])
+  jac = interpret.effective_filter(net, params, patch, (1, 10, 20))
+  assert not jac[0].any() and jac[1].any()
+  _check_png(tmp_path / "fig" / "active_units.png", 2, 1)
+  _check_png(tmp_path / "fig" / "effective_filter_zoom.png", 2, 1)  # one plane: Re, Im
+  with pytest.raises(ValueError, match="--slice=2 .* in no volume patch"):
+    interpret.run(tmp_path, slice_index=2)

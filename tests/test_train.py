@@ -143,3 +143,31 @@ def test_device_cache_that_does_not_fit_is_refused_before_training(tmp_path, mon
     train.train_layerwise(cfg, "layerwise", toy_arrays(), mesh=train.make_mesh(1),
                           log=train.MetricsLog(cfg.workdir))
   assert not (tmp_path / "checkpoints" / "layerwise_s2").exists()
+
+
+def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
+  # --data_dir may change between a run and its resumption (the data moved), the data may not.
+  tiny = config_lib.Config(
+      image_size=16, calib=4, synth_train_subjects=1, synth_val_subjects=1, synth_slices=2,
+      synth_coils=2, maps="lowres", depth=2, features=4, kernel_size=3, epochs=1, batch_size=2,
+      method="e2e", log_every=0, workdir=str(tmp_path / "run"))
+  train.run(tiny, mesh=train.make_mesh(1))
+  record = json.loads((tmp_path / "run" / "data.json").read_text())
+  assert record["train"]["files"] == [["synth_train_000.h5", 2]] and len(record["val"]["scale"]) == 2
+
+  moved = tmp_path / "moved"
+  (tmp_path / "run" / "data").rename(moved)
+  train.run(dataclasses.replace(tiny, data_dir=str(moved)), mesh=train.make_mesh(1))
+
+  from lwjax import data as data_lib
+  other = data_lib.make_synthetic_dataset(
+      tmp_path / "other", train_subjects=1, val_subjects=1, slices=2, coils=2, size=16, seed=7)
+  with pytest.raises(ValueError, match=r"data.json: this workdir was trained on other train data: "
+                                       r"the files have the same names but other content"):
+    train.run(dataclasses.replace(tiny, data_dir=str(other)), mesh=train.make_mesh(1))
+  (other / "val" / "synth_val_000.h5").rename(other / "val" / "another.h5")
+  (other / "train" / "synth_train_000.h5").unlink()
+  (moved / "train" / "synth_train_000.h5").rename(other / "train" / "synth_train_000.h5")
+  with pytest.raises(ValueError, match=r"other val data \(synth_val_000.h5 \(2 slices\) there, "
+                                       r"another.h5 \(2\) now\)"):
+    train.run(dataclasses.replace(tiny, data_dir=str(other)), mesh=train.make_mesh(1))

@@ -117,7 +117,7 @@ def test_3d_convex_stages_train_through_train_layerwise(tmp_path):
   assert params["head"]["kernel"].shape == (1, 1, 1, 4, 2)
   np.testing.assert_array_equal(seen[2][0]["convs_0"]["kernel"], params["convs_0"]["kernel"])
   report = seen[3][1]
-  assert "relu_agreement" in report and all(np.isfinite(v) for v in report.values())
+  assert "relu_mismatch" in report and all(np.isfinite(v) for v in report.values())
   net = nets.DeepNet(depth=3, features=4, kernel_size=3, ndim=3)
   out = nets.forward(net, params, arrays["x"])
   assert out.shape == arrays["x"].shape and np.all(np.isfinite(out))
