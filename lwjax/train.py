@@ -653,8 +653,7 @@ def _check_same_data(workdir: Path, splits: dict[str, data_lib.Split]) -> None:
   path = workdir / "data.json"
   record = {name: _data_record(split) for name, split in splits.items()}
   if not path.exists():
-    if is_primary():
-      write_json(path, record)
+    write_json(path, record)
     return
   old = json.loads(path.read_text())
   for name, new in record.items():
