@@ -230,17 +230,15 @@ def cost_of(compiled) -> dict:
 
 
 def memory_of(compiled) -> dict:
+  """The row's memory columns from ``memory.compiled_memory`` (empty where a backend has none)."""
+  from lwjax import memory
   try:
-    m = compiled.memory_analysis()
+    if compiled.memory_analysis() is None:
+      return {}
+    m = memory.compiled_memory(compiled)
   except Exception as e:
     return {"memory_error": short_error(e)}
-  if m is None:
-    return {}
-  get = lambda name: int(getattr(m, name, 0) or 0)  # noqa: E731
-  need = (get("argument_size_in_bytes") + get("output_size_in_bytes")
-          - get("alias_size_in_bytes") + get("temp_size_in_bytes"))
-  return {"memory_bytes": need, "temp_bytes": get("temp_size_in_bytes"),
-          "argument_bytes": get("argument_size_in_bytes")}
+  return {"memory_bytes": m["total"], "temp_bytes": m["temp"], "argument_bytes": m["argument"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,7 +493,7 @@ class JaxMeasurement:
     else:
       method = "layerwise_convex" if "convex" in step else "layerwise"
       index = stage_index(step, cfg.depth)
-      stage = train.make_stage(method, cfg, steps_per_epoch=1)
+      stage = train.make_stage(method, cfg, num_examples=cfg.batch_size)
       c_in = 2 if index == 0 else cfg.features
       variables = stage_variables(env, stage, step, c_in)
       tx = stage.tx
@@ -639,7 +637,7 @@ def agreement_check(env, cfg) -> dict:
       prefix = ref.load_deepnet(ref.channels_last(
           ref.DeepNet(max(index, 1) + 1, cfg.features, cfg.kernel_size), dev), params)
       for method in ("layerwise", "layerwise_convex"):
-        stage = train.make_stage(method, cfg, steps_per_epoch=1)
+        stage = train.make_stage(method, cfg, num_examples=cfg.batch_size)
         variables = stage_variables(env, stage, method, c_in)
         if method == "layerwise":
           tstage = ref.load_twolayer(ref.TwoLayer(c_in, cfg.features, cfg.kernel_size), variables)

@@ -25,7 +25,7 @@ class Config:
   image_size: int = 320  # side of the square image grid every slice is cropped to
   mask: str = "poisson"  # undersampling mask: poisson (2D variable-density Poisson disc), cartesian (1D random lines), equispaced (1D equispaced lines)
   accel: float = 4.0  # acceleration factor of the mask
-  calib: int = 16  # side of the fully sampled calibration square (Poisson disc) used for the coil maps
+  calib: int = 16  # fully sampled centre of Poisson masks; coil maps use the sampled block within calib x calib
   center_fraction: float = 0.04  # fully sampled centre fraction of 1D Cartesian masks
   mask_seed: int = 0  # seed of the (fixed) sampling mask
   maps: str = "espirit"  # coil-map estimation from the calibration region: espirit or lowres
@@ -108,7 +108,11 @@ def validate(cfg: Config, num_devices: int) -> None:
     depths = ()
   need(depths and all(d >= 2 for d in depths), "e2e_depths",
        "expected comma-separated integers >= 2")
-  need(cfg.features >= 1 and cfg.kernel_size >= 1, "features", "features and kernel_size must be >= 1")
+  need(cfg.features >= 1, "features", "must be >= 1")
+  # A SAME conv with an even kernel is not centred (XLA pads one pixel more after than before):
+  # the output would shift by half a pixel per layer, and the receptive fields would be lopsided.
+  need(cfg.kernel_size >= 1 and cfg.kernel_size % 2 == 1, "kernel_size",
+       "expected an odd size >= 1 (a centred SAME conv)")
   need(cfg.batch_size >= 1 and cfg.batch_size % num_devices == 0, "batch_size",
        f"must be a positive multiple of the device count ({num_devices} devices)")
   need(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
@@ -121,6 +125,8 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.convex_solver != "fista" or cfg.rho == 0, "rho",
        "FISTA solves the gated relaxation only: use --rho=0 with --convex_solver=fista")
   need(cfg.beta >= 0 and cfg.rho >= 0, "beta", "beta and rho must be >= 0")
+  need(cfg.beta > 0 or "layerwise_convex" not in cfg.methods, "beta",
+       "the convex stage needs beta > 0 (its group lasso)")
   need("layerwise_convex" not in cfg.methods or cfg.features % 4 == 0, "features",
        "the convex stage needs features divisible by 4 (2 * P arrangements * 2 output channels)")
   need(cfg.compute_dtype in DTYPES, "compute_dtype", f"expected one of {', '.join(DTYPES)}")
@@ -139,7 +145,8 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.ndim in (2, 3), "ndim", "expected 2 or 3")
   need(cfg.volume_depth >= 1, "volume_depth", "must be >= 1")
   need(cfg.prep_workers >= 0, "prep_workers", "must be >= 0 (0: one per CPU core)")
-  need(cfg.kernel_depth >= 0, "kernel_depth", "must be >= 0 (0: --kernel_size)")
+  need(cfg.kernel_depth == 0 or (cfg.kernel_depth > 0 and cfg.kernel_depth % 2 == 1),
+       "kernel_depth", "expected 0 (--kernel_size) or an odd size (a centred SAME conv)")
   need(cfg.kernel_depth == 0 or cfg.ndim == 3, "kernel_depth", "applies to 3D networks only "
        "(--ndim=3)")
   need(bool(cfg.workdir), "workdir", "must not be empty")

@@ -44,7 +44,7 @@ Params = Any
 
 # Groups below this fraction of the largest group norm count as zero in the KKT check: Adam never
 # reaches exact zeros, and the direction of a vanishing group carries no information.
-_ZERO_GROUP = 1e-3
+NEAR_ZERO = 1e-3
 # Power iteration approaches the Lipschitz constant from below; FISTA's step is 1/(margin * L).
 _LIPSCHITZ_MARGIN = 1.1
 
@@ -118,25 +118,26 @@ def group_norms(variables):
   return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
-def _terms(variables, h, skip, y, u, dtype):
-  """The objective's parts on one batch (all means over this batch)."""
+def _terms(variables, h, skip, y, u, dtype, weight=None):
+  """The objective's parts on one batch (all means over this batch; ``weight``: the data term's
+  per-example weights, ``stage.half_mse``)."""
   out = branches(variables, h, dtype)
   d = gates(h, u)
   violation = jnp.sum(jax.nn.relu(-(2 * d - 1)[..., None, :, None] * out))
-  return {"data": stage.half_mse(skip + _gated_sum(out, d), y),
+  return {"data": stage.half_mse(skip + _gated_sum(out, d), y, weight),
           "penalty": violation / math.prod(out.shape[:-3]),
           "norms": jnp.sum(group_norms(variables)), "violation": violation,
           "magnitude": jnp.sum(jnp.abs(out))}
 
 
-def objective(variables, h, skip, y, u, *, beta, rho, dtype=None):
+def objective(variables, h, skip, y, u, *, beta, rho, dtype=None, weight=None):
   """``(objective, aux)`` of the convex stage on one batch (see the module docstring).
 
   ``u``: the gate filters (``gate_filters``). aux: "mse" (mean squared error of the convex
   prediction), "objective", "group_norm_sum", "constraint_violation" (sum of cone violations /
   sum of |conv(h, V_pc)|, 0 on the ReLU cones).
   """
-  t = _terms(variables, h, skip, y, u, dtype)
+  t = _terms(variables, h, skip, y, u, dtype, weight)
   value = t["data"] + beta * t["norms"] + rho * t["penalty"]
   aux = {"mse": 2 * t["data"], "objective": value, "group_norm_sum": t["norms"],
          "constraint_violation": t["violation"] / jnp.maximum(t["magnitude"], 1e-30)}
@@ -222,7 +223,7 @@ def duality_gap(variables, neg_grad, *, data, beta):
   s = min(1.0, beta / q_norms.max()) if q_norms.max() > 0 else 1.0
   objective = data + beta * norms.sum()
   gap = (1 - s) ** 2 * data + np.sum(beta * norms - s * np.sum(w * q, axes))
-  nonzero = norms > _ZERO_GROUP * norms.max()
+  nonzero = norms > NEAR_ZERO * norms.max()
   direction = w / np.expand_dims(np.where(nonzero, norms, 1.0), axes)
   dist = np.where(nonzero, np.sqrt(np.sum((q - beta * direction) ** 2, axes)),
                   np.maximum(q_norms - beta, 0.0))
@@ -397,7 +398,8 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     gate_seed: seed of the fixed gate filters (give each stage its own).
     refit_head: let ``finalize`` refit the 1x1 head on the ReLU features by least squares.
     fista_iters: FISTA iterations (= the stage's epochs); None: the run's epochs.
-    steps_per_epoch: equal-size minibatches per epoch, accumulated into one FISTA gradient.
+    steps_per_epoch: minibatches per epoch, accumulated into one FISTA gradient: with FISTA the
+      stage is ``full_pass``, so ``data.steps_per_epoch(n, batch_size, full_pass=True)``.
     relative_beta: scale ``beta`` by this stage's ``beta_max``, found in ``prepare`` (one pass):
       the features of each stage have their own scale, so an absolute beta means something
       different at every stage.
@@ -442,9 +444,10 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
   def build(beta, tx):
     """The stage for an absolute ``beta`` and a ready solver."""
 
-    def loss(variables, h, skip, y):
+    def loss(variables, h, skip, y, weight=None):
       u = _gate_filters_of(variables, gate_seed)
-      value, aux = objective(variables, h, skip, y, u, beta=beta, rho=rho, dtype=dtype)
+      value, aux = objective(variables, h, skip, y, u, beta=beta, rho=rho, dtype=dtype,
+                             weight=weight)
       # FISTA differentiates the smooth part only; its prox step handles the group lasso.
       return (0.5 * aux["mse"] if solver == "fista" else value), aux
 
@@ -455,7 +458,7 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     st = stage.Stage(name="layerwise_convex", init=init, loss=loss, tx=tx, to_layer=to_layer,
                      finalize=finalize)
     if solver == "fista":
-      st = dataclasses.replace(st, solution=fista_solution, epochs=fista_iters)
+      st = dataclasses.replace(st, solution=fista_solution, epochs=fista_iters, full_pass=True)
     if solver == "fista" or relative_beta:
       st = dataclasses.replace(st, prepare=prepare)
     return st
@@ -528,7 +531,7 @@ def _finalize(variables, feature_batches, *, beta, rho, gate_seed, refit_head):
         "relu_mismatch": np.sqrt(total["sq_diff"] / max(total["sq_signal"], 1e-30)),
         "mse_relu": total["sq_err_relu"] / total["elements"],
         "beta_max": _np_group_norms(total["at_r"]).max() / total["elements"],
-        "active_groups": np.sum(norms > _ZERO_GROUP * norms.max())}
+        "active_groups": np.sum(norms > NEAR_ZERO * norms.max())}
     if rho == 0:
       # With rho > 0 the multipliers of the active cone constraints are unknown, and the gap of
       # a dual point built from the gradient stays loose: only the gated program gets one.

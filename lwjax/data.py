@@ -25,7 +25,7 @@ import numpy as np
 from lwjax import coils, fastmri, masks, sense, synthetic
 from lwjax.fft import center_slices
 
-CACHE_VERSION = 1  # bump when preparation changes what a cached slice holds
+CACHE_VERSION = 2  # bump when preparation changes what a cached slice holds (2: rectangular calib)
 SYNTHETIC_VERSION = 1  # bump when the synthetic generator changes its output
 
 
@@ -75,27 +75,35 @@ def checked_mask(cfg: PrepConfig) -> np.ndarray:
   ValueError naming the flags (before any file is read: no data file is to blame)."""
   mask = mask_for(cfg)
   calib = calib_size(mask, cfg.calib)
-  if cfg.maps == "espirit" and calib < coils.ESPIRIT_MIN_CALIB:
+  if cfg.maps == "espirit" and min(calib) < coils.ESPIRIT_MIN_CALIB:
     raise ValueError(
         f"--maps=espirit needs a fully sampled k-space centre of at least "
         f"{coils.ESPIRIT_MIN_CALIB}x{coils.ESPIRIT_MIN_CALIB}; --mask={cfg.mask} with --calib="
         f"{cfg.calib}, --center_fraction={cfg.center_fraction} at --image_size={cfg.image_size} "
-        f"samples {calib}x{calib}: raise --center_fraction (1D masks) or --calib (Poisson), "
+        f"samples {calib[0]}x{calib[1]}: raise --center_fraction (1D masks) or --calib (Poisson), "
         "or use --maps=lowres")
   return mask
 
 
-def calib_size(mask, calib) -> int:
-  """The side of the largest centred square, at most ``calib``, that ``mask`` samples fully.
+def calib_size(mask, calib) -> tuple[int, int]:
+  """The largest fully sampled centred block (rows, columns) of ``mask``, each side at most
+  ``calib``: the coil maps' calibration region (as BART's ecalib finds it).
 
-  A 4x Cartesian mask of 320 columns samples 13 centre lines: maps estimated from a 16-wide region
-  would see unacquired (zero) columns as data.
+  A 4x Cartesian mask of 320 columns samples 13 centre lines, all rows of them: its block is
+  16 x 13. Maps estimated from a 16-wide region would see unacquired (zero) columns as data.
   """
   mask = np.asarray(mask, bool)
-  for s in range(min(calib, *mask.shape), 0, -1):
-    if mask[center_slices(mask.shape, (s, s))].all():
-      return s
-  raise ValueError("mask: expected a fully sampled k-space centre, found the centre unsampled")
+  best = (0, 0)
+  for rows in range(min(calib, mask.shape[0]), 0, -1):
+    for cols in range(min(calib, mask.shape[1]), 0, -1):
+      if rows * cols <= best[0] * best[1]:
+        break
+      if mask[center_slices(mask.shape, (rows, cols))].all():
+        best = (rows, cols)
+        break
+  if best == (0, 0):
+    raise ValueError("mask: expected a fully sampled k-space centre, found the centre unsampled")
+  return best
 
 
 def _channels(image) -> np.ndarray:
@@ -126,7 +134,7 @@ def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
   scale = float(np.abs(x).max())
   if not np.isfinite(scale) or scale <= 0:
     raise ValueError(f"zero-filled image: expected a finite positive maximum, found {scale} "
-                     f"(all-zero k-space, or {cfg.maps} maps from the {calib}x{calib} centre: "
+                     f"(all-zero k-space, or {cfg.maps} maps from the {calib[0]}x{calib[1]} centre: "
                      "a larger --calib / --center_fraction or --maps=lowres)")
   return dict(x=_channels(x / scale), y=_channels(y / scale),
               maps=np.asarray(maps, np.complex64),
@@ -372,9 +380,10 @@ def make_synthetic_dataset(out_dir, *, train_subjects, val_subjects, slices, coi
   return out_dir
 
 
-def steps_per_epoch(n, batch_size) -> int:
-  """Full batches in an epoch of ``n`` examples (the remainder is dropped)."""
-  return n // batch_size
+def steps_per_epoch(n, batch_size, full_pass: bool = False) -> int:
+  """Batches in an epoch of ``n`` examples: full ones (the remainder is dropped), or with
+  ``full_pass`` enough to hold every example (the last one padded, see ``batch_order``)."""
+  return -(-n // batch_size) if full_pass else n // batch_size
 
 
 def _num_examples(arrays) -> int:
@@ -384,11 +393,14 @@ def _num_examples(arrays) -> int:
   return next(iter(sizes.values()))
 
 
-def batch_order(n: int, batch_size: int, *, seed, epoch, num_devices=1) -> list[np.ndarray]:
+def batch_order(n: int, batch_size: int, *, seed, epoch, num_devices=1,
+                full_pass: bool = False) -> list[np.ndarray]:
   """One epoch's shuffled batches of example indices, each example at most once.
 
-  The order depends only on (seed, epoch); the last ``n % batch_size`` examples of the shuffled
-  order are dropped, so every batch has ``batch_size`` examples (static shapes).
+  The order depends only on (seed, epoch). Every batch has ``batch_size`` entries (static
+  shapes): the last ``n % batch_size`` examples of the shuffled order are dropped, or with
+  ``full_pass`` (a full-batch solver needs every example each epoch) kept, and the last batch is
+  filled up with index -1, a padding row that ``gather`` gives weight 0.
   """
   if batch_size % num_devices:
     raise ValueError(f"batch_size {batch_size} is not divisible by num_devices {num_devices}")
@@ -396,17 +408,34 @@ def batch_order(n: int, batch_size: int, *, seed, epoch, num_devices=1) -> list[
     raise ValueError(f"--batch_size={batch_size}: expected 1..{n}, the number of training "
                      "examples (slices, or volume patches of a 3D network)")
   order = np.random.default_rng([seed, epoch]).permutation(n)
-  steps = steps_per_epoch(n, batch_size)
+  steps = steps_per_epoch(n, batch_size, full_pass)
+  order = np.concatenate([order, np.full(max(steps * batch_size - n, 0), -1)])
   return np.split(order[:steps * batch_size], steps)
 
 
+def gather(arrays: dict, idx: np.ndarray, *, full_pass_of: Optional[int] = None) -> dict:
+  """The batch ``{k: v[idx]}`` of host ``arrays``.
+
+  ``full_pass_of=n``: ``idx`` is a batch of a ``full_pass`` epoch over n examples; padding rows
+  (-1) repeat example 0, and the batch gets ``weight`` (B,) float32: ``steps * B / n`` for the
+  examples and 0 for the padding, so that the mean over the epoch's ``steps`` batches of each
+  batch's weighted mean loss (``stage.half_mse``) is the mean loss over the n examples.
+  """
+  batch = {k: v[np.maximum(idx, 0)] for k, v in arrays.items()}
+  if full_pass_of is not None:
+    steps = steps_per_epoch(full_pass_of, len(idx), full_pass=True)
+    batch["weight"] = np.where(idx >= 0, steps * len(idx) / full_pass_of, 0).astype(np.float32)
+  return batch
+
+
 def train_batches(arrays: dict[str, np.ndarray], batch_size, *, seed, epoch,
-                  num_devices=1) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of shuffled full batches of host ``arrays``, in :func:`batch_order`."""
+                  num_devices=1, full_pass: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  """One epoch of shuffled batches of host ``arrays``, in :func:`batch_order` (``gather``)."""
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  order = batch_order(_num_examples(arrays), batch_size, seed=seed, epoch=epoch,
-                      num_devices=num_devices)
-  return ({k: v[idx] for k, v in arrays.items()} for idx in order)
+  n = _num_examples(arrays)
+  order = batch_order(n, batch_size, seed=seed, epoch=epoch, num_devices=num_devices,
+                      full_pass=full_pass)
+  return (gather(arrays, idx, full_pass_of=n if full_pass else None) for idx in order)
 
 
 def _pad(a, n):

@@ -111,7 +111,7 @@ def predictor(cfg: Config, arrays: dict, mask: np.ndarray,
               *, mesh) -> Callable[[str, int], np.ndarray]:
   """``(method, depth) -> (N, h, w, 2)`` the saved network's output on ``arrays``, as slices."""
   if cfg.model == "unrolled":
-    net, mask = unrolled.cnn_template(cfg), np.asarray(mask, np.float32)
+    net, mask = train.network_template(cfg), np.asarray(mask, np.float32)
 
     def run(params):
       return unrolled.predict(net, params, arrays, mask, cg_iters=cfg.cg_iters, mesh=mesh,

@@ -25,15 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lwjax import convex
 from lwjax import evaluate
 from lwjax import figures
 from lwjax import metrics as metrics_lib
 from lwjax import nets
 from lwjax import train
 
-# Units whose filter norm is below this fraction of the layer's largest count as pruned (a convex
-# stage's group lasso drives whole filters to zero; Adam only close to it).
-NEAR_ZERO = 1e-3
+# Units whose filter norm is below convex.NEAR_ZERO of the layer's largest count as pruned (a
+# convex stage's group lasso drives whole filters to zero; Adam only close to it).
+NEAR_ZERO = convex.NEAR_ZERO
 
 
 def layer_filters(params) -> list[np.ndarray]:
@@ -45,17 +46,23 @@ def layer_filters(params) -> list[np.ndarray]:
 def receptive_radius(params) -> tuple[int, ...]:
   """Pixels from p on which the output at p depends, per spatial axis (half the receptive field;
   anisotropic 3D kernels such as 3x7x7 give a smaller radius along the slices)."""
+  return tuple(hi for _, hi in _receptive_extent(params))
+
+
+def _receptive_extent(params) -> list[tuple[int, int]]:
+  """Per spatial axis, how far before and after p the inputs that reach the output at p lie: a
+  SAME conv of size k pads ``(k - 1) // 2`` before and ``k // 2`` after (equal for odd k)."""
   kernels = layer_filters(params)
-  return tuple(sum((k.shape[axis] - 1) // 2 for k in kernels)
-               for axis in range(kernels[0].ndim - 2))
+  return [(sum((k.shape[axis] - 1) // 2 for k in kernels), sum(k.shape[axis] // 2 for k in kernels))
+          for axis in range(kernels[0].ndim - 2)]
 
 
 def receptive_field(params, pixel: Sequence[int]) -> tuple[slice, ...]:
   """The slices of the input, one per spatial axis, on which the output at ``pixel`` depends."""
-  radius = receptive_radius(params)
-  if len(pixel) != len(radius):
-    raise ValueError(f"pixel {tuple(pixel)}: expected {len(radius)} coordinates")
-  return tuple(slice(max(p - r, 0), p + r + 1) for p, r in zip(pixel, radius))
+  extent = _receptive_extent(params)
+  if len(pixel) != len(extent):
+    raise ValueError(f"pixel {tuple(pixel)}: expected {len(extent)} coordinates")
+  return tuple(slice(max(p - lo, 0), p + hi + 1) for p, (lo, hi) in zip(pixel, extent))
 
 
 @functools.partial(jax.jit, static_argnames="net")

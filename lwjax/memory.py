@@ -75,7 +75,8 @@ def _step_inputs(cfg: Config, network: Network):
                         jax.random.key(0))
   if network.method == "e2e":
     return train.e2e_loss(template), train.adam(cfg, 1, cfg.weight_decay), deep, {}
-  stage = train.make_stage(network.method, cfg, steps_per_epoch=1, index=network.stage - 1)
+  stage = train.make_stage(network.method, cfg, num_examples=cfg.batch_size,
+                           index=network.stage - 1)
   if cfg.convex_solver == "fista" and network.method == "layerwise_convex":
     raise ValueError(f"{network.label}: its solver is built from the data (--convex_solver="
                      f"{cfg.convex_solver}); the memory analysis needs --convex_solver=adam")
@@ -86,22 +87,28 @@ def _step_inputs(cfg: Config, network: Network):
   return train.stage_loss(template, stage, index), stage.tx, params, frozen
 
 
+def compiled_memory(compiled) -> dict:
+  """XLA's buffer assignment of a compiled function: ``{"argument", "output", "temp", "alias",
+  "total"}`` in bytes, ``total = argument + output + temp - alias`` (donated inputs reused as
+  outputs count once)."""
+  stats = compiled.memory_analysis()
+  out = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
+         for name in ("argument", "output", "temp", "alias")}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
 def step_memory(cfg: Config, network: Network, batch_size: int, *, mesh=None) -> dict:
   """XLA's buffer assignment of one training step of ``network`` at ``batch_size``.
 
-  Returns ``{"argument", "output", "temp", "alias", "total"}`` in bytes, ``total`` as in the
-  module docstring. Compiles the step (seconds), allocates nothing.
+  Returns ``compiled_memory``'s dict. Compiles the step (seconds), allocates nothing.
   """
   loss_fn, tx, params, frozen = _step_inputs(cfg, network)
   state = {"params": params, "opt": jax.eval_shape(tx.init, params),
            "step": jax.ShapeDtypeStruct((), jnp.int32)}
   image = jax.ShapeDtypeStruct((batch_size,) + spatial(cfg) + (2,), jnp.float32)
   step = train.make_step(loss_fn, tx, mesh or train.make_mesh(1))
-  stats = step.lower(state, frozen, {"x": image, "y": image}).compile().memory_analysis()
-  out = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
-         "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
-  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-  return {k: int(v) for k, v in out.items()}
+  return compiled_memory(step.lower(state, frozen, {"x": image, "y": image}).compile())
 
 
 def largest_fitting(fits: Callable[[int], bool], guess: int) -> int:

@@ -16,15 +16,24 @@ import optax
 from lwjax import nets
 
 Params = Any
-# (variables, h, skip, y) -> (objective to minimise, dict of scalar diagnostics)
-LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
+# (variables, h, skip, y, weight) -> (objective to minimise, dict of scalar diagnostics); weight
+# (N,) or None: per-example weights of the data term (``half_mse``).
+LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, Optional[jax.Array]],
+                  tuple[jax.Array, dict]]
 # () -> iterable of (h, skip, y) batches covering the training set once
 FeatureBatches = Callable[[], Iterable[tuple[jax.Array, jax.Array, jax.Array]]]
 
 
-def half_mse(pred, y):
-  """The data term of every objective here: ``0.5 * mean((pred - y)**2)`` over all elements."""
-  return 0.5 * jnp.mean(jnp.square(pred.astype(jnp.float32) - y))
+def half_mse(pred, y, weight=None):
+  """The data term of every objective here: ``0.5 * mean((pred - y)**2)`` over all elements.
+
+  ``weight`` (N,): each example's squared errors count ``weight[i]`` times (the padding of a
+  full-pass epoch weighs 0, ``data.gather``).
+  """
+  sq = jnp.square(pred.astype(jnp.float32) - y)
+  if weight is not None:
+    sq = sq * weight.reshape(weight.shape + (1,) * (sq.ndim - 1))
+  return 0.5 * jnp.mean(sq)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +54,8 @@ class Stage:
       solver that needs a pass over the data first (FISTA's step size from a power iteration).
       It must be deterministic: a resumed run calls it again and must get the same stage.
     epochs: passes over the training data for this stage; None means the run's ``--epochs``.
+    full_pass: every epoch must see every example (a full-batch solver: FISTA accumulates one
+      gradient per epoch); ``train.fit`` then pads the last batch with weight-0 rows.
   """
   name: str
   init: Callable[[jax.Array, tuple], Params]
@@ -55,6 +66,7 @@ class Stage:
   finalize: Optional[Callable[[Params, FeatureBatches], tuple[Params, dict]]] = None
   prepare: Optional[Callable[[FeatureBatches, tuple], tuple["Stage", dict]]] = None
   epochs: Optional[int] = None
+  full_pass: bool = False
 
 
 def nonconvex(*, features, kernel_size, ndim, tx, dtype=jnp.float32) -> Stage:
@@ -65,8 +77,8 @@ def nonconvex(*, features, kernel_size, ndim, tx, dtype=jnp.float32) -> Stage:
     skip = jnp.zeros(h_shape[:-1] + (module.out_channels,), jnp.float32)
     return module.init(rng, jnp.zeros(h_shape, jnp.float32), skip)["params"]
 
-  def loss(variables, h, skip, y):
-    mse2 = half_mse(module.apply({"params": variables}, h, skip), y)
+  def loss(variables, h, skip, y, weight=None):
+    mse2 = half_mse(module.apply({"params": variables}, h, skip), y, weight)
     return mse2, {"mse": 2.0 * mse2}
 
   return Stage(name="layerwise", init=init, loss=loss, tx=tx,

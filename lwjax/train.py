@@ -15,6 +15,7 @@ finished and never retrained), ``metrics.jsonl`` (one line per epoch and per eva
 """
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -226,8 +227,12 @@ class FitResult:
 
 def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: Params,
         frozen: Params, arrays: dict, *, cfg: Config, mesh: Mesh, epochs: int,
-        log: MetricsLog) -> FitResult:
+        log: MetricsLog, full_pass: bool = False) -> FitResult:
   """Train ``params`` for ``epochs`` epochs on ``arrays`` (host arrays with a leading example axis).
+
+  ``full_pass``: every epoch visits every example (the last batch padded with weight-0 rows, the
+  batches carry ``weight``: ``data.gather``), for a solver that takes one full-batch step per
+  epoch; otherwise the ``n % batch_size`` examples left over by each epoch's shuffle are skipped.
 
   Resumes from the newest checkpoint in ``WORKDIR/checkpoints/<phase>`` if there is one: the data
   order depends only on (seed, epoch) and the state is restored bit for bit, so a killed run
@@ -235,7 +240,7 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
   FloatingPointError before that epoch is saved, so the last good checkpoint is kept.
   """
   n = len(next(iter(arrays.values())))
-  spe = data_lib.steps_per_epoch(n, cfg.batch_size)
+  spe = data_lib.steps_per_epoch(n, cfg.batch_size, full_pass)
   num_devices = mesh.devices.size
   rep = replicated(mesh)
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
@@ -261,15 +266,15 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
     t0 = time.time()
     losses, last = [], {}
     order = data_lib.batch_order(n, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                 num_devices=num_devices)
-    batches = device_batches(data_lib.train_batches(
-        host, cfg.batch_size, seed=cfg.seed, epoch=epoch, num_devices=num_devices), mesh)
+                                 num_devices=num_devices, full_pass=full_pass)
+    batches = device_batches((data_lib.gather(host, idx, full_pass_of=n if full_pass else None)
+                              for idx in order), mesh)
     data_s = 0.0
     for i in range(spe):
       t_data = time.perf_counter()
       batch = next(batches)
       if take is not None:
-        batch = {**batch, **take(resident, order[i])}
+        batch = {**batch, **take(resident, np.maximum(order[i], 0))}
       data_s += time.perf_counter() - t_data
       state, last = step_fn(state, frozen, batch)
       losses.append(last["loss"])
@@ -310,17 +315,36 @@ def make_forward(net: nets.DeepNet, mesh: Mesh):
                  in_shardings=(rep, batch_sharded(mesh)), out_shardings=batch_sharded(mesh))
 
 
+@functools.lru_cache(maxsize=32)
+def _sharded(fn: Callable, mesh: Mesh) -> Callable:
+  """``fn(args, batch)`` jitted for ``mesh`` (args replicated, the batch split), once per pair."""
+  return jax.jit(fn, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                 out_shardings=batch_sharded(mesh))
+
+
+def map_batches(fn: Callable, args, arrays: dict, *, mesh: Mesh, batch_size: int) -> np.ndarray:
+  """``fn(args, batch)`` over every example of ``arrays`` (host arrays with a leading example
+  axis), in order: the outputs' rows on the host. Batches of ``batch_size`` (rounded up to the
+  device count) split over ``mesh``; the last is padded and the padding dropped."""
+  batch_size = _round_up(batch_size, mesh.devices.size)
+  jitted = _sharded(fn, mesh)
+  args = jax.device_put(args, replicated(mesh))
+  out = []
+  for batch in data_lib.eval_batches(arrays, batch_size):
+    valid = batch.pop("valid")
+    out.append(to_host(jitted(args, put_batch(batch, mesh)))[valid])
+  return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=32)
+def _forward_fn(net: nets.DeepNet) -> Callable:
+  return lambda params, batch: nets.forward(net, params, batch["x"])
+
+
 def predict(net: nets.DeepNet, params: Params, x: np.ndarray, *, mesh: Mesh,
             batch_size: int) -> np.ndarray:
   """The network's output for every example of ``x`` (N, *spatial, 2), in order, on the host."""
-  batch_size = _round_up(batch_size, mesh.devices.size)
-  forward = make_forward(net, mesh)
-  params = jax.device_put(params, replicated(mesh))
-  out = []
-  for batch in data_lib.eval_batches({"x": x}, batch_size):
-    pred = forward(params, put_batch({"x": batch["x"]}, mesh)["x"])
-    out.append(to_host(pred)[batch["valid"]])
-  return np.concatenate(out)
+  return map_batches(_forward_fn(net), params, {"x": x}, mesh=mesh, batch_size=batch_size)
 
 
 def slice_metrics(pred: np.ndarray, target: np.ndarray) -> dict:
@@ -398,6 +422,8 @@ def example_arrays(cfg: Config, split: data_lib.Split,
 
 
 def network_template(cfg: Config) -> nets.DeepNet:
+  """The ``DeepNet`` of ``cfg`` (depth, width, kernel, ndim, compute dtype): every method's
+  network, and the CNN of every iteration of the unrolled model."""
   return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel,
                       ndim=cfg.ndim, dtype=jnp.dtype(cfg.compute_dtype))
 
@@ -426,7 +452,7 @@ def stage_loss(net: nets.DeepNet, stage: stage_lib.Stage, index: int) -> LossFn:
       h = batch["h"]
     else:
       h = nets.prefix_features(net, frozen, batch["x"], index)
-    return stage.loss(variables, h, batch["x"], batch["y"])
+    return stage.loss(variables, h, batch["x"], batch["y"], batch.get("weight"))
   return loss_fn
 
 
@@ -447,25 +473,28 @@ def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsL
   return params
 
 
-def make_stage(method: str, cfg: Config, steps_per_epoch: int,
+def make_stage(method: str, cfg: Config, num_examples: int,
                index: int = 0) -> stage_lib.Stage:
-  """Stage ``index + 1`` of ``method`` ("layerwise" or "layerwise_convex") configured from ``cfg``.
+  """Stage ``index + 1`` of ``method`` ("layerwise" or "layerwise_convex") configured from ``cfg``,
+  for a training set of ``num_examples`` examples (the optimisers' steps per epoch).
 
   Each convex stage draws its own gate filters (seed ``--gate_seed + index``).
   """
   dtype = jnp.dtype(cfg.compute_dtype)
   ndim = cfg.ndim
+  spe = data_lib.steps_per_epoch(num_examples, cfg.batch_size)
   if method == "layerwise":
     return stage_lib.nonconvex(features=cfg.features, kernel_size=cfg.kernel, ndim=ndim,
-                               tx=adam(cfg, steps_per_epoch, cfg.weight_decay), dtype=dtype)
+                               tx=adam(cfg, spe, cfg.weight_decay), dtype=dtype)
   if method == "layerwise_convex":
     from lwjax import convex  # The convex stage is only needed by this method.
+    fista = cfg.convex_solver == "fista"  # One full-batch step per epoch, over every example.
     return convex.convex_stage(
         features=cfg.features, kernel_size=cfg.kernel, ndim=ndim, beta=cfg.beta, rho=cfg.rho,
-        solver=cfg.convex_solver, tx=adam(cfg, steps_per_epoch), gate_seed=cfg.gate_seed + index,
-        refit_head=cfg.refit_head, fista_iters=cfg.fista_iters, steps_per_epoch=steps_per_epoch,
-        relative_beta=cfg.beta_relative,
-        dtype=dtype)
+        solver=cfg.convex_solver, tx=adam(cfg, spe), gate_seed=cfg.gate_seed + index,
+        refit_head=cfg.refit_head, fista_iters=cfg.fista_iters,
+        steps_per_epoch=data_lib.steps_per_epoch(num_examples, cfg.batch_size, full_pass=fista),
+        relative_beta=cfg.beta_relative, dtype=dtype)
   raise ValueError(f"unknown layer-wise method {method!r}")
 
 
@@ -562,7 +591,6 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
   """
   net = network_template(cfg)
   n = len(train["x"])
-  spe = data_lib.steps_per_epoch(n, cfg.batch_size)
   params: dict = {}
   h_cached = None  # h_index of every training example, when --cache_features is on
   for index in range(cfg.depth - 1):
@@ -583,7 +611,7 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
       h_cached = cached_features(cfg, method, index, batches,
                                  (n,) + train["x"].shape[1:-1] + (cfg.features,), mesh=mesh)
       arrays["h"], frozen = h_cached, {}
-    stage = make_stage(method, cfg, spe, index=index)
+    stage = make_stage(method, cfg, n, index=index)
     h_shape = (1,) + train["x"].shape[1:-1] + (2 if index == 0 else cfg.features,)
 
     def feature_batches(frozen=frozen, index=index, arrays=arrays):
@@ -601,7 +629,8 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
       stage, report = stage.prepare(feature_batches, h_shape)
     variables = stage.init(_phase_key(cfg, 2000 + index), h_shape)
     result = fit(f"{method}_s{index + 1}", stage_loss(net, stage, index), stage.tx, variables,
-                 frozen, arrays, cfg=cfg, mesh=mesh, epochs=stage.epochs or cfg.epochs, log=log)
+                 frozen, arrays, cfg=cfg, mesh=mesh, epochs=stage.epochs or cfg.epochs, log=log,
+                 full_pass=stage.full_pass)
     variables = jax.device_get(stage.solution(result.state["params"], result.state["opt"]))
     if stage.finalize is not None:
       variables, final_report = stage.finalize(variables, feature_batches)

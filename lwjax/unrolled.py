@@ -115,12 +115,6 @@ def init(rng, x_shape, *, iters, **kwargs) -> Params:
           for k in range(iters)}
 
 
-def cnn_template(cfg: Config) -> nets.DeepNet:
-  """The CNN of every iteration (depth, width, kernel, ndim and compute dtype of ``cfg``)."""
-  return nets.DeepNet(depth=cfg.depth, features=cfg.features, kernel_size=cfg.kernel,
-                      ndim=cfg.ndim, dtype=jnp.dtype(cfg.compute_dtype))
-
-
 # ----------------------------------------------------------------------------------------------
 # Objectives and the optimiser (for train.fit: loss_fn(params, frozen, batch)).
 # ``frozen = {"mask": (H, W)}``; ``batch = {"x", "y", "kspace", "maps"}`` (+ "x_in" for a stage).
@@ -180,31 +174,19 @@ def dc_arrays(cfg: Config, split: data_lib.Split) -> dict:
   return train_lib.example_arrays(cfg, split, DC_KEYS)[0]
 
 
-@functools.lru_cache(maxsize=32)
-def _jitted(fn: Callable, mesh) -> Callable:
-  """``fn(params, mask, batch)`` jitted for ``mesh`` (batch split, the rest replicated), once per
-  (fn, mesh): the stage-wise driver evaluates the same prefix for its input and for the summary."""
-  rep = train_lib.replicated(mesh)
-  return jax.jit(fn, in_shardings=(rep, rep, train_lib.batch_sharded(mesh)),
-                 out_shardings=train_lib.batch_sharded(mesh))
-
-
 def _batched(fn, params, arrays: dict, mask, *, mesh, batch_size: int) -> np.ndarray:
-  """``fn(params, mask, batch)`` over every example of ``arrays`` in order, on the host."""
-  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  jitted = _jitted(fn, mesh)
-  params, mask = jax.device_put((params, jnp.asarray(mask, jnp.float32)),
-                                train_lib.replicated(mesh))
-  out = []
-  for batch in data_lib.eval_batches({k: arrays[k] for k in ("x", "kspace", "maps")}, batch_size):
-    valid = batch.pop("valid")
-    out.append(train_lib.to_host(jitted(params, mask, train_lib.put_batch(batch, mesh)))[valid])
-  return np.concatenate(out)
+  """``fn((params, mask), batch)`` over every example of ``arrays`` in order, on the host (one
+  compilation per (fn, mesh): the stage-wise driver evaluates the same prefix for its input and
+  for the summary)."""
+  return train_lib.map_batches(fn, (params, jnp.asarray(mask, jnp.float32)),
+                               {k: arrays[k] for k in ("x", "kspace", "maps")}, mesh=mesh,
+                               batch_size=batch_size)
 
 
 @functools.lru_cache(maxsize=32)
 def _forward_fn(net: nets.DeepNet, cg_iters: int, iters: int) -> Callable:
-  def fn(params, mask, batch):
+  def fn(args, batch):
+    params, mask = args
     return forward(net, params, batch["x"], batch["kspace"], batch["maps"], mask,
                    cg_iters=cg_iters, iters=iters)
   return fn
@@ -212,8 +194,8 @@ def _forward_fn(net: nets.DeepNet, cg_iters: int, iters: int) -> Callable:
 
 @functools.lru_cache(maxsize=8)
 def _cg_sense_fn(iters: int) -> Callable:
-  def fn(params, mask, batch):
-    del params
+  def fn(args, batch):
+    _, mask = args
     return to_channels(sense.cg_sense(batch["kspace"], batch["maps"], mask, iters=iters))
   return fn
 
@@ -265,7 +247,7 @@ def train_unrolled(cfg: Config, mode: str, arrays: dict, mask, *, mesh, log: tra
   if mode not in METHODS:
     raise ValueError(f"mode: expected one of {', '.join(METHODS)}, found {mode!r}")
   name, iters = METHODS[mode], cfg.unroll_iters
-  net = cnn_template(cfg)
+  net = train_lib.network_template(cfg)
   arrays = {k: arrays[k] for k in DC_KEYS}
   frozen = {"mask": jnp.asarray(mask, jnp.float32)}
   spe = data_lib.steps_per_epoch(len(arrays["x"]), cfg.batch_size)
@@ -318,7 +300,7 @@ def step_memory(cfg: Config, mode: str, batch_size: int, *, coils: int, mesh=Non
   ``{"argument", "output", "temp", "alias", "total"}`` in bytes.
   """
   spatial = (cfg.image_size,) * 2 if cfg.ndim == 2 else (cfg.volume_depth,) + (cfg.image_size,) * 2
-  net = cnn_template(cfg)
+  net = train_lib.network_template(cfg)
   iters = cfg.unroll_iters if mode == "e2e" else 1
   params = jax.eval_shape(lambda: {f"iter_{k}": _init_iteration(cfg, k, (1,) + spatial + (2,))
                                    for k in range(iters)})
@@ -334,12 +316,9 @@ def step_memory(cfg: Config, mode: str, batch_size: int, *, coils: int, mesh=Non
   if mode != "e2e":
     batch["x_in"] = image
   frozen = {"mask": jax.ShapeDtypeStruct(spatial[-2:], jnp.float32)}
+  from lwjax import memory  # memory imports train; only this analysis needs it here.
   step = train_lib.make_step(loss, tx, mesh or train_lib.make_mesh(1))
-  stats = step.lower(state, frozen, batch).compile().memory_analysis()
-  out = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
-         "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
-  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-  return {k: int(v) for k, v in out.items()}
+  return memory.compiled_memory(step.lower(state, frozen, batch).compile())
 
 
 def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
@@ -353,7 +332,7 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
   "lambda": {method: {k: [lambda_0, ...]}}, "config"}``; the metric means are per 2D slice.
   """
   summary_path = Path(summary_path)
-  net = cnn_template(cfg)
+  net = train_lib.network_template(cfg)
   mask = np.asarray(train.mask, np.float32)
   train_arrays, val_arrays = dc_arrays(cfg, train), dc_arrays(cfg, val)
   slice_means = lambda pred: train_lib.mean_metrics(train_lib.slice_metrics(pred, val_arrays["y"]))

@@ -72,10 +72,14 @@ def test_prepare_slice(cfg):
 
 def test_calib_size_is_the_sampled_centre():
   mask = np.zeros((32, 32), bool)
-  mask[:, 13:19] = True  # 6 centre lines: 16 +- 3
-  assert data.calib_size(mask, 8) == 6
+  mask[:, 13:19] = True  # 6 centre lines (16 +- 3), all rows of them
+  assert data.calib_size(mask, 8) == (8, 6)
   mask[:, 10:22] = True
-  assert data.calib_size(mask, 8) == 8
+  assert data.calib_size(mask, 8) == (8, 8)
+  poisson = np.zeros((32, 32), bool)
+  poisson[12:21, 11:21] = True  # rows 12..20, columns 11..20 around the centre (16, 16)
+  assert data.calib_size(poisson, 12) == (9, 10)
+  assert data.calib_size(poisson, 8) == (8, 8)
   with pytest.raises(ValueError, match="mask: expected a fully sampled k-space centre"):
     data.calib_size(np.zeros((32, 32), bool), 8)
 
@@ -355,13 +359,28 @@ def test_parallel_preparation_matches_serial(dataset, tmp_path):
 
 
 def test_settings_that_cannot_make_espirit_maps_are_named(tmp_path):
-  # A 4x 1D mask at 64 with the default centre fraction fully samples a 5x5 centre: no data file is
+  # A 4x 1D mask at 64 with the default centre fraction fully samples a 16x5 centre: no data file is
   # to blame, the flags are.
   cfg = dataclasses.replace(CFG, image_size=64, mask="cartesian", maps="espirit")
   with pytest.raises(ValueError, match=r"--maps=espirit needs .* 12x12.*--mask=cartesian.*"
-                                       r"--image_size=64 samples 5x5"):
+                                       r"--image_size=64 samples 16x5"):
     data.checked_mask(cfg)
   with pytest.raises(ValueError, match="--maps=espirit needs"):
     data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache")
   data.checked_mask(dataclasses.replace(cfg, maps="lowres"))
   data.checked_mask(dataclasses.replace(cfg, center_fraction=0.25))  # 16 lines
+
+
+def test_full_pass_epochs_weigh_every_example_once():
+  n, b = 10, 4
+  order = data.batch_order(n, b, seed=3, epoch=1, full_pass=True)
+  assert len(order) == data.steps_per_epoch(n, b, full_pass=True) == 3
+  flat = np.concatenate(order)
+  assert sorted(flat[flat >= 0]) == list(range(n)) and (flat < 0).sum() == 2
+  # The mean over the epoch's batches of each batch's weighted mean is the mean over all n.
+  values = np.random.default_rng(0).normal(size=n)
+  batches = list(data.train_batches({"v": values}, b, seed=3, epoch=1, full_pass=True))
+  assert [list(bt["weight"] > 0) for bt in batches][-1] == [True, True, False, False]
+  means = [np.mean(bt["weight"] * bt["v"]) for bt in batches]
+  assert np.mean(means) == pytest.approx(values.mean(), rel=1e-6)
+  assert "weight" not in next(data.train_batches({"v": values}, b, seed=3, epoch=1))

@@ -100,6 +100,17 @@ def test_effective_filter_is_the_jacobian_row(pixel):
 NET3 = nets.DeepNet(depth=3, features=4, kernel_size=(3, 5, 5), ndim=3)  # radius (2, 4, 4)
 
 
+def test_effective_filter_with_even_kernels():
+  # XLA's SAME pads k//2 after and (k-1)//2 before: an even kernel's field is lopsided.
+  net = nets.DeepNet(depth=3, features=4, kernel_size=4)
+  params = nets.init(jax.random.key(2), (1, 12, 12, 2), depth=3, features=4, kernel_size=4)
+  x = _image(3)[:12, :12]
+  pixel = (5, 6)
+  jac = interpret.effective_filter(net, params, x, pixel, out_channel=0)
+  f = jax.jit(lambda z: nets.forward(net, params, z[None])[0][pixel][0] - z[pixel][0])
+  np.testing.assert_allclose(jac, jax.jit(jax.grad(f))(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("pixel", [(2, 6, 5), (0, 11, 0)])
 def test_effective_filter_3d(pixel):
   # Anisotropic 3D kernels: the row is the full-volume Jacobian's, zero outside the receptive

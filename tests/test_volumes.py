@@ -129,7 +129,7 @@ def test_unrolled_3d_applies_data_consistency_per_slice():
   split.mask[::2] = False
   vol = data.to_volumes(split, 2)
   cfg = config_lib.Config(depth=2, features=4, kernel_size=3, ndim=3, cg_iters=4)
-  net = unrolled.cnn_template(cfg)
+  net = train.network_template(cfg)
   params = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), jax.eval_shape(
       lambda: unrolled.init(jax.random.key(0), (1, 2, SIZE, SIZE, 2), iters=1, depth=2,
                             features=4, kernel_size=3, ndim=3, dc_lambda=0.1)))
