@@ -6,7 +6,6 @@ configuration as ``WORKDIR/config.json`` (``save``/``load``).
 """
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 METHODS = ("layerwise_convex", "layerwise", "e2e")
@@ -176,10 +175,9 @@ def from_flags() -> Config:
 
 def save(cfg: Config, path) -> None:
   """Write ``cfg`` as JSON atomically (temp file + rename)."""
-  path = Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1, sort_keys=True))
-  os.replace(tmp, path)
+  from lwjax import fastmri  # its atomic_write; not needed to define or parse the flags
+  with fastmri.atomic_write(path) as tmp:
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1, sort_keys=True))
 
 
 def load(path, **overrides) -> Config:

@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lwjax import data as data_lib
+from lwjax import fastmri
 from lwjax import metrics as metrics_lib
 from lwjax import nets
 from lwjax import stage as stage_lib
@@ -388,9 +389,8 @@ def write_json(path: Path, value) -> None:
   if not is_primary():
     return
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-  os.replace(tmp, path)
+  with fastmri.atomic_write(path) as tmp:
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
 
 
 def record_eval(summary: dict, summary_path: Path, log: MetricsLog, method: str, depth: int,
