@@ -233,11 +233,11 @@ def memory_of(compiled) -> dict:
   """The row's memory columns from ``memory.compiled_memory`` (empty where a backend has none)."""
   from lwjax import memory
   try:
-    if compiled.memory_analysis() is None:
-      return {}
     m = memory.compiled_memory(compiled)
   except Exception as e:
     return {"memory_error": short_error(e)}
+  if not m:
+    return {}
   return {"memory_bytes": m["total"], "temp_bytes": m["temp"], "argument_bytes": m["argument"]}
 
 

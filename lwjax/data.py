@@ -300,6 +300,19 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
                kspace=coils("kspace") if with_kspace else None)
 
 
+def volume_patches(split: Split, depth: int) -> np.ndarray:
+  """(M, depth) int: each volume patch's slices (indices into ``split``), see ``to_volumes``;
+  (0, depth) when no file has ``depth`` slices."""
+  if depth < 1:
+    raise ValueError(f"depth: expected >= 1, found {depth}")
+  groups = []
+  for v in np.unique(split.volume_index):
+    rows = np.flatnonzero(split.volume_index == v)
+    rows = rows[np.argsort([split.ids[r][1] for r in rows], kind="stable")]
+    groups += [rows[i:i + depth] for i in range(0, len(rows) - depth + 1, depth)]
+  return np.stack(groups) if groups else np.zeros((0, depth), int)
+
+
 def to_volumes(split: Split, depth: int) -> dict[str, np.ndarray]:
   """Volume patches for 3D networks: ``depth`` consecutive slices of one file, slices as axis 1.
 
@@ -316,18 +329,11 @@ def to_volumes(split: Split, depth: int) -> dict[str, np.ndarray]:
     slices as indices into ``split``), and ``maps`` and ``kspace`` (M, depth, C, h, w) complex64
     when the split has them (``kspace`` rescaled like ``x``).
   """
-  if depth < 1:
-    raise ValueError(f"depth: expected >= 1, found {depth}")
-  groups = []
-  for v in np.unique(split.volume_index):
-    rows = np.flatnonzero(split.volume_index == v)
-    rows = rows[np.argsort([split.ids[r][1] for r in rows], kind="stable")]
-    groups += [rows[i:i + depth] for i in range(0, len(rows) - depth + 1, depth)]
-  if not groups:
+  slices = volume_patches(split, depth)  # (M, depth)
+  if not len(slices):
     longest = max(np.bincount(split.volume_index)) if len(split.volume_index) else 0
     raise ValueError(f"depth: {depth} slices per volume patch, but the longest file has "
                      f"{longest}")
-  slices = np.stack(groups)  # (M, depth)
   patch_scale = split.scale[slices].max(axis=1)
   factor = (split.scale[slices] / patch_scale[:, None]).astype(np.float32)  # (M, depth)
   out = {"x": split.x[slices] * factor[..., None, None, None],
@@ -439,7 +445,9 @@ def train_batches(arrays: dict[str, np.ndarray], batch_size, *, seed, epoch,
 
 
 def _pad(a, n):
-  """Zero-pads the leading axis of ``a`` to length ``n``."""
+  """Zero-pads the leading axis of ``a`` to length ``n`` (``a`` itself when it has n rows)."""
+  if len(a) == n:
+    return a
   return np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
 
 

@@ -162,9 +162,14 @@ def per_slice_metrics(cfg: Config, val: data_lib.Split,
   return out, outputs, slices
 
 
+def _is_metrics(entry: dict) -> bool:
+  """Whether ``entry`` is one ``{metric: value(s)}`` leaf (not a ``{depth: ...}`` table)."""
+  return set(entry) == set(METRICS)
+
+
 def _map_metrics(fn, tree):
   """Applies ``fn`` to every ``{metric: per-slice values}`` entry of a per_slice_metrics tree."""
-  if set(tree) == set(METRICS):
+  if _is_metrics(tree):
     return fn(tree)
   return {k: _map_metrics(fn, v) for k, v in tree.items()}
 
@@ -174,7 +179,7 @@ def mean_lines(means: dict) -> list[str]:
   one entry of metrics) and each method at each depth."""
   lines = []
   for name, entry in means.items():
-    for depth, m in ({"": entry} if set(entry) == set(METRICS) else entry).items():
+    for depth, m in ({"": entry} if _is_metrics(entry) else entry).items():
       lines.append(f"{name:>18} {depth:>2}: PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}  "
                    f"NMSE {m['nmse']:.4g}")
   return lines

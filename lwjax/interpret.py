@@ -32,9 +32,6 @@ from lwjax import metrics as metrics_lib
 from lwjax import nets
 from lwjax import train
 
-# Units whose filter norm is below convex.NEAR_ZERO of the layer's largest count as pruned (a
-# convex stage's group lasso drives whole filters to zero; Adam only close to it).
-NEAR_ZERO = convex.NEAR_ZERO
 
 
 def layer_filters(params) -> list[np.ndarray]:
@@ -155,7 +152,9 @@ def filter_tiles(kernel, max_filters: int = 64) -> tuple[list[np.ndarray], list[
 
 def _near_zero(kernel) -> int:
   norms = unit_norms(kernel)
-  return int(np.sum(norms < NEAR_ZERO * norms.max()))
+  # Below convex.NEAR_ZERO of the layer's largest a unit counts as pruned (a convex stage's group
+  # lasso drives whole filters to zero; Adam only close to it).
+  return int(np.sum(norms < convex.NEAR_ZERO * norms.max()))
 
 
 def draw(net: nets.DeepNet, params, x, pixel: Sequence[int], out_dir, *,

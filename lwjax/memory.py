@@ -90,8 +90,10 @@ def _step_inputs(cfg: Config, network: Network):
 def compiled_memory(compiled) -> dict:
   """XLA's buffer assignment of a compiled function: ``{"argument", "output", "temp", "alias",
   "total"}`` in bytes, ``total = argument + output + temp - alias`` (donated inputs reused as
-  outputs count once)."""
+  outputs count once); empty where the backend reports none."""
   stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
   out = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
          for name in ("argument", "output", "temp", "alias")}
   out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]

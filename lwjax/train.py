@@ -694,8 +694,9 @@ def _check_same_data(workdir: Path, splits: dict[str, data_lib.Split]) -> None:
       raise ValueError(f"{path}: this workdir was trained on other {name} data ({found}); use "
                        "another --workdir, or the data it was trained on")
     # Scales are compared loosely: a rebuilt cache may differ in the last float32 bits.
-    if not np.allclose(new["scale"], was["scale"], rtol=1e-3, atol=0):
-      i = int(np.argmax(~np.isclose(new["scale"], was["scale"], rtol=1e-3, atol=0)))
+    close = np.isclose(new["scale"], was["scale"], rtol=1e-3, atol=0)
+    if not close.all():
+      i = int(np.argmax(~close))
       raise ValueError(f"{path}: this workdir was trained on other {name} data: the files have "
                        f"the same names but other content (slice {i} of the split: scale "
                        f"{was['scale'][i]:.6g} there, {new['scale'][i]:.6g} now); use another "
@@ -752,8 +753,7 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
                len(val.x), len(set(val.volume_index.tolist())), train.x.shape[1:3], cfg.mask,
                float(train.mask.size / train.mask.sum()))
   if cfg.ndim == 3:
-    in_patches = lambda s: int(sum(c // cfg.volume_depth * cfg.volume_depth
-                                   for c in np.bincount(s.volume_index)))
+    in_patches = lambda s: data_lib.volume_patches(s, cfg.volume_depth).size
     logging.info("3D: patches of %d slices hold %d of %d training and %d of %d validation slices "
                  "(a file's last slices that fill no patch are dropped)", cfg.volume_depth,
                  in_patches(train), len(train.x), in_patches(val), len(val.x))
