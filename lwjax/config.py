@@ -71,6 +71,7 @@ class Config:
   unroll_iters: int = 2  # unrolled model: iterations K, each with its own CNN and lambda
   dc_lambda: float = 0.05  # unrolled model: weight lambda of the data-consistency step argmin |Ax - y|^2 + lambda |x - z|^2 (the start value when learned)
   learn_lambda: bool = True  # unrolled model: learn each iteration's lambda (log-parametrised); false: keep --dc_lambda
+  lambda_lr: float = 0.0  # unrolled model: Adam learning rate of log lambda, on the --lr schedule (0: --lr; Adam moves log lambda by about this much per step)
   cg_iters: int = 10  # unrolled model: conjugate-gradient steps per data-consistency step
   ndim: int = 2  # spatial dimensions of the network: 2 (slices) or 3 (volume patches of --volume_depth consecutive slices of one file, kernels --kernel_depth x --kernel_size x --kernel_size)
   volume_depth: int = 8  # 3D: slices per volume patch (a file's last slices that fill no patch are dropped)
@@ -140,6 +141,7 @@ def validate(cfg: Config, num_devices: int) -> None:
          "the unrolled model's CNNs all have --depth layers; leave --e2e_depths empty")
   need(cfg.unroll_iters >= 1, "unroll_iters", "must be >= 1")
   need(cfg.dc_lambda > 0, "dc_lambda", "must be > 0 (it is log-parametrised)")
+  need(cfg.lambda_lr >= 0, "lambda_lr", "must be >= 0 (0: --lr)")
   need(cfg.cg_iters >= 1, "cg_iters", "must be >= 1")
   need(cfg.ndim in (2, 3), "ndim", "expected 2 or 3")
   need(cfg.volume_depth >= 1, "volume_depth", "must be >= 1")

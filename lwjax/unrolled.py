@@ -147,10 +147,12 @@ def stage_loss(net: nets.DeepNet, index: int, *, cg_iters: int) -> train_lib.Los
 
 
 def optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Adam with the run's schedule: the CNNs with ``--weight_decay``, ``log_lam`` without it (a
-  decay would pull lambda towards 1), or not at all with ``--nolearn_lambda`` (lambda stays
-  exactly ``--dc_lambda``)."""
-  lam_tx = train_lib.adam(cfg, steps_per_epoch) if cfg.learn_lambda else optax.set_to_zero()
+  """Adam with the run's schedule: the CNNs with ``--weight_decay``; ``log_lam`` without it (a
+  decay would pull lambda towards 1) at ``--lambda_lr`` (Adam moves it by about its learning
+  rate per step: at 1e-4 lambda changes by ~1% per 100 steps), or not at all with
+  ``--nolearn_lambda`` (lambda stays exactly ``--dc_lambda``)."""
+  lam_cfg = dataclasses.replace(cfg, lr=cfg.lambda_lr or cfg.lr)
+  lam_tx = train_lib.adam(lam_cfg, steps_per_epoch) if cfg.learn_lambda else optax.set_to_zero()
 
   def labels(params):
     return {k: {"cnn": jax.tree.map(lambda _: "cnn", v["cnn"]), "log_lam": "lam"}

@@ -121,17 +121,21 @@ def test_zero_cnn_and_vanishing_lambda_is_cg_sense(splits):
 def test_fixed_lambda_stays_and_learned_lambda_moves():
   params = tiny_params(fill=0.5)
   grads = jax.tree.map(jnp.ones_like, params)
-  for learn in (False, True):
-    cfg = dataclasses.replace(CFG, learn_lambda=learn, weight_decay=0.1)
+  # Adam's first step moves every learned parameter by about its learning rate (the gradients
+  # are all ones); no weight decay on lambda; --lambda_lr=0 means --lr.
+  for learn, lambda_lr, expected in ((False, 0.0, 0.0), (True, 0.0, -CFG.lr), (True, 0.3, -0.3)):
+    cfg = dataclasses.replace(CFG, learn_lambda=learn, lambda_lr=lambda_lr, weight_decay=0.1)
     tx = unrolled.optimizer(cfg, steps_per_epoch=1)
     updates = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)
     new = jax.tree.map(lambda p, u: p + u, params, updates)
     for k in range(2):
-      assert not np.allclose(new[f"iter_{k}"]["cnn"]["head"]["kernel"],
-                             params[f"iter_{k}"]["cnn"]["head"]["kernel"])
+      head, old_head = new[f"iter_{k}"]["cnn"]["head"], params[f"iter_{k}"]["cnn"]["head"]
+      # The CNN moves by --lr plus decoupled weight decay (AdamW: lr * (1 + wd * p), p = 0.5)
+      # whatever lambda's learning rate.
+      np.testing.assert_allclose(head["bias"] - old_head["bias"], -CFG.lr * (1 + 0.1 * 0.5),
+                                 rtol=1e-3)
       moved = float(new[f"iter_{k}"]["log_lam"] - params[f"iter_{k}"]["log_lam"])
-      # Adam's first step moves every learned parameter by about lr; no weight decay on lambda.
-      assert moved == 0 if not learn else moved == pytest.approx(-CFG.lr, rel=1e-3)
+      assert moved == pytest.approx(expected, rel=1e-3, abs=0)
 
 
 # Training through the run's trainers.
@@ -183,7 +187,8 @@ def test_e2e_and_stagewise_run(splits, tmp_path):
 def test_validate_unrolled_and_3d_settings():
   for change, flag in [({"model": "modl"}, "model"), ({"method": "layerwise_convex"}, "method"),
                        ({"e2e_depths": "2,3"}, "e2e_depths"), ({"unroll_iters": 0}, "unroll_iters"),
-                       ({"dc_lambda": 0.0}, "dc_lambda"), ({"cg_iters": 0}, "cg_iters"),
+                       ({"dc_lambda": 0.0}, "dc_lambda"), ({"lambda_lr": -1.0}, "lambda_lr"),
+                       ({"cg_iters": 0}, "cg_iters"),
                        ({"ndim": 4}, "ndim"), ({"volume_depth": 0}, "volume_depth")]:
     with pytest.raises(ValueError, match=f"--{flag}="):
       config_lib.validate(dataclasses.replace(CFG, **change), num_devices=1)
