@@ -66,8 +66,14 @@ def mask_for(cfg: PrepConfig) -> np.ndarray:
   scan protocol would use: the network learns one aliasing pattern and the mask is stored once
   (``Split.mask``). fastMRI's PyTorch loaders instead draw a new Cartesian mask per slice.
   """
-  return masks.make_mask(cfg.mask, (cfg.image_size, cfg.image_size), cfg.accel,
-                         seed=cfg.mask_seed, calib=cfg.calib, center_fraction=cfg.center_fraction)
+  try:
+    return masks.make_mask(cfg.mask, (cfg.image_size, cfg.image_size), cfg.accel,
+                           seed=cfg.mask_seed, calib=cfg.calib,
+                           center_fraction=cfg.center_fraction)
+  except ValueError as e:  # ``masks`` names its arguments; a user knows the flags.
+    raise ValueError(f"--mask={cfg.mask} --accel={cfg.accel} --calib={cfg.calib} "
+                     f"--center_fraction={cfg.center_fraction} --image_size={cfg.image_size}: "
+                     f"{e}") from e
 
 
 def checked_mask(cfg: PrepConfig) -> np.ndarray:
@@ -301,16 +307,20 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
 
 
 def volume_patches(split: Split, depth: int) -> np.ndarray:
-  """(M, depth) int: each volume patch's slices (indices into ``split``), see ``to_volumes``;
-  (0, depth) when no file has ``depth`` slices."""
+  """(M, depth) int: each volume patch's slices (indices into ``split``), see ``to_volumes``.
+  Raises ValueError naming ``--volume_depth`` when no file has ``depth`` slices."""
   if depth < 1:
-    raise ValueError(f"depth: expected >= 1, found {depth}")
+    raise ValueError(f"--volume_depth={depth}: expected >= 1")
   groups = []
   for v in np.unique(split.volume_index):
     rows = np.flatnonzero(split.volume_index == v)
     rows = rows[np.argsort([split.ids[r][1] for r in rows], kind="stable")]
     groups += [rows[i:i + depth] for i in range(0, len(rows) - depth + 1, depth)]
-  return np.stack(groups) if groups else np.zeros((0, depth), int)
+  if not groups:
+    longest = max(np.bincount(split.volume_index)) if len(split.volume_index) else 0
+    raise ValueError(f"--volume_depth={depth}: expected at most the slices of the longest file "
+                     f"({longest}), or no volume patch fits")
+  return np.stack(groups)
 
 
 def to_volumes(split: Split, depth: int) -> dict[str, np.ndarray]:
@@ -330,10 +340,6 @@ def to_volumes(split: Split, depth: int) -> dict[str, np.ndarray]:
     when the split has them (``kspace`` rescaled like ``x``).
   """
   slices = volume_patches(split, depth)  # (M, depth)
-  if not len(slices):
-    longest = max(np.bincount(split.volume_index)) if len(split.volume_index) else 0
-    raise ValueError(f"depth: {depth} slices per volume patch, but the longest file has "
-                     f"{longest}")
   patch_scale = split.scale[slices].max(axis=1)
   factor = (split.scale[slices] / patch_scale[:, None]).astype(np.float32)  # (M, depth)
   out = {"x": split.x[slices] * factor[..., None, None, None],
@@ -399,6 +405,15 @@ def _num_examples(arrays) -> int:
   return next(iter(sizes.values()))
 
 
+def check_batch_size(n: int, batch_size: int, num_devices: int = 1) -> None:
+  """Raises ValueError unless ``batch_size`` is in 1..n and divisible by ``num_devices``."""
+  if batch_size % num_devices:
+    raise ValueError(f"batch_size {batch_size} is not divisible by num_devices {num_devices}")
+  if not 0 < batch_size <= n:
+    raise ValueError(f"--batch_size={batch_size}: expected 1..{n}, the number of training "
+                     "examples (slices, or volume patches of a 3D network)")
+
+
 def batch_order(n: int, batch_size: int, *, seed, epoch, num_devices=1,
                 full_pass: bool = False) -> list[np.ndarray]:
   """One epoch's shuffled batches of example indices, each example at most once.
@@ -408,11 +423,7 @@ def batch_order(n: int, batch_size: int, *, seed, epoch, num_devices=1,
   ``full_pass`` (a full-batch solver needs every example each epoch) kept, and the last batch is
   filled up with index -1, a padding row that ``gather`` gives weight 0.
   """
-  if batch_size % num_devices:
-    raise ValueError(f"batch_size {batch_size} is not divisible by num_devices {num_devices}")
-  if not 0 < batch_size <= n:
-    raise ValueError(f"--batch_size={batch_size}: expected 1..{n}, the number of training "
-                     "examples (slices, or volume patches of a 3D network)")
+  check_batch_size(n, batch_size, num_devices)
   order = np.random.default_rng([seed, epoch]).permutation(n)
   steps = steps_per_epoch(n, batch_size, full_pass)
   order = np.concatenate([order, np.full(max(steps * batch_size - n, 0), -1)])

@@ -54,7 +54,12 @@ class Network:
 
 
 def networks(cfg: Config) -> list[Network]:
-  """e2e at ``--depth``, every non-convex stage, and every convex stage if the run trains them."""
+  """e2e at ``--depth``, every non-convex stage, and every convex stage if the run trains them.
+  The CNN only: the unrolled model's steps need a coil count (``unrolled.step_memory``)."""
+  if cfg.model != "cnn":
+    raise ValueError(f"--model={cfg.model}: the memory report covers the CNN (--model=cnn); "
+                     "for the unrolled model call lwjax.unrolled.step_memory(cfg, mode, batch, "
+                     "coils=...)")
   layerwise = ["layerwise"] + [m for m in cfg.methods if m == "layerwise_convex"]
   return [Network("e2e", cfg.depth)] + [Network(m, d) for m in layerwise
                                         for d in range(2, cfg.depth + 1)]

@@ -653,6 +653,7 @@ _RESUMABLE_FIELDS = {"log_every", "eval_batch_size", "workdir", "data_dir", "cac
 
 
 def _check_resume(cfg: Config, workdir: Path) -> None:
+  """Refuses settings that differ from those of the run in ``workdir`` (its config.json)."""
   from lwjax import config as config_lib
   path = workdir / "config.json"
   if path.exists():
@@ -664,8 +665,18 @@ def _check_resume(cfg: Config, workdir: Path) -> None:
           f"{path}: this workdir holds a run with other settings ("
           + ", ".join(f"--{k}: {old.get(k)!r} there, {new[k]!r} now" for k in changed)
           + "); use another --workdir or the same flags")
-  if is_primary():
-    config_lib.save(cfg, path)
+
+
+def _check_examples(cfg: Config, train: data_lib.Split, val: data_lib.Split,
+                    num_devices: int) -> None:
+  """The settings that depend on the data (--batch_size, --volume_depth), checked before the
+  run writes its config.json: a refused command, corrected, must not find the workdir taken."""
+  if cfg.ndim == 3:
+    data_lib.volume_patches(val, cfg.volume_depth)  # Raises when no patch fits.
+    n = len(data_lib.volume_patches(train, cfg.volume_depth))
+  else:
+    n = len(train.x)
+  data_lib.check_batch_size(n, cfg.batch_size, num_devices)
 
 
 def _data_record(split: data_lib.Split) -> dict:
@@ -747,7 +758,10 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
   logging.info("devices: %d x %s; workdir %s", mesh.devices.size, jax.devices()[0].platform,
                workdir)
   train, val = load_data(cfg)
+  _check_examples(cfg, train, val, mesh.devices.size)
   _check_same_data(workdir, {"train": train, "val": val})
+  if is_primary():  # Only now: a command refused above leaves no run behind.
+    config_lib.save(cfg, workdir / "config.json")
   logging.info("data: %d training slices from %d files, %d validation slices from %d files, "
                "grid %s, mask %s x%.2f", len(train.x), len(set(train.volume_index.tolist())),
                len(val.x), len(set(val.volume_index.tolist())), train.x.shape[1:3], cfg.mask,

@@ -92,8 +92,9 @@ def test_calib_size_is_the_sampled_centre():
     (dict(mask="radial"), "radial"),
 ])
 def test_mask_errors_name_the_argument(changes, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ValueError, match=match) as error:
     data.mask_for(dataclasses.replace(CFG, **changes))
+  assert str(error.value).startswith("--mask=")  # The flags of the run come first.
 
 
 # Splits and the cache.

@@ -34,6 +34,8 @@ def test_networks_of_a_config():
                               for s in (1, 2, 3)]
   assert [n.label for n in memory.networks(dataclasses.replace(CFG, method="e2e"))] == [
       "e2e", "layerwise stage 1", "layerwise stage 2", "layerwise stage 3"]
+  with pytest.raises(ValueError, match="--model=unrolled: the memory report covers the CNN"):
+    memory.networks(dataclasses.replace(CFG, model="unrolled", method="e2e"))
 
 
 def test_step_bytes_grow_with_the_batch(analysed):

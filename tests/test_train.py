@@ -177,6 +177,22 @@ def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
     train.run(dataclasses.replace(tiny, data_dir=str(other)), mesh=train.make_mesh(1))
 
 
+def test_settings_refused_by_the_data_leave_the_workdir_free(tmp_path):
+  # A command refused on its data (batch larger than the data, 3D patches deeper than the files)
+  # writes no config.json, so the corrected command runs in the same workdir.
+  tiny = config_lib.Config(
+      image_size=16, calib=4, synth_train_subjects=1, synth_val_subjects=1, synth_slices=2,
+      synth_coils=2, maps="lowres", depth=2, features=4, kernel_size=3, epochs=1, batch_size=2,
+      method="e2e", log_every=0, workdir=str(tmp_path / "run"))
+  for bad, needle in (({"batch_size": 3}, r"--batch_size=3: expected 1..2"),
+                      ({"ndim": 3, "volume_depth": 3}, r"--volume_depth=3: .*longest file \(2\)")):
+    with pytest.raises(ValueError, match=needle):
+      train.run(dataclasses.replace(tiny, **bad), mesh=train.make_mesh(1))
+    assert not (tmp_path / "run" / "config.json").exists()
+  train.run(tiny, mesh=train.make_mesh(1))
+  assert config_lib.load(tmp_path / "run" / "config.json") == tiny
+
+
 def test_fista_takes_full_batch_steps_whatever_the_batch_size(tmp_path):
   # 10 examples: batches of 4 and 6 leave 2 and 4 over (the last batch is padded with weight-0
   # rows), 10 divides them. FISTA's gradient is over every example: all three solve one problem.
