@@ -2,10 +2,14 @@ r"""How large a batch fits: memory of one training step, end to end vs each laye
 
   python launch/memory.py --flagfile=poisson.flags --budget_gb=12
   python launch/memory.py --flagfile=poisson.flags --budget_gb=12 --json_out=memory.json --measure
+  python launch/memory.py --flagfile=poisson.flags --model=unrolled --method=e2e,layerwise \
+      --e2e_depths= --unroll_iters=5 --coils=15
 
 Compiles the trainer's step for the flags' network and image size (no data, no training; a CPU
 will do) and prints, for e2e at --depth and every layer-wise stage, the bytes one step needs at
---batch_size and the largest batch within --budget_gb (paper figure 4). Writes the bar chart
+--batch_size and the largest batch within --budget_gb (paper figure 4); for --model=unrolled, e2e
+through --unroll_iters iterations and one stage (every stage trains one iteration: the same step),
+with --coils coils. Writes the bar chart
 memory_<method>.png per layer-wise method to --figure_dir and, with --json_out, the report
 as JSON. --measure runs the steps on an accelerator and prints the measured peak next to the
 prediction. See lwjax/memory.py for what is counted.
@@ -23,6 +27,8 @@ from lwjax import config
 _BUDGET_GB = flags.DEFINE_float("budget_gb", 12.0, "memory budget of one device, GiB (2**30 bytes)")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "write the report as JSON to this file")
 _FIGURE_DIR = flags.DEFINE_string("figure_dir", "", "bar charts go here; empty: WORKDIR/figures")
+_COILS = flags.DEFINE_integer("coils", 15, "--model=unrolled: receive coils of the data-consistency "
+                              "steps (fastMRI knee: 15)")
 _MEASURE = flags.DEFINE_bool("measure", False, "also run the steps on the accelerator and compare "
                              "the prediction with its measured peak memory")
 
@@ -34,7 +40,8 @@ def main(argv):
   cfg = config.from_flags()
   try:
     config.validate(cfg, num_devices=1)
-    rep = memory.report(cfg, int(_BUDGET_GB.value * 2**30), log=logging.info)
+    rep = memory.report(cfg, int(_BUDGET_GB.value * 2**30), coils=_COILS.value,
+                        log=logging.info)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

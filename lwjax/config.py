@@ -88,6 +88,12 @@ class Config:
     return ((self.kernel_depth or self.kernel_size),) + k if self.ndim == 3 else k
 
   @property
+  def spatial(self) -> tuple[int, ...]:
+    """The spatial shape of one training example: a slice (H, W), or a volume patch (D, H, W)."""
+    size = (self.image_size,) * 2
+    return size if self.ndim == 2 else (self.volume_depth,) + size
+
+  @property
   def depths_e2e(self) -> tuple[int, ...]:
     if not self.e2e_depths.strip():
       return (self.depth,)

@@ -42,39 +42,37 @@ LAYERWISE = ("layerwise", "layerwise_convex")
 class Network:
   """What one training step trains: an end-to-end net, or stage ``stage`` (1-based) of a method."""
   method: str  # "e2e", "layerwise" or "layerwise_convex"
-  depth: int  # depth of the network this step trains (stage i ends with depth i + 1)
+  depth: int  # CNN: depth of the network this step trains (stage i ends with depth i + 1);
+  # unrolled: the iterations it trains through (e2e: --unroll_iters; a stage: 1, every stage alike)
+  coils: int = 0  # unrolled model: receive coils of its data-consistency steps; 0: the CNN
 
   @property
   def stage(self) -> int:
-    return self.depth - 1
+    return self.depth if self.coils else self.depth - 1
 
   @property
   def label(self) -> str:
+    if self.coils:
+      return (f"unrolled e2e, {self.depth} iterations" if self.method == "e2e"
+              else "unrolled stage (each)")
     return "e2e" if self.method == "e2e" else f"{self.method} stage {self.stage}"
 
 
-def networks(cfg: Config) -> list[Network]:
-  """e2e at ``--depth``, every non-convex stage, and every convex stage if the run trains them.
-  The CNN only: the unrolled model's steps need a coil count (``unrolled.step_memory``)."""
-  if cfg.model != "cnn":
-    raise ValueError(f"--model={cfg.model}: the memory report covers the CNN (--model=cnn); "
-                     "for the unrolled model call lwjax.unrolled.step_memory(cfg, mode, batch, "
-                     "coils=...)")
+def networks(cfg: Config, coils: int = 15) -> list[Network]:
+  """e2e at ``--depth``, every non-convex stage, and every convex stage if the run trains them;
+  for ``--model=unrolled``: e2e through ``--unroll_iters`` iterations and one stage (each stage
+  trains one iteration on the frozen earlier ones' output: the same step), with ``coils`` coils."""
+  if cfg.model == "unrolled":
+    return [Network("e2e", cfg.unroll_iters, coils), Network("layerwise", 1, coils)]
   layerwise = ["layerwise"] + [m for m in cfg.methods if m == "layerwise_convex"]
   return [Network("e2e", cfg.depth)] + [Network(m, d) for m in layerwise
                                         for d in range(2, cfg.depth + 1)]
 
 
-def spatial(cfg: Config) -> tuple[int, ...]:
-  """The spatial shape of one training example: a slice, or a volume patch for ``ndim=3``."""
-  size = (cfg.image_size, cfg.image_size)
-  return size if cfg.ndim == 2 else (cfg.volume_depth,) + size
-
-
 def _step_inputs(cfg: Config, network: Network):
   """(loss_fn, tx, abstract params, abstract frozen prefix) of the trainer for ``network``."""
   template = train.network_template(cfg)
-  x_shape = (1,) + spatial(cfg) + (2,)
+  x_shape = (1,) + cfg.spatial + (2,)
   deep = jax.eval_shape(lambda k: nets.init(k, x_shape, depth=network.depth, ndim=cfg.ndim,
                                             features=cfg.features, kernel_size=cfg.kernel),
                         jax.random.key(0))
@@ -105,17 +103,28 @@ def compiled_memory(compiled) -> dict:
   return out
 
 
+def abstract_step(cfg: Config, network: Network, batch_size: int):
+  """``(loss_fn, tx, state, frozen, batch)`` of the trainer's step for ``network``; ``state``,
+  ``frozen`` and ``batch`` abstract (``jax.ShapeDtypeStruct``), ``batch_size`` examples."""
+  if network.coils:
+    from lwjax import unrolled  # It imports train; only its own steps need it here.
+    return unrolled.abstract_step(cfg, "e2e" if network.method == "e2e" else "stagewise",
+                                  batch_size, coils=network.coils)
+  loss_fn, tx, params, frozen = _step_inputs(cfg, network)
+  state = {"params": params, "opt": jax.eval_shape(tx.init, params),
+           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  image = jax.ShapeDtypeStruct((batch_size,) + cfg.spatial + (2,), jnp.float32)
+  return loss_fn, tx, state, frozen, {"x": image, "y": image}
+
+
 def step_memory(cfg: Config, network: Network, batch_size: int, *, mesh=None) -> dict:
   """XLA's buffer assignment of one training step of ``network`` at ``batch_size``.
 
   Returns ``compiled_memory``'s dict. Compiles the step (seconds), allocates nothing.
   """
-  loss_fn, tx, params, frozen = _step_inputs(cfg, network)
-  state = {"params": params, "opt": jax.eval_shape(tx.init, params),
-           "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  image = jax.ShapeDtypeStruct((batch_size,) + spatial(cfg) + (2,), jnp.float32)
+  loss_fn, tx, state, frozen, batch = abstract_step(cfg, network, batch_size)
   step = train.make_step(loss_fn, tx, mesh or train.make_mesh(1))
-  return compiled_memory(step.lower(state, frozen, {"x": image, "y": image}).compile())
+  return compiled_memory(step.lower(state, frozen, batch).compile())
 
 
 def largest_fitting(fits: Callable[[int], bool], guess: int) -> int:
@@ -165,7 +174,8 @@ def analyse(cfg: Config, network: Network, budget_bytes: int, *, batch_size: int
   max_batch = largest_fitting(lambda b: total(b) <= budget_bytes,
                               math.floor((budget_bytes - fixed) / per_example))
   step_bytes = total(batch_size)
-  entry = {"method": network.method, "depth": network.depth, "max_batch": max_batch,
+  entry = {"method": network.method, "depth": network.depth, "label": network.label,
+           "max_batch": max_batch,
            "bytes_per_example": round(per_example), "fixed_bytes": round(fixed),
            "batch_size": batch_size, "step_bytes": step_bytes,
            "breakdown": compiled[batch_size],
@@ -175,19 +185,22 @@ def analyse(cfg: Config, network: Network, budget_bytes: int, *, batch_size: int
   return entry
 
 
-def report(cfg: Config, budget_bytes: int, *, log: Callable[[str], None] = lambda s: None,
-           mesh=None) -> dict:
-  """Every network of ``networks(cfg)`` analysed at ``cfg.batch_size`` against ``budget_bytes``.
+def report(cfg: Config, budget_bytes: int, *, coils: int = 15,
+           log: Callable[[str], None] = lambda s: None, mesh=None) -> dict:
+  """Every network of ``networks(cfg, coils)`` analysed at ``cfg.batch_size`` against
+  ``budget_bytes``.
 
   Returns ``{"budget_bytes", "batch_size", "backend", "config", "e2e": entry,
   "layerwise": [entry per stage], "layerwise_convex": [...] (if the run trains it)}`` with the
   entries of ``analyse``.
   """
+  keys = ("model", "image_size", "ndim", "volume_depth", "depth", "features", "kernel_size",
+          "compute_dtype") + (("unroll_iters", "cg_iters") if cfg.model == "unrolled" else ())
   out = {"budget_bytes": int(budget_bytes), "batch_size": cfg.batch_size,
-         "backend": jax.default_backend(),
-         "config": {k: getattr(cfg, k) for k in ("image_size", "ndim", "volume_depth", "depth",
-                                                   "features", "kernel_size", "compute_dtype")}}
-  for network in networks(cfg):
+         "backend": jax.default_backend(), "config": {k: getattr(cfg, k) for k in keys}}
+  if cfg.model == "unrolled":
+    out["config"]["coils"] = coils
+  for network in networks(cfg, coils):
     entry = analyse(cfg, network, budget_bytes, batch_size=cfg.batch_size, mesh=mesh)
     log(f"{network.label}: {entry['step_bytes'] / 2**30:.2f} GiB at batch {cfg.batch_size}, "
         f"max batch {entry['max_batch']}")
@@ -201,7 +214,7 @@ def report(cfg: Config, budget_bytes: int, *, log: Callable[[str], None] = lambd
 def entries(rep: dict) -> list[tuple[str, dict]]:
   """(label, entry) of every analysed network of a ``report``, e2e first."""
   analysed = [rep["e2e"]] + [e for m in LAYERWISE for e in rep.get(m, [])]
-  return [(Network(e["method"], e["depth"]).label, e) for e in analysed]
+  return [(e["label"], e) for e in analysed]
 
 
 def format_table(rep: dict) -> str:
@@ -229,14 +242,13 @@ def run_steps(cfg: Config, network: Network, batch_size: int, *, steps: int = 3,
               mesh=None) -> None:
   """Runs ``steps`` real training steps of ``network`` on zeros (for a measured peak)."""
   mesh = mesh or train.make_mesh(1)
-  loss_fn, tx, params, frozen = _step_inputs(cfg, network)
+  loss_fn, tx, state, frozen, batch = abstract_step(cfg, network, batch_size)
   # The same shapes as the analysed step, now allocated (the values do not change the memory).
   materialise = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-  params, frozen = materialise(params), materialise(frozen)
+  params, frozen = materialise(state["params"]), materialise(frozen)
   state = jax.device_put({"params": params, "opt": tx.init(params),
                           "step": jnp.zeros((), jnp.int32)}, train.replicated(mesh))
-  image = np.zeros((batch_size,) + spatial(cfg) + (2,), np.float32)
-  batch = train.put_batch({"x": image, "y": image}, mesh)
+  batch = train.put_batch({k: np.zeros(v.shape, v.dtype) for k, v in batch.items()}, mesh)
   step = train.make_step(loss_fn, tx, mesh)
   for _ in range(steps):
     state, measurements = step(state, frozen, batch)
@@ -262,12 +274,13 @@ def measure(cfg: Config, rep: dict, *, steps: int = 3, log: Callable[[str], None
   if memory_stats() is None:
     raise RuntimeError(f"measuring needs an accelerator that reports memory statistics; "
                        f"{jax.devices()[0].platform} does not")
+  coils = rep["config"].get("coils", 0)  # The unrolled model's; 0: the CNN.
   runs = sorted({(e["compiled"][str(b)], label, e["method"], e["depth"], b)
                  for label, e in entries(rep) for b in (rep["batch_size"], e["max_batch"]) if b})
   out = []
   for predicted, label, method, depth, b in runs:
     before = memory_stats()
-    run_steps(cfg, Network(method, depth), b, steps=steps)
+    run_steps(cfg, Network(method, depth, coils), b, steps=steps)
     peak = memory_stats()["peak_bytes_in_use"]
     measured = peak - before["bytes_in_use"] if peak > before["peak_bytes_in_use"] else None
     out.append({"network": label, "batch": b, "predicted": predicted, "measured": measured})

@@ -293,15 +293,15 @@ def train_unrolled(cfg: Config, mode: str, arrays: dict, mask, *, mesh, log: tra
   return params
 
 
-def step_memory(cfg: Config, mode: str, batch_size: int, *, coils: int, mesh=None) -> dict:
-  """XLA's buffer assignment of one training step (as ``memory.step_memory``), allocating nothing.
+def abstract_step(cfg: Config, mode: str, batch_size: int, *, coils: int):
+  """``(loss_fn, tx, state, frozen, batch)`` of one training step, ``state``, ``frozen`` and
+  ``batch`` abstract (``jax.ShapeDtypeStruct``): what ``memory.step_memory`` compiles.
 
   ``mode`` "e2e": all ``cfg.unroll_iters`` iterations; "stagewise": one stage (one iteration on
-  its precomputed input), the same for every stage. Images ``cfg.image_size`` square with
-  ``coils`` coils, volume patches of ``cfg.volume_depth`` slices for ``ndim=3``. Returns
-  ``{"argument", "output", "temp", "alias", "total"}`` in bytes.
+  its precomputed input), the same for every stage. ``batch_size`` examples of ``cfg.spatial``
+  with ``coils`` coils.
   """
-  spatial = (cfg.image_size,) * 2 if cfg.ndim == 2 else (cfg.volume_depth,) + (cfg.image_size,) * 2
+  spatial = cfg.spatial
   net = train_lib.network_template(cfg)
   iters = cfg.unroll_iters if mode == "e2e" else 1
   params = jax.eval_shape(lambda: {f"iter_{k}": _init_iteration(cfg, k, (1,) + spatial + (2,))
@@ -318,9 +318,7 @@ def step_memory(cfg: Config, mode: str, batch_size: int, *, coils: int, mesh=Non
   if mode != "e2e":
     batch["x_in"] = image
   frozen = {"mask": jax.ShapeDtypeStruct(spatial[-2:], jnp.float32)}
-  from lwjax import memory  # memory imports train; only this analysis needs it here.
-  step = train_lib.make_step(loss, tx, mesh or train_lib.make_mesh(1))
-  return memory.compiled_memory(step.lower(state, frozen, batch).compile())
+  return loss, tx, state, frozen, batch
 
 
 def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,

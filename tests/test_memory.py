@@ -34,8 +34,9 @@ def test_networks_of_a_config():
                               for s in (1, 2, 3)]
   assert [n.label for n in memory.networks(dataclasses.replace(CFG, method="e2e"))] == [
       "e2e", "layerwise stage 1", "layerwise stage 2", "layerwise stage 3"]
-  with pytest.raises(ValueError, match="--model=unrolled: the memory report covers the CNN"):
-    memory.networks(dataclasses.replace(CFG, model="unrolled", method="e2e"))
+  unrolled = dataclasses.replace(CFG, model="unrolled", method="e2e,layerwise", unroll_iters=3)
+  assert [n.label for n in memory.networks(unrolled, coils=4)] == [
+      "unrolled e2e, 3 iterations", "unrolled stage (each)"]
 
 
 def test_step_bytes_grow_with_the_batch(analysed):
@@ -89,6 +90,21 @@ def test_run_steps_on_cpu():
   memory.run_steps(CFG, memory.Network("layerwise", 3), 2, steps=2)  # what --measure runs
   with pytest.raises(RuntimeError, match="accelerator"):
     memory.measure(CFG, {"e2e": {}})
+
+
+def test_unrolled_report():
+  # e2e differentiates through K = 3 iterations (CNN activations and CG steps of each); a stage
+  # through one, whichever it is.
+  cfg = config_lib.Config(model="unrolled", method="e2e,layerwise", image_size=16, depth=2,
+                          features=4, kernel_size=3, batch_size=2, unroll_iters=3, cg_iters=2)
+  rep = memory.report(cfg, BUDGET, coils=2)
+  assert rep["config"]["coils"] == 2 and rep["config"]["unroll_iters"] == 3
+  e2e, stages = rep["e2e"], rep["layerwise"]
+  assert e2e["depth"] == 3 and [s["depth"] for s in stages] == [1]
+  assert stages[0]["bytes_per_example"] < e2e["bytes_per_example"] / 2
+  assert stages[0]["max_batch"] > e2e["max_batch"]
+  assert "| unrolled stage (each) | 1 |" in memory.format_table(rep)
+  memory.run_steps(cfg, memory.Network("layerwise", 1, coils=2), 2, steps=1)  # --measure's steps
 
 
 def test_launch_script(tmp_path):
