@@ -12,7 +12,8 @@ loop records per epoch in ``metrics.jsonl``:
 
 The first epoch of each phase (it compiles) is left out of the means. ``--runs`` lists
 ``e2e`` and ``<method>:<cache>`` runs (method ``layerwise`` or ``layerwise_convex``, cache
-``none``, ``host`` or ``disk``), each in a fresh working directory; ``other s`` is the run's
+``none``, ``host``, ``disk`` or ``device``), each optionally with ``+data`` (``--data_on_device``:
+the slices in accelerator memory, batches gathered there), each in a fresh working directory; ``other s`` is the run's
 wall time outside the timed epochs (compilation, the convex stage's beta_max and certificate
 passes, computing cached features, saving parameters).
 
@@ -43,7 +44,8 @@ from lwjax import config as config_lib  # noqa: E402
 config_lib.define_flags()
 flags.DEFINE_integer("slices", 48, "random training slices held in host memory")
 flags.DEFINE_string("runs", "e2e,layerwise_convex:none,layerwise_convex:host",
-                    "comma-separated runs: e2e, or <layerwise|layerwise_convex>:<none|host|disk>")
+                    "comma-separated runs: e2e, or <layerwise|layerwise_convex>:<none|host|disk|"
+                    "device>; a suffix +data adds --data_on_device")
 flags.DEFINE_string("json_out", "", "write the results here as JSON (rewritten after each run)")
 flags.DEFINE_string("scratch", "", "parent of the runs' working directories (default: a temp dir)")
 FLAGS = flags.FLAGS
@@ -52,14 +54,15 @@ FLAGS = flags.FLAGS
 def parse_runs(spec: str) -> list:
   out = []
   for token in (t.strip() for t in spec.split(",") if t.strip()):
-    method, _, cache = token.partition(":")
+    on_device = token.endswith("+data")
+    method, _, cache = token.removesuffix("+data").partition(":")
     if method == "e2e" and not cache:
-      out.append(("e2e", "none"))
+      out.append(("e2e", "none", on_device))
     elif method in ("layerwise", "layerwise_convex") and cache in config_lib.FEATURE_CACHES:
-      out.append((method, cache))
+      out.append((method, cache, on_device))
     else:
       raise app.UsageError(f"--runs: {token!r} is not e2e or <layerwise|layerwise_convex>:"
-                           f"<{'|'.join(config_lib.FEATURE_CACHES)}>")
+                           f"<{'|'.join(config_lib.FEATURE_CACHES)}>, with an optional +data")
   return out
 
 
@@ -106,10 +109,12 @@ def main(argv):
         f"{base.features} channels, {base.kernel_size}x{base.kernel_size}, batch "
         f"{base.batch_size}, {base.epochs} epochs, {base.compute_dtype}", flush=True)
   scratch = Path(FLAGS.scratch or tempfile.mkdtemp(prefix="lwjax_pipeline_"))
-  for method, cache in runs:
-    workdir = scratch / f"{method}_{cache}"
+  for method, cache, on_device in runs:
+    name = f"{cache}{'+data' * on_device}"
+    workdir = scratch / f"{method}_{name}"
     shutil.rmtree(workdir, ignore_errors=True)
-    cfg = dataclasses.replace(base, workdir=str(workdir), cache_features=cache)
+    cfg = dataclasses.replace(base, workdir=str(workdir), cache_features=cache,
+                              data_on_device=on_device)
     log = train.MetricsLog(workdir)
     t0 = time.perf_counter()
     if method == "e2e":
@@ -119,16 +124,17 @@ def main(argv):
     wall = time.perf_counter() - t0
     rows = phase_rows(log.path, cfg)
     timed = sum(r["epoch_s"] * r["epochs_timed"] for r in rows)
-    run = {"method": method, "cache_features": cache, "wall_s": wall,
+    run = {"method": method, "cache_features": cache, "data_on_device": on_device,
+           "wall_s": wall,
            "other_s": wall - timed, "phases": rows}
     if cache != "none":
       run["cache_bytes_per_stage"] = (FLAGS.slices * cfg.image_size ** 2 * cfg.features * 4)
     report["runs"].append(run)
     for r in rows:
-      print(f"{method:17s} {cache:5s} {r['phase']:20s} {r['ms_per_step']:9.1f} ms/step "
+      print(f"{method:17s} {name:11s} {r['phase']:20s} {r['ms_per_step']:9.1f} ms/step "
             f"{r['img_per_s']:8.1f} img/s  data wait {r['data_wait_frac']:.3f}  "
             f"(first epoch {r['first_epoch_s']:.1f} s)", flush=True)
-    print(f"{method} {cache}: {wall:.1f} s wall, {run['other_s']:.1f} s outside timed epochs",
+    print(f"{method} {name}: {wall:.1f} s wall, {run['other_s']:.1f} s outside timed epochs",
           flush=True)
     if FLAGS.json_out:
       train.write_json(Path(FLAGS.json_out), report)
@@ -139,7 +145,8 @@ def main(argv):
   print("|---|---|---|---|---|---|")
   for run in report["runs"]:
     for r in run["phases"]:
-      print(f"| {run['method']} ({run['cache_features']}) | {r['phase']} | {r['ms_per_step']:.1f} "
+      data = " +data" if run["data_on_device"] else ""
+      print(f"| {run['method']} ({run['cache_features']}{data}) | {r['phase']} | {r['ms_per_step']:.1f} "
             f"| {r['img_per_s']:.1f} | {r['data_wait_frac']:.3f} | {r['first_epoch_s']:.1f} |")
   return 0
 

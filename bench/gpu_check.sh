@@ -3,8 +3,8 @@
 #   f32       float32 steps against PyTorch (cuDNN benchmark mode), batch 8, 1, 32
 #   bf16      bfloat16 steps against PyTorch (cuDNN's heuristic algorithms: its benchmark search
 #             for the 7x7 bf16 convolutions ran for over two minutes), batch 8
-#   pipeline  the real training loop: steps/s and data wait, e2e and the convex stages without and
-#             with cached features (host and device memory)
+#   pipeline  the real training loop: steps/s and data wait, e2e and the convex stages, with the
+#             slices in host memory and with --data_on_device (+data), and with device-cached features
 #   b1        float32 steps at batch 1, lwjax only
 #   layers    one conv layer at a time (first, hidden, head; fwd and fwd+bwd) against PyTorch,
 #             float32 and bfloat16 at batch 8: which layer a step's gap to PyTorch comes from
@@ -46,7 +46,7 @@ for part in $PARTS; do
     pipeline)
       # shellcheck disable=SC2086
       timeout 200 python3 bench/bench_pipeline.py $SIZE --depth=3 --batch_size=8 --slices=48 \
-        --epochs=3 --runs=${RUNS:-e2e,layerwise_convex:none,layerwise_convex:host,layerwise_convex:device} \
+        --epochs=3 --runs=${RUNS:-e2e,e2e+data,layerwise_convex:none,layerwise_convex:none+data,layerwise_convex:device+data} \
         --json_out="$OUT/pipeline.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/pipeline.log" ;;
     *) echo "unknown part $part" ;;
   esac

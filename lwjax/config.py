@@ -63,6 +63,7 @@ class Config:
   workdir: str = "workdir"  # everything a run writes: checkpoints, metrics, summary.json
   eval_batch_size: int = 8  # batch size of evaluation
   compute_dtype: str = "float32"  # float32, or bfloat16 compute with float32 parameters and loss
+  data_on_device: bool = False  # hold the training arrays (inputs, targets; k-space and maps for the unrolled model) in accelerator memory, every device a full copy, and gather each batch there: no host work or host-to-device copy per step
   cache_features: str = "none"  # keep a finished stage's output features: none, host (memory), disk (memory-mapped file) or device (accelerator memory, every device a full copy)
   distributed: str = ""  # multi-host runs (every host runs the same command): auto (jax.distributed.initialize() detects TPU pods, SLURM, Open MPI, Kubernetes) or ADDRESS:PORT,NUM_PROCESSES,PROCESS_ID; empty: one host
   log_every: int = 50  # console log every this many steps (and at every epoch end)

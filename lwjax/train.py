@@ -257,8 +257,14 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
     logging.info("%s: resumed from the checkpoint of epoch %d in %s", phase, start, ckpt_dir)
 
   step_fn = make_step(loss_fn, tx, mesh)
-  # Arrays already on the accelerator (--cache_features=device) are gathered there; the others
-  # are gathered on the host and copied ahead of the step.
+  if cfg.data_on_device:
+    host_arrays = {k: v for k, v in arrays.items() if not isinstance(v, jax.Array)}
+    _check_device_room(sum(v.nbytes for v in host_arrays.values()), mesh,
+                       f"--data_on_device: {phase}'s training arrays ({', '.join(host_arrays)})",
+                       "use --nodata_on_device (or fewer training slices)")
+    arrays = {**arrays, **jax.device_put(host_arrays, rep)}
+  # Arrays on the accelerator (--data_on_device, --cache_features=device) are gathered there;
+  # the others are gathered on the host and copied ahead of the step.
   resident = {k: v for k, v in arrays.items() if isinstance(v, jax.Array)}
   host = {k: v for k, v in arrays.items() if k not in resident}
   take = take_batch(mesh) if resident else None
@@ -518,15 +524,14 @@ def free_device_bytes(device) -> Optional[int]:
   return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
-def _check_device_room(need: int, mesh: Mesh, index: int) -> None:
-  """Refuses a device feature cache that would not leave room for the stage's step (20%)."""
+def _check_device_room(need: int, mesh: Mesh, what: str, instead: str) -> None:
+  """Refuses to hold ``need`` bytes on every device unless 20% of the free memory stays for the
+  step; the error says ``what`` needs them and what to do ``instead``."""
   free = [free_device_bytes(d) for d in mesh.local_devices]  # Others are asked by their host.
   known = [f for f in free if f is not None]
   if known and need > 0.8 * min(known):
-    raise ValueError(
-        f"--cache_features=device: the features h_{index} need {need / 2**30:.2f} GiB on every "
-        f"device, {min(known) / 2**30:.2f} GiB are free; use --cache_features=host or disk "
-        "(or fewer training slices)")
+    raise ValueError(f"{what} need {need / 2**30:.2f} GiB on every device, "
+                     f"{min(known) / 2**30:.2f} GiB are free; {instead}")
 
 
 def cached_features(cfg: Config, method: str, index: int, batches: Iterator[jax.Array],
@@ -548,7 +553,9 @@ def cached_features(cfg: Config, method: str, index: int, batches: Iterator[jax.
     buf, start = None, 0
     for batch in batches:
       if buf is None:
-        _check_device_room(math.prod(shape) * batch.dtype.itemsize, mesh, index)
+        _check_device_room(math.prod(shape) * batch.dtype.itemsize, mesh,
+                           f"--cache_features=device: the features h_{index}",
+                           "use --cache_features=host or disk (or fewer training slices)")
         buf = jax.device_put(jnp.zeros(shape, batch.dtype), replicated(mesh))
       buf = put(buf, batch, start)
       start += len(batch)
@@ -649,6 +656,7 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
 
 # Fields that may change when a run is resumed; any other change would mix two experiments.
 _RESUMABLE_FIELDS = {"log_every", "eval_batch_size", "workdir", "data_dir", "cache_features",
+                     "data_on_device",
                      "distributed", "prep_workers"}
 
 

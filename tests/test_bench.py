@@ -19,14 +19,15 @@ def run(script, *args):
 def test_bench_pipeline_reports_every_phase(tmp_path):
   out = tmp_path / "pipeline.json"
   run("bench_pipeline.py", "--batch_size=4", "--slices=8", "--epochs=2",
-      "--runs=e2e,layerwise:device,layerwise_convex:host", f"--json_out={out}",
+      "--runs=e2e+data,layerwise:device,layerwise_convex:host", f"--json_out={out}",
       f"--scratch={tmp_path / 'runs'}")
   report = json.loads(out.read_text())
-  phases = {(r["method"], r["cache_features"]): [p["phase"] for p in r["phases"]]
+  phases = {(r["method"], r["cache_features"], r["data_on_device"]): [p["phase"] for p in r["phases"]]
             for r in report["runs"]}
-  assert phases == {("e2e", "none"): ["e2e_d3"],
-                    ("layerwise", "device"): ["layerwise_s1", "layerwise_s2"],
-                    ("layerwise_convex", "host"): ["layerwise_convex_s1", "layerwise_convex_s2"]}
+  assert phases == {("e2e", "none", True): ["e2e_d3"],
+                    ("layerwise", "device", False): ["layerwise_s1", "layerwise_s2"],
+                    ("layerwise_convex", "host", False): ["layerwise_convex_s1",
+                                                          "layerwise_convex_s2"]}
   for r in report["runs"]:
     for p in r["phases"]:
       assert p["epochs_timed"] == 1 and p["steps_per_s"] > 0 and 0 <= p["data_wait_frac"] <= 1

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lwjax import config as config_lib
+from lwjax import data as data_lib
 from lwjax import nets
 from lwjax import train
 
@@ -149,6 +150,34 @@ def test_device_cache_that_does_not_fit_is_refused_before_training(tmp_path, mon
   assert not (tmp_path / "checkpoints" / "layerwise_s2").exists()
 
 
+def test_data_on_device_trains_the_same_networks(tmp_path, monkeypatch):
+  # Batches gathered on the devices are the batches gathered on the host: the same steps, bit
+  # for bit (e2e, and a FISTA stage whose padded full-pass batches carry weights).
+  arrays = toy_arrays(n=10)
+  cfg = dataclasses.replace(CFG, depth=2, epochs=2, convex_solver="fista", rho=0.0, fista_iters=3,
+                            batch_size=4)
+  mesh = train.make_mesh(2)
+  results, host_keys = {}, set()
+  gather = data_lib.gather
+  monkeypatch.setattr(data_lib, "gather", lambda arrays, *a, **k: host_keys.update(arrays) or
+                      gather(arrays, *a, **k))
+  for on in (False, True):
+    host_keys.clear()
+    run_cfg = dataclasses.replace(cfg, data_on_device=on, workdir=str(tmp_path / str(on)))
+    log = train.MetricsLog(run_cfg.workdir)
+    results[on] = (train.train_e2e(run_cfg, 2, arrays, mesh=mesh, log=log),
+                   train.train_layerwise(run_cfg, "layerwise_convex", arrays, mesh=mesh, log=log))
+    assert host_keys == (set() if on else {"x", "y"})  # Where the batches were gathered.
+  for a, b in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
+    np.testing.assert_array_equal(a, b)
+
+  monkeypatch.setattr(train, "free_device_bytes", lambda device: 1000)  # 1 kB free per device
+  cfg = dataclasses.replace(cfg, data_on_device=True, workdir=str(tmp_path / "full"))
+  with pytest.raises(ValueError, match=r"--data_on_device: e2e_d2's training arrays \(x, y\) "
+                                       r"need .* GiB on every device"):
+    train.train_e2e(cfg, 2, arrays, mesh=mesh, log=train.MetricsLog(cfg.workdir))
+
+
 def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
   # --data_dir may change between a run and its resumption (the data moved), the data may not.
   tiny = config_lib.Config(
@@ -163,7 +192,6 @@ def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
   (tmp_path / "run" / "data").rename(moved)
   train.run(dataclasses.replace(tiny, data_dir=str(moved)), mesh=train.make_mesh(1))
 
-  from lwjax import data as data_lib
   other = data_lib.make_synthetic_dataset(
       tmp_path / "other", train_subjects=1, val_subjects=1, slices=2, coils=2, size=16, seed=7)
   with pytest.raises(ValueError, match=r"data.json: this workdir was trained on other train data: "
