@@ -22,6 +22,8 @@ def main(argv):
   from lwjax import train  # Imported after flag parsing so --help stays fast.
   train.quiet_library_logs()
   cfg = config.from_flags()
+  cache = train.enable_compilation_cache(cfg.compilation_cache)
+  logging.info("compilation cache: %s", cache or "off")
   try:
     train.initialize_distributed(cfg.distributed)
     train.run(cfg)

@@ -53,6 +53,18 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_Filter())
 
 
+def enable_compilation_cache(path: str) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in ``path`` (``~`` expanded), unless
+  ``JAX_COMPILATION_CACHE_DIR`` already names one; returns the directory in use (None: off)."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  if not path:
+    return None
+  path = os.path.expanduser(path)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 # ----------------------------------------------------------------------------------------------
 # Mesh and sharding.
 
@@ -656,7 +668,7 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
 
 # Fields that may change when a run is resumed; any other change would mix two experiments.
 _RESUMABLE_FIELDS = {"log_every", "eval_batch_size", "workdir", "data_dir", "cache_features",
-                     "data_on_device",
+                     "data_on_device", "compilation_cache",
                      "distributed", "prep_workers"}
 
 

@@ -13,16 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image_size=32", "--synth_train_subjects=2", "--synth_val_subjects=1",
         "--synth_slices=2", "--synth_coils=4", "--maps=lowres", "--calib=8", "--features=8",
-        "--kernel_size=3", "--batch_size=2", "--log_every=0", "--lr=1e-3"]
+        "--kernel_size=3", "--batch_size=2", "--log_every=0", "--lr=1e-3",
+        "--compilation_cache="]  # Off: the tests write nothing outside their tmp_path.
 
 
 def train_cmd(workdir, *extra):
   return [sys.executable, str(ROOT / "launch" / "train.py"), f"--workdir={workdir}", *TINY, *extra]
 
 
-def run(cmd, **kwargs):
+def run(cmd, env_extra=None, **kwargs):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", **(env_extra or {}))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # It would win over --compilation_cache.
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                         **kwargs)
 
@@ -74,8 +76,12 @@ def test_summary_and_resume_after_sigkill(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (killed / "params" / "e2e").exists(), "the run finished before it was killed"
-  result = run(train_cmd(killed, *flags))
+  # Resumed with a persistent compilation cache (every compile cached): the same networks.
+  cache = tmp_path / "jax_cache"
+  result = run(train_cmd(killed, *flags, f"--compilation_cache={cache}"),
+               env_extra={"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
   assert result.returncode == 0, result.stderr[-3000:]
+  assert f"compilation cache: {cache}" in result.stderr and any(cache.iterdir())
   for method in ("layerwise", "e2e"):
     for a, b in zip(load_params_npz(full, method, 2), load_params_npz(killed, method, 2)):
       np.testing.assert_array_equal(a, b)
