@@ -14,6 +14,7 @@ MAPS = ("espirit", "lowres")
 SOLVERS = ("adam", "fista")
 DTYPES = ("float32", "bfloat16")
 FEATURE_CACHES = ("none", "host", "disk", "device")
+HOST_DATA = ("memory", "disk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Config:
   center_fraction: float = 0.04  # fully sampled centre fraction of 1D Cartesian masks
   mask_seed: int = 0  # seed of the (fixed) sampling mask
   maps: str = "espirit"  # coil-map estimation from the calibration region: espirit or lowres
+  host_data: str = "memory"  # where the prepared slices live on the host: memory, or disk (a memory-mapped scratch file in WORKDIR/cache, deleted as soon as it is mapped: host memory then does not grow with the dataset; batches are read from the page cache or the disk)
   prep_workers: int = 0  # processes preparing slices that are not cached yet (ESPIRiT is the slow part); 0: one per CPU core
   max_train_volumes: int = 0  # use at most this many training files (subjects); 0: all
   max_val_volumes: int = 0  # use at most this many validation files (subjects); 0: all
@@ -154,6 +156,7 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.ndim in (2, 3), "ndim", "expected 2 or 3")
   need(cfg.volume_depth >= 1, "volume_depth", "must be >= 1")
   need(cfg.prep_workers >= 0, "prep_workers", "must be >= 0 (0: one per CPU core)")
+  need(cfg.host_data in HOST_DATA, "host_data", f"expected one of {HOST_DATA}")
   need(cfg.kernel_depth == 0 or (cfg.kernel_depth > 0 and cfg.kernel_depth % 2 == 1),
        "kernel_depth", "expected 0 (--kernel_size) or an odd size (a centred SAME conv)")
   need(cfg.kernel_depth == 0 or cfg.ndim == 3, "kernel_depth", "applies to 3D networks only "

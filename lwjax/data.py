@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 from pathlib import Path
+import tempfile
 from typing import Callable, Iterator, Optional
 import zipfile
 
@@ -244,8 +245,24 @@ def _worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
   return pool
 
 
+def _host_array(shape, dtype, storage: str, scratch_dir) -> np.ndarray:
+  """A zero array of ``shape``: in memory, or (``storage="disk"``) memory-mapped from a scratch
+  file in ``scratch_dir`` that is deleted at once (the mapping keeps it until the array goes),
+  so that no file is left behind whatever happens to the run."""
+  if storage == "memory":
+    return np.zeros(shape, dtype)
+  if storage != "disk":
+    raise ValueError(f"storage: expected 'memory' or 'disk', found {storage!r}")
+  fd, path = tempfile.mkstemp(prefix="split_", suffix=".npy", dir=scratch_dir)
+  os.close(fd)
+  try:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+  finally:
+    os.unlink(path)
+
+
 def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
-               with_maps=False, with_kspace=False, workers: int = 1,
+               with_maps=False, with_kspace=False, workers: int = 1, storage: str = "memory",
                log: Optional[Callable[[str], None]] = None) -> Split:
   """Every slice of the first ``max_volumes`` files of a split, prepared or read from the cache.
 
@@ -256,6 +273,8 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   the split's most are padded with zero coils (map and k-space 0), which adds exactly nothing to
   any SENSE sum over coils (fastMRI brain files have 4 to 20). Slices not in the cache are
   prepared by ``workers`` processes (0: one per CPU core; ESPIRiT is the slow part).
+  ``storage``: the split's arrays in host memory, or on ``"disk"`` (memory-mapped scratch files
+  in ``cache_dir``, see ``_host_array``) for datasets larger than the host's memory.
   """
   if max_volumes is not None and max_volumes < 1:
     raise ValueError(f"max_volumes: expected None or >= 1, found {max_volumes}")
@@ -273,16 +292,17 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   slices = [(v, info, index) for v, info in enumerate(infos) for index in range(info.num_slices)]
   total = len(slices)
   every = max(1, total // 10)
-  # The split's arrays, filled slice by slice as entries are read or prepared: host memory holds
+  # The split's arrays, filled slice by slice as entries are read or prepared: the host holds
   # the split once (1.6 MB per 320x320 slice, plus 2 x 8 bytes per pixel and coil with maps and
   # k-space), never a list of entries besides it.
   size, num_coils = cfg.image_size, coil_counts[-1]
-  arrays = {"x": np.empty((total, size, size, 2), np.float32),
-            "y": np.empty((total, size, size, 2), np.float32),
-            "scale": np.empty((total,), np.float32)}
+  shapes = {"x": ((total, size, size, 2), np.float32), "y": ((total, size, size, 2), np.float32),
+            "scale": ((total,), np.float32)}
   for key, wanted in (("maps", with_maps), ("kspace", with_kspace)):
     if wanted:
-      arrays[key] = np.zeros((total, num_coils, size, size), np.complex64)
+      shapes[key] = ((total, num_coils, size, size), np.complex64)
+  arrays = {k: _host_array(shape, dtype, storage if k != "scale" else "memory", cache_dir)
+            for k, (shape, dtype) in shapes.items()}
 
   def store(i: int, entry: dict) -> None:
     for key, out in arrays.items():

@@ -668,7 +668,7 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
 
 # Fields that may change when a run is resumed; any other change would mix two experiments.
 _RESUMABLE_FIELDS = {"log_every", "eval_batch_size", "workdir", "data_dir", "cache_features",
-                     "data_on_device", "compilation_cache",
+                     "data_on_device", "compilation_cache", "host_data",
                      "distributed", "prep_workers"}
 
 
@@ -754,7 +754,8 @@ def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Spli
   dc = cfg.model == "unrolled"  # Data consistency needs the coil maps and the sampled k-space.
   return tuple(data_lib.load_split(data_dir, split, prep, cache_dir=workdir / "cache",
                                    max_volumes=limits[split] or None, with_maps=dc,
-                                   with_kspace=dc, workers=cfg.prep_workers, log=log)
+                                   with_kspace=dc, workers=cfg.prep_workers,
+                                   storage=cfg.host_data, log=log)
                for split in splits)
 
 

@@ -132,6 +132,21 @@ def test_cache_is_reused(dataset, tmp_path, count_prepare):
   np.testing.assert_array_equal(no_maps.y, first.y)
 
 
+def test_split_on_disk_is_the_split_in_memory_and_leaves_no_file(dataset, tmp_path):
+  cache = tmp_path / "cache"
+  memory = data.load_split(dataset, "train", CFG, cache_dir=cache, with_maps=True,
+                           with_kspace=True)
+  entries = sorted(cache.iterdir())
+  disk = data.load_split(dataset, "train", CFG, cache_dir=cache, with_maps=True,
+                         with_kspace=True, storage="disk")
+  for key in ("x", "y", "maps", "kspace"):
+    assert isinstance(getattr(disk, key), np.memmap)  # Backed by a file, not host memory.
+  _assert_same(memory, disk)
+  assert sorted(cache.iterdir()) == entries  # The scratch files are gone already.
+  with pytest.raises(ValueError, match="storage: expected 'memory' or 'disk'"):
+    data.load_split(dataset, "train", CFG, cache_dir=cache, storage="ssd")
+
+
 def test_cache_without_maps_is_recomputed_for_maps(dataset, tmp_path, count_prepare):
   data.load_split(dataset, "val", CFG, cache_dir=tmp_path)
   with_maps = data.load_split(dataset, "val", CFG, cache_dir=tmp_path, with_maps=True)

@@ -190,7 +190,9 @@ def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
 
   moved = tmp_path / "moved"
   (tmp_path / "run" / "data").rename(moved)
-  train.run(dataclasses.replace(tiny, data_dir=str(moved)), mesh=train.make_mesh(1))
+  # Resumed from the moved data, held on disk this time (a setting a resumed run may change).
+  train.run(dataclasses.replace(tiny, data_dir=str(moved), host_data="disk"),
+            mesh=train.make_mesh(1))
 
   other = data_lib.make_synthetic_dataset(
       tmp_path / "other", train_subjects=1, val_subjects=1, slices=2, coils=2, size=16, seed=7)
