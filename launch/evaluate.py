@@ -27,7 +27,10 @@ def main(argv):
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 1
+  print("per slice (the paper's means over slices):")
   print("\n".join(evaluate.mean_lines(result["mean"])))
+  print(f"per volume (fastMRI's convention, means over {len(result['volumes'])} files):")
+  print("\n".join(evaluate.mean_lines(result["volume_mean"])))
   return 0
 
 

@@ -7,13 +7,17 @@ predicts the validation split with each and writes:
                                      method: {"<depth>": {"psnr": [...], ...}}},
                        "mean": the same with means (summary.json's layout),
                        "slices": [[file, slice], ...] (the order of every per-slice list),
-                       "examples": [slice indices drawn in examples.png]}
+                       "examples": [slice indices drawn in examples.png],
+                       "per_volume", "volume_mean": the same per file and averaged over files,
+                       in fastMRI's volume-wise convention (``metrics.volume_metrics``),
+                       "volumes": [file, ...] (the order of every per-volume list)}
   WORKDIR/report.md   a table per method and depth, the layer-wise vs e2e gap, stage reports
   WORKDIR/figures/    metrics_vs_depth.png (paper figure 2), examples.png (figure 3),
                       training_curves.png
 
 Metrics are the trainer's (``train.slice_metrics``): slice-based PSNR, SSIM and NMSE on magnitude
-images, data range = each target slice's maximum. Every kind of run is evaluated as its trainer
+images, data range = each target slice's maximum (the paper's); and fastMRI's volume-wise ones, for
+comparison with fastMRI results (on SENSE-combined targets here, not fastMRI's RSS images). Every kind of run is evaluated as its trainer
 evaluates it: 2D slices, 3D volume patches (metrics per slice of each patch) or the unrolled
 model (with k-space and maps; plus the "cg_sense" baseline); for the unrolled model "depth" is the
 number of iterations.
@@ -131,35 +135,58 @@ def validation_split(cfg: Config, log: Callable[[str], None] = lambda s: None) -
   return train.load_data(cfg, log=log, splits=("val",))[0]
 
 
-def per_slice_metrics(cfg: Config, val: data_lib.Split,
-                      *, mesh) -> tuple[dict, dict, np.ndarray]:
-  """Metrics of the baselines and of every saved network, per evaluated slice.
+def volume_metrics(pred: np.ndarray, target: np.ndarray, volumes: np.ndarray) -> dict:
+  """fastMRI's volume-wise metrics (``metrics.volume_metrics``) of each file's slices.
 
-  Returns ``(metrics, outputs, slices)``: metrics ``{"zero_filled": m, ["cg_sense": m,]
-  method: {"<depth>": m}}`` with m ``{name: (N,) array}``; ``outputs`` the magnitude images of
-  the zero-filled input, each method's deepest network and the target (``example_columns``);
-  ``slices`` (N,) the evaluated slices' indices into ``val``.
+  ``pred``, ``target``: (N, H, W, 2) slices; ``volumes`` (N,) their files. Returns
+  ``{name: (V,) array}``, files in ``np.unique(volumes)`` order."""
+  p, t = (np.asarray(metrics_lib.magnitude(a)) for a in (pred, target))
+  rows = [metrics_lib.volume_metrics(p[volumes == v], t[volumes == v])
+          for v in np.unique(volumes)]
+  return {k: np.asarray([float(r[k]) for r in rows]) for k in METRICS}
+
+
+def per_slice_metrics(cfg: Config, val: data_lib.Split,
+                      *, mesh) -> tuple[dict, dict, dict, np.ndarray]:
+  """Metrics of the baselines and of every saved network, per evaluated slice and per file.
+
+  Returns ``(metrics, volume, outputs, slices)``: metrics ``{"zero_filled": m, ["cg_sense": m,]
+  method: {"<depth>": m}}`` with m ``{name: (N,) array}``; ``volume`` the same tree of fastMRI's
+  volume-wise metrics, ``{name: (V,) array}`` per file (``volume_metrics``); ``outputs`` the
+  magnitude images of the zero-filled input, each method's deepest network and the target
+  (``example_columns``); ``slices`` (N,) the evaluated slices' indices into ``val``.
   """
   # As the trainer evaluates them: slices or 3D patches, with k-space and maps when unrolled.
   keys = unrolled.DC_KEYS if cfg.model == "unrolled" else ("x", "y")
   arrays, slices = train.example_arrays(cfg, val, keys)
   x, y = as_slices(arrays["x"]), as_slices(arrays["y"])
-  out = {"zero_filled": train.slice_metrics(x, y)}
+  volumes = val.volume_index[slices]
+  out, volume = {}, {}
+
+  def measure(pred, *path):
+    """Records the metrics of ``pred`` (N, H, W, 2) under ``path`` in both trees."""
+    for tree, value in ((out, train.slice_metrics(pred, y)),
+                        (volume, volume_metrics(pred, y, volumes))):
+      for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+      tree[path[-1]] = value
+
+  measure(x, "zero_filled")
   outputs = {"zero-filled": metrics_lib.magnitude(x)}
   if cfg.model == "unrolled":
     cg = unrolled.cg_sense(arrays, np.asarray(val.mask, np.float32), iters=cfg.cg_iters,
                            mesh=mesh, batch_size=cfg.eval_batch_size)
-    out["cg_sense"] = train.slice_metrics(as_slices(cg), y)
+    measure(as_slices(cg), "cg_sense")
   predict = predictor(cfg, arrays, val.mask, mesh=mesh)
   final = dict(final_networks(cfg))
   for method, depth in trained_networks(cfg):
     pred = predict(method, depth)
-    out.setdefault(method, {})[str(depth)] = train.slice_metrics(pred, y)
+    measure(pred, method, str(depth))
     if final[method] == depth:
       outputs[f"{method} ({depth} {'iterations' if cfg.model == 'unrolled' else 'layers'})"] = (
           metrics_lib.magnitude(pred))
   outputs["target"] = metrics_lib.magnitude(y)
-  return out, outputs, slices
+  return out, volume, outputs, slices
 
 
 def _is_metrics(entry: dict) -> bool:
@@ -251,6 +278,17 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
              f"{mean[method][str(depth)]['ssim'] - ref['ssim']:+.4f}"]
     lines.append(f"| {method} | {depth} | {_cell(m['psnr'], '.2f')} | {_cell(m['ssim'], '.4f')} "
                  f"| {_cell(m['nmse'], '.4f')} | {gap[0]} | {gap[1]} |")
+  lines += ["", "## fastMRI's volume-wise convention", "",
+            f"Per file ({len(result['volumes'])}): data range the volume's maximum, PSNR and NMSE "
+            "over the whole volume, SSIM the mean over its slices (fastMRI's evaluate.py); mean "
+            "± std over files.", "",
+            "| network | depth | PSNR (dB) | SSIM | NMSE |", "| --- | ---: | ---: | ---: | ---: |"]
+  per_volume = result["per_volume"]
+  rows = [(label, "", per_volume[name]) for name, label in
+          (("zero_filled", "zero-filled"), ("cg_sense", "CG-SENSE")) if name in per_volume]
+  rows += [(m, d, per_volume[m][str(d)]) for m, d in trained_networks(cfg)]
+  lines += [f"| {label} | {depth} | {_cell(v['psnr'], '.2f')} | {_cell(v['ssim'], '.4f')} | "
+            f"{_cell(v['nmse'], '.4f')} |" for label, depth, v in rows]
   for method, reports in stages.items():
     keys = sorted({k for r in reports.values() for k in r})
     lines += ["", f"## {method}: stage reports", "",
@@ -291,13 +329,18 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None,
   records = read_metrics_log(cfg.workdir)
   mesh = mesh or train.make_mesh()
   val = validation_split(cfg, log=log)
-  per_slice, outputs, slices = per_slice_metrics(cfg, val, mesh=mesh)
+  per_slice, per_volume, outputs, slices = per_slice_metrics(cfg, val, mesh=mesh)
   method, depth = final_networks(cfg)[0]
   examples = representative_slices(per_slice[method][str(depth)]["psnr"])
-  result = {"per_slice": _map_metrics(lambda m: {k: v.tolist() for k, v in m.items()}, per_slice),
+  as_lists = lambda tree: _map_metrics(lambda m: {k: v.tolist() for k, v in m.items()}, tree)
+  file_of = {int(val.volume_index[i]): val.ids[i][0] for i in slices}
+  result = {"per_slice": as_lists(per_slice),
             "mean": _map_metrics(train.mean_metrics, per_slice),
             "slices": [[val.ids[i][0], int(val.ids[i][1])] for i in slices],
-            "examples": examples}
+            "examples": examples,
+            "per_volume": as_lists(per_volume),
+            "volume_mean": _map_metrics(train.mean_metrics, per_volume),
+            "volumes": [file_of[v] for v in sorted(file_of)]}  # volume_metrics' order
   workdir = Path(cfg.workdir)
   train.write_json(workdir / "eval.json", result)
   figure_files = draw_figures(cfg, result, example_columns(outputs, examples), records,

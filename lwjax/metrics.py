@@ -1,4 +1,5 @@
-"""Slice-based image quality metrics: PSNR, SSIM and NMSE on magnitude images.
+"""Slice-based image quality metrics: PSNR, SSIM and NMSE on magnitude images (and fastMRI's
+volume-wise variant, ``volume_metrics``).
 
 They reproduce fastMRI's ``evaluate.py``, which computes them with scikit-image
 (``peak_signal_noise_ratio``, ``structural_similarity`` with its defaults: 7x7 uniform window,
@@ -112,3 +113,17 @@ def slice_metrics(pred, target):
                      f"{pred.shape} and {target.shape}")
   pred, target = (magnitude(a).reshape(-1, *a.shape[-3:-1]) for a in (pred, target))
   return {"psnr": psnr(pred, target), "ssim": ssim(pred, target), "nmse": nmse(pred, target)}
+
+
+@jax.jit
+def volume_metrics(pred, target):
+  """fastMRI's volume-wise metrics of one volume of magnitude slices ``(S, H, W)``, as its
+  ``evaluate.py`` computes them: data range the volume's maximum; PSNR and NMSE over the whole
+  volume; SSIM the mean over the slices. Returns ``{"psnr", "ssim", "nmse"}`` scalars."""
+  pred, target = _as_float_pair(pred, target)
+  if target.ndim != 3:
+    raise ValueError(f"expected one volume (S, H, W), got shape {target.shape}")
+  # A volume as one (S * H, W) image: the mean over its pixels is the volume's mean.
+  flat = lambda a: a.reshape(-1, a.shape[-1])
+  return {"psnr": psnr(flat(pred), flat(target)), "ssim": ssim(pred, target, target.max()).mean(),
+          "nmse": nmse(flat(pred), flat(target))}

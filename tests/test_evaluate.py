@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.image import imread
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from lwjax import config as config_lib
 from lwjax import evaluate
@@ -62,6 +63,45 @@ def test_eval_json_matches_summary(finished_run):
   assert set(result["examples"]) <= set(range(n)) and len(result["examples"]) == 2
 
 
+def test_volume_metrics_follow_fastmri_per_file(finished_run):
+  # fastMRI's evaluate.py in float64 scikit-image on the zero-filled baseline of every file, and
+  # each network's per-file values averaged into volume_mean.
+  workdir, _, result = finished_run
+  val = evaluate.validation_split(evaluate.load_config(workdir))
+  assert result["volumes"] == list(dict.fromkeys(name for name, _ in val.ids))
+  mag = lambda a: np.hypot(a[..., 0], a[..., 1]).astype(np.float64)
+  for v, name in enumerate(result["volumes"]):
+    rows = val.volume_index == v
+    x, y = mag(val.x[rows]), mag(val.y[rows])
+    peak = y.max()
+    expected = {"psnr": peak_signal_noise_ratio(y, x, data_range=peak),
+                "ssim": np.mean([structural_similarity(t, p, data_range=peak)
+                                 for t, p in zip(y, x)]),
+                "nmse": np.sum((y - x) ** 2) / np.sum(y ** 2)}
+    for metric, value in expected.items():
+      assert result["per_volume"]["zero_filled"][metric][v] == pytest.approx(value, rel=1e-4)
+  assert sorted(p for p, _ in _leaves(result["volume_mean"])) == sorted(
+      p for p, _ in _leaves(result["mean"]))
+  for path, means in _leaves(result["volume_mean"]):
+    values = dict(_leaves(result["per_volume"]))[path]
+    for metric, value in means.items():
+      assert len(values[metric]) == len(result["volumes"])
+      assert value == pytest.approx(np.mean(values[metric]), rel=1e-12)
+  assert "## fastMRI's volume-wise convention" in (workdir / "report.md").read_text()
+
+
+def test_volume_metrics_group_slices_by_file():
+  rng = np.random.default_rng(0)
+  pred, target = (rng.random((5, 16, 16, 2)).astype(np.float32) for _ in range(2))
+  volumes = np.array([1, 0, 1, 0, 1])
+  got = evaluate.volume_metrics(pred, target, volumes)
+  for v in (0, 1):
+    mag = lambda a: np.hypot(a[volumes == v, ..., 0], a[volumes == v, ..., 1]).astype(np.float64)
+    p, t = mag(pred), mag(target)
+    assert got["psnr"][v] == pytest.approx(peak_signal_noise_ratio(t, p, data_range=t.max()),
+                                           abs=1e-4)
+
+
 def _check_png(path, width_in, height_in):
   img = imread(path)
   assert img.shape[:2] == (round(height_in * figures.DPI), round(width_in * figures.DPI))
@@ -81,11 +121,15 @@ def test_figures(finished_run):
 def test_report(finished_run):
   workdir, _, result = finished_run
   report = (workdir / "report.md").read_text()
-  rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line
-          for line in report.splitlines() if line.startswith("| ")}
+  slice_part, volume_part = report.split("## fastMRI's volume-wise convention")
+  table = lambda text: {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line
+                        for line in text.splitlines() if line.startswith("| ")}
+  rows, volume_rows = table(slice_part), table(volume_part)
   for method, depth in [("layerwise_convex", 2), ("layerwise_convex", 3), ("e2e", 3)]:
     psnr = result["mean"][method][str(depth)]["psnr"]
     assert f"{psnr:.2f} ±" in rows[(method, str(depth))]
+    ssim = result["volume_mean"][method][str(depth)]["ssim"]
+    assert f"{ssim:.4f} ±" in volume_rows[(method, str(depth))]
   gap = result["mean"]["layerwise_convex"]["3"]["psnr"] - result["mean"]["e2e"]["3"]["psnr"]
   assert f"| {gap:+.2f} |" in rows[("layerwise_convex", "3")]
   assert "layerwise_convex: stage reports" in report  # the convex stages' certificates

@@ -130,3 +130,24 @@ def test_invalid_inputs():
     metrics.ssim(pred[:, :5], target[:, :5])
   with pytest.raises(ValueError, match="N, H, W, 2"):
     metrics.slice_metrics(pred[0], target[0])
+
+
+def test_volume_metrics_match_fastmri_evaluate():
+  # fastMRI's evaluate.py, in float64 NumPy / scikit-image: data range = the volume's maximum,
+  # PSNR and NMSE over the whole volume, SSIM averaged over its slices.
+  pred, target = _pairs("phantom", 5, 32, 40, scale=3.0, seed=4)
+  target[0] *= 0.5  # Slices of unequal brightness: a volume maximum is not each slice's.
+  p, t = pred.astype(np.float64), target.astype(np.float64)
+  peak = t.max()
+  expected = {
+      "psnr": peak_signal_noise_ratio(t, p, data_range=peak),
+      "ssim": np.mean([structural_similarity(t[i], p[i], data_range=peak) for i in range(5)]),
+      "nmse": np.linalg.norm(t - p) ** 2 / np.linalg.norm(t) ** 2}
+  got = metrics.volume_metrics(pred, target)
+  assert float(got["psnr"]) == pytest.approx(expected["psnr"], abs=PSNR_TOL)
+  assert float(got["ssim"]) == pytest.approx(expected["ssim"], abs=SSIM_TOL)
+  assert float(got["nmse"]) == pytest.approx(expected["nmse"], rel=1e-4)
+  # Not the slice-based means (the volume's maximum and pooled errors differ from each slice's).
+  assert abs(float(metrics.psnr(pred, target).mean()) - expected["psnr"]) > 0.1
+  with pytest.raises(ValueError, match=r"one volume \(S, H, W\)"):
+    metrics.volume_metrics(pred[0], target[0])
