@@ -25,6 +25,10 @@ layers; N may be ``last`` or ``*`` for all), ``layerwise_cached`` and ``layerwis
 (a stage >= 2 on prefix features given as input, what ``--cache_features`` makes of every later
 stage; the table adds the host-to-device copy time of those features per step, ``h2d ms``).
 
+``--ndim=3`` times the 3D networks (patches of ``--volume_depth`` slices, ``--kernel_depth``;
+"img/s" then counts patches) against the peak, with ``--torch=false``: the PyTorch reference is
+2D only.
+
 ``--compute_dtype`` may list several dtypes (``float32,bfloat16``); each gets its own peak. On GPUs,
 JAX's default precision may run float32 convolutions and matmuls as TF32 on the tensor cores: the
 run measures whether it does (against HIGHEST precision) and sets PyTorch's ``allow_tf32`` to the
@@ -193,9 +197,10 @@ def parse_steps(spec: str, depth: int) -> list:
 
 
 def conv_flops(cfg, batch: int, step: str) -> float:
-  """Multiply-add FLOPs (x2) of the step's convolutions: forward, input and filter gradients."""
-  pixels = batch * cfg.image_size ** 2
-  k2, f = cfg.kernel_size ** 2, cfg.features
+  """Multiply-add FLOPs (x2) of the step's convolutions: forward, input and filter gradients
+  (2D slices, or 3D patches of ``--volume_depth`` slices with ``cfg.kernel`` kernels)."""
+  pixels = batch * math.prod(cfg.spatial)
+  k2, f = math.prod(cfg.kernel), cfg.features
 
   def conv(c_in, c_out, kk=k2):
     return 2.0 * pixels * kk * c_in * c_out
@@ -434,18 +439,23 @@ def stage_index(step: str, depth: int) -> int:
   return depth - 2 if "cached" in step else int(step.rpartition("_s")[2]) - 1
 
 
+def small_shape(cfg, channels: int) -> tuple:
+  """A one-example input shape to initialise with (conv shapes do not depend on the size)."""
+  return (1,) + (8,) * cfg.ndim + (channels,)
+
+
 def random_params(env, cfg, seed=0):
-  """Full ``DeepNet`` parameters (conv shapes do not depend on the image size: init small)."""
+  """Full ``DeepNet`` parameters of the run's network (2D or 3D)."""
   from lwjax import nets
-  return nets.init(env.jax.random.key(seed), (1, 8, 8, 2), depth=cfg.depth,
-                   features=cfg.features, kernel_size=cfg.kernel_size)
+  return nets.init(env.jax.random.key(seed), small_shape(cfg, 2), depth=cfg.depth,
+                   features=cfg.features, kernel_size=cfg.kernel, ndim=cfg.ndim)
 
 
-def stage_variables(env, stage, step, h_channels, seed=1):
+def stage_variables(env, cfg, stage, step, h_channels, seed=1):
   """A stage's variables; the convex stage starts at zero, so draw them at random instead
   (zeros can run faster than real values)."""
   jax, jnp = env.jax, env.jax.numpy
-  variables = stage.init(jax.random.key(seed), (1, 8, 8, h_channels))
+  variables = stage.init(jax.random.key(seed), small_shape(cfg, h_channels))
   if "convex" in step:
     leaves, tree = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -472,10 +482,10 @@ class JaxMeasurement:
   def __init__(self, env, cfg, step: str, batch: int):
     jax, jnp, train = env.jax, env.jax.numpy, env.train
     self.env, self.jax = env, jax
-    s = cfg.image_size
+    shape = (batch,) + cfg.spatial  # Slices, or 3D patches.
     net = train.network_template(cfg)
     params = random_params(env, cfg)
-    xy = {"x": (batch, s, s, 2), "y": (batch, s, s, 2)}
+    xy = {"x": shape + (2,), "y": shape + (2,)}
     rep = train.replicated(env.mesh)
     self.kind = "train"
     self.h2d = None
@@ -495,14 +505,14 @@ class JaxMeasurement:
       index = stage_index(step, cfg.depth)
       stage = train.make_stage(method, cfg, num_examples=cfg.batch_size)
       c_in = 2 if index == 0 else cfg.features
-      variables = stage_variables(env, stage, step, c_in)
+      variables = stage_variables(env, cfg, stage, step, c_in)
       tx = stage.tx
       if "cached" in step:
         # The prefix features arrive as an input (what --cache_features stores), in the dtype
         # the prefix computes them in.
         loss_fn = lambda v, frozen, b: stage.loss(v, b["h"], b["x"], b["y"])  # noqa: E731
         frozen = {}
-        h_shape = (batch, s, s, c_in)
+        h_shape = shape + (c_in,)
         batch_arrays = device_random(env, {**xy, "h": h_shape}, {"h": cfg.compute_dtype}, 10)
         self.h_host = env.np.full(h_shape, 0.5, jnp.dtype(cfg.compute_dtype))
       else:
@@ -638,7 +648,7 @@ def agreement_check(env, cfg) -> dict:
           ref.DeepNet(max(index, 1) + 1, cfg.features, cfg.kernel_size), dev), params)
       for method in ("layerwise", "layerwise_convex"):
         stage = train.make_stage(method, cfg, num_examples=cfg.batch_size)
-        variables = stage_variables(env, stage, method, c_in)
+        variables = stage_variables(env, cfg, stage, method, c_in)
         if method == "layerwise":
           tstage = ref.load_twolayer(ref.TwoLayer(c_in, cfg.features, cfg.kernel_size), variables)
         else:
@@ -873,18 +883,22 @@ def main(argv):
     if d not in config_lib.DTYPES:
       raise app.UsageError(f"--compute_dtype: {d!r} is not one of {config_lib.DTYPES}")
   steps = parse_steps(FLAGS.steps, FLAGS.depth)
+  if FLAGS.ndim == 3 and FLAGS.torch:
+    raise app.UsageError("--ndim=3: the PyTorch reference (bench/torch_ref.py) is 2D only; "
+                         "add --torch=false to time lwjax's 3D steps against the peak")
   env = Env()
   cfg0 = make_config(dtypes[0], env.ndev)
   config_lib.validate(cfg0, env.ndev)
   report = {"meta": env.meta(), "config": {k: getattr(FLAGS, k) for k in (
-      "image_size", "features", "kernel_size", "depth", "batch_sizes", "compute_dtype", "steps",
+      "image_size", "ndim", "volume_depth", "kernel_depth", "features", "kernel_size", "depth",
+      "batch_sizes", "compute_dtype", "steps",
       "repeats", "warmup", "min_time_s", "time_budget_s", "lr", "beta", "rho")},
       "peak_flops": {}, "results": []}
   log(f"device: {env.ndev} x {env.device_kind} ({env.platform}); jax {env.jax.__version__}; "
       f"memory limit {env.memory_limit / GB if env.memory_limit else float('nan'):.1f} GB; "
       f"torch: {report['meta']['torch'].get('torch', report['meta']['torch'].get('error'))}")
-  log(f"config: {FLAGS.image_size}x{FLAGS.image_size}, {FLAGS.kernel_size}x{FLAGS.kernel_size}, "
-      f"{FLAGS.features} channels, depth {FLAGS.depth}; steps {', '.join(steps)}; "
+  log(f"config: {'x'.join(map(str, cfg0.spatial))} examples, {'x'.join(map(str, cfg0.kernel))} "
+      f"kernels, {FLAGS.features} channels, depth {FLAGS.depth}; steps {', '.join(steps)}; "
       f"dtypes {', '.join(dtypes)}")
 
   # The peak: one large square matmul per dtype, in each framework; the better one is the peak.

@@ -47,6 +47,24 @@ def test_bench_steps_measures_each_step(tmp_path):
   assert 0.6 < rows["e2e"]["flops"] / rows["e2e"]["conv_flops"] <= 1.01
 
 
+def test_bench_steps_times_3d_steps(tmp_path):
+  out = tmp_path / "steps3d.json"
+  run("bench_steps.py", "--ndim=3", "--volume_depth=4", "--kernel_depth=3", "--torch=false",
+      "--num_devices=1", "--batch_sizes=2", "--repeats=2", "--peak_size=256",
+      "--steps=e2e,layerwise_convex_s2,eval", f"--json_out={out}")
+  rows = {r["step"]: r for r in json.loads(out.read_text())["results"]}
+  assert set(rows) == {"e2e", "layerwise_convex_s2", "eval"}
+  for r in rows.values():
+    assert "error" not in r, r.get("error_detail")
+    # The hand count is the 3D one (3x3x3 kernels over 4 x 16 x 16 patches): XLA's count of the
+    # compiled step is it less the padding's multiply-adds (a 2D count would be 12x too small).
+    assert 0.6 < r["flops"] / r["conv_flops"] <= 1.01, r["step"]
+  refused = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_steps.py"), *TINY,
+                            "--ndim=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert refused.returncode != 0 and "PyTorch reference (bench/torch_ref.py) is 2D only" in (
+      refused.stderr + refused.stdout)
+
+
 def test_bench_layers_times_every_layer_kind(tmp_path):
   out = tmp_path / "layers.json"
   run("bench_layers.py", "--torch=false", "--num_devices=1", "--batch_sizes=2", "--repeats=2",
