@@ -29,7 +29,7 @@ class Config:
   center_fraction: float = 0.04  # fully sampled centre fraction of 1D Cartesian masks
   mask_seed: int = 0  # seed of the (fixed) sampling mask
   maps: str = "espirit"  # coil-map estimation from the calibration region: espirit or lowres
-  host_data: str = "memory"  # where the prepared slices live on the host: memory, or disk (a memory-mapped scratch file in WORKDIR/cache, deleted as soon as it is mapped: host memory then does not grow with the dataset; batches are read from the page cache or the disk)
+  host_data: str = "memory"  # where the prepared slices live on the host: memory, or disk (a memory-mapped scratch file in WORKDIR/cache, deleted as soon as it is mapped: host memory then does not grow with the dataset; batches are read from the page cache or the disk; 2D networks: a 3D run's volume patches are built in memory)
   prep_workers: int = 0  # processes preparing slices that are not cached yet (ESPIRiT is the slow part); 0: one per CPU core
   max_train_volumes: int = 0  # use at most this many training files (subjects); 0: all
   max_val_volumes: int = 0  # use at most this many validation files (subjects); 0: all

@@ -256,7 +256,15 @@ def _host_array(shape, dtype, storage: str, scratch_dir) -> np.ndarray:
   fd, path = tempfile.mkstemp(prefix="split_", suffix=".npy", dir=scratch_dir)
   os.close(fd)
   try:
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # Reserve the blocks now: a sparse file that meets a
+      with open(path, "r+b") as f:  # full disk later kills the process with SIGBUS.
+        try:
+          os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:
+          raise OSError(f"--host_data=disk: {scratch_dir}: expected room for "
+                        f"{os.path.getsize(path) / 2**30:.2f} GiB of prepared slices: {e}") from e
+    return out
   finally:
     os.unlink(path)
 

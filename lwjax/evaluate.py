@@ -138,8 +138,9 @@ def validation_split(cfg: Config, log: Callable[[str], None] = lambda s: None) -
 def volume_metrics(pred: np.ndarray, target: np.ndarray, volumes: np.ndarray) -> dict:
   """fastMRI's volume-wise metrics (``metrics.volume_metrics``) of each file's slices.
 
-  ``pred``, ``target``: (N, H, W, 2) slices; ``volumes`` (N,) their files. Returns
-  ``{name: (V,) array}``, files in ``np.unique(volumes)`` order."""
+  ``pred``, ``target``: (N, H, W, 2) slices at their true relative intensities (not each scaled
+  by its own maximum); ``volumes`` (N,) their files. Returns ``{name: (V,) array}``, files in
+  ``np.unique(volumes)`` order."""
   p, t = (np.asarray(metrics_lib.magnitude(a)) for a in (pred, target))
   rows = [metrics_lib.volume_metrics(p[volumes == v], t[volumes == v])
           for v in np.unique(volumes)]
@@ -158,15 +159,19 @@ def per_slice_metrics(cfg: Config, val: data_lib.Split,
   """
   # As the trainer evaluates them: slices or 3D patches, with k-space and maps when unrolled.
   keys = unrolled.DC_KEYS if cfg.model == "unrolled" else ("x", "y")
-  arrays, slices = train.example_arrays(cfg, val, keys)
+  arrays, slices = train.example_arrays(cfg, val, keys + ("scale",))
   x, y = as_slices(arrays["x"]), as_slices(arrays["y"])
   volumes = val.volume_index[slices]
+  # Each example was divided by its own scale (a slice's, or a 3D patch's): a volume's metrics
+  # need the slices' true relative intensities back.
+  per_example = len(x) // len(arrays["x"])  # Slices per example: 1, or --volume_depth.
+  scale = np.repeat(arrays.pop("scale"), per_example)[:, None, None, None]
   out, volume = {}, {}
 
   def measure(pred, *path):
     """Records the metrics of ``pred`` (N, H, W, 2) under ``path`` in both trees."""
     for tree, value in ((out, train.slice_metrics(pred, y)),
-                        (volume, volume_metrics(pred, y, volumes))):
+                        (volume, volume_metrics(pred * scale, y * scale, volumes))):
       for key in path[:-1]:
         tree = tree.setdefault(key, {})
       tree[path[-1]] = value
@@ -280,8 +285,9 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
                  f"| {_cell(m['nmse'], '.4f')} | {gap[0]} | {gap[1]} |")
   lines += ["", "## fastMRI's volume-wise convention", "",
             f"Per file ({len(result['volumes'])}): data range the volume's maximum, PSNR and NMSE "
-            "over the whole volume, SSIM the mean over its slices (fastMRI's evaluate.py); mean "
-            "± std over files.", "",
+            "over the volume's evaluated slices (a 3D run drops a file's last slices that fill "
+            "no patch), SSIM the mean over them (fastMRI's evaluate.py); mean ± std over files.",
+            "",
             "| network | depth | PSNR (dB) | SSIM | NMSE |", "| --- | ---: | ---: | ---: | ---: |"]
   per_volume = result["per_volume"]
   rows = [(label, "", per_volume[name]) for name, label in

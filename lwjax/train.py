@@ -40,6 +40,7 @@ from lwjax import stage as stage_lib
 from lwjax.config import Config
 
 Params = Any
+FEATURES = "h"  # The key of a layer-wise stage's cached prefix features in its training arrays.
 
 
 def quiet_library_logs() -> None:
@@ -270,7 +271,9 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
 
   step_fn = make_step(loss_fn, tx, mesh)
   if cfg.data_on_device:
-    host_arrays = {k: v for k, v in arrays.items() if not isinstance(v, jax.Array)}
+    # The data only: cached features ("h") stay where --cache_features put them.
+    host_arrays = {k: v for k, v in arrays.items()
+                   if k != FEATURES and not isinstance(v, jax.Array)}
     _check_device_room(sum(v.nbytes for v in host_arrays.values()), mesh,
                        f"--data_on_device: {phase}'s training arrays ({', '.join(host_arrays)})",
                        "use --nodata_on_device (or fewer training slices)")
@@ -466,8 +469,8 @@ def stage_loss(net: nets.DeepNet, stage: stage_lib.Stage, index: int) -> LossFn:
   not at all when the batch carries cached features ``h``.
   """
   def loss_fn(variables, frozen, batch):
-    if "h" in batch:  # Features cached by the trainer (--cache_features).
-      h = batch["h"]
+    if FEATURES in batch:  # Features cached by the trainer (--cache_features).
+      h = batch[FEATURES]
     else:
       h = nets.prefix_features(net, frozen, batch["x"], index)
     return stage.loss(variables, h, batch["x"], batch["y"], batch.get("weight"))
@@ -629,14 +632,14 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
                             cfg.batch_size)
       h_cached = cached_features(cfg, method, index, batches,
                                  (n,) + train["x"].shape[1:-1] + (cfg.features,), mesh=mesh)
-      arrays["h"], frozen = h_cached, {}
+      arrays[FEATURES], frozen = h_cached, {}
     stage = make_stage(method, cfg, n, index=index)
     h_shape = (1,) + train["x"].shape[1:-1] + (2 if index == 0 else cfg.features,)
 
     def feature_batches(frozen=frozen, index=index, arrays=arrays):
       """(h, skip, y) over the training set in order, for a stage's prepare/finalize passes."""
-      if "h" in arrays:
-        hs = (arrays["h"][i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size))
+      if FEATURES in arrays:
+        hs = (arrays[FEATURES][i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size))
       else:
         hs = _features(net, frozen, arrays["x"], index, cfg.batch_size)
       for start, h in zip(range(0, n, cfg.batch_size), hs):

@@ -1,5 +1,6 @@
 """Slice preparation, the slice cache, splits, the synthetic dataset and the batch iterators."""
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -132,7 +133,7 @@ def test_cache_is_reused(dataset, tmp_path, count_prepare):
   np.testing.assert_array_equal(no_maps.y, first.y)
 
 
-def test_split_on_disk_is_the_split_in_memory_and_leaves_no_file(dataset, tmp_path):
+def test_split_on_disk_is_the_split_in_memory_and_leaves_no_file(dataset, tmp_path, monkeypatch):
   cache = tmp_path / "cache"
   memory = data.load_split(dataset, "train", CFG, cache_dir=cache, with_maps=True,
                            with_kspace=True)
@@ -145,6 +146,13 @@ def test_split_on_disk_is_the_split_in_memory_and_leaves_no_file(dataset, tmp_pa
   assert sorted(cache.iterdir()) == entries  # The scratch files are gone already.
   with pytest.raises(ValueError, match="storage: expected 'memory' or 'disk'"):
     data.load_split(dataset, "train", CFG, cache_dir=cache, storage="ssd")
+  if hasattr(os, "posix_fallocate"):  # A full disk is refused up front, naming the folder.
+    def full(*args):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=f"--host_data=disk: {cache}: expected room for"):
+      data.load_split(dataset, "train", CFG, cache_dir=cache, storage="disk")
+    assert sorted(cache.iterdir()) == entries
 
 
 def test_cache_without_maps_is_recomputed_for_maps(dataset, tmp_path, count_prepare):

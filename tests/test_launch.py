@@ -63,10 +63,16 @@ def test_summary_and_resume_after_sigkill(tmp_path):
     assert set(entry) == {"psnr", "ssim", "nmse"} and np.isfinite(list(entry.values())).all()
 
   # Kill the same run after its first checkpoint, start it again, compare with the full run.
+  # Both starts share a persistent compilation cache (every compile cached): the first writes
+  # the steps it compiled, the resumed run loads them, and the networks are the same.
   killed = tmp_path / "killed"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen(train_cmd(killed, *flags), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  cache = tmp_path / "jax_cache"
+  cache_env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             **cache_env)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  proc = subprocess.Popen(train_cmd(killed, *flags, f"--compilation_cache={cache}"), cwd=ROOT,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = killed / "checkpoints" / "layerwise_s1"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -76,12 +82,10 @@ def test_summary_and_resume_after_sigkill(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (killed / "params" / "e2e").exists(), "the run finished before it was killed"
-  # Resumed with a persistent compilation cache (every compile cached): the same networks.
-  cache = tmp_path / "jax_cache"
-  result = run(train_cmd(killed, *flags, f"--compilation_cache={cache}"),
-               env_extra={"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+  assert any(cache.iterdir())  # What the resumed run can load.
+  result = run(train_cmd(killed, *flags, f"--compilation_cache={cache}"), env_extra=cache_env)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"compilation cache: {cache}" in result.stderr and any(cache.iterdir())
+  assert f"compilation cache: {cache}" in result.stderr
   for method in ("layerwise", "e2e"):
     for a, b in zip(load_params_npz(full, method, 2), load_params_npz(killed, method, 2)):
       np.testing.assert_array_equal(a, b)

@@ -170,6 +170,13 @@ def test_data_on_device_trains_the_same_networks(tmp_path, monkeypatch):
     assert host_keys == (set() if on else {"x", "y"})  # Where the batches were gathered.
   for a, b in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
     np.testing.assert_array_equal(a, b)
+  # Host-cached features stay on the host (--cache_features decides where they live).
+  host_keys.clear()
+  cached = dataclasses.replace(cfg, depth=3, epochs=1, data_on_device=True, cache_features="host",
+                               workdir=str(tmp_path / "cached"))
+  train.train_layerwise(cached, "layerwise", arrays, mesh=mesh,
+                        log=train.MetricsLog(cached.workdir))
+  assert host_keys == {"h"}
 
   monkeypatch.setattr(train, "free_device_bytes", lambda device: 1000)  # 1 kB free per device
   cfg = dataclasses.replace(cfg, data_on_device=True, workdir=str(tmp_path / "full"))
