@@ -154,7 +154,7 @@ def test_data_on_device_trains_the_same_networks(tmp_path, monkeypatch):
   # Batches gathered on the devices are the batches gathered on the host: the same steps, bit
   # for bit (e2e, and a FISTA stage whose padded full-pass batches carry weights).
   arrays = toy_arrays(n=10)
-  cfg = dataclasses.replace(CFG, depth=2, epochs=2, convex_solver="fista", rho=0.0, fista_iters=3,
+  cfg = dataclasses.replace(CFG, depth=2, epochs=1, convex_solver="fista", rho=0.0, fista_iters=2,
                             batch_size=4)
   mesh = train.make_mesh(2)
   results, host_keys = {}, set()

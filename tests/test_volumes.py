@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lwjax import config as config_lib
-from lwjax import data, memory, nets, train, unrolled
+from lwjax import data, nets, train, unrolled
 
 SIZE, COILS = 8, 2
 
@@ -144,18 +144,6 @@ def test_unrolled_3d_applies_data_consistency_per_slice():
   per_slice = jax.jit(lambda *a: unrolled.dc(*a, 0.1, cg_iters=4))(
       flat(z), flat(args[0]), flat(args[1]), args[2])
   np.testing.assert_allclose(flat(out), per_slice, rtol=1e-5, atol=1e-6)
-
-
-def test_unrolled_step_memory_stagewise_below_e2e():
-  """One stage holds one iteration's activations and CG steps; e2e holds all K (3D, tiny)."""
-  cfg = config_lib.Config(model="unrolled", method="e2e,layerwise", image_size=8, depth=2,
-                          features=2, kernel_size=3, ndim=3, volume_depth=2, unroll_iters=2,
-                          cg_iters=1)
-  e2e_net, stage_net = memory.networks(cfg, coils=COILS)
-  e2e = memory.step_memory(cfg, e2e_net, 2)
-  stage = memory.step_memory(cfg, stage_net, 2)
-  assert set(e2e) == {"argument", "output", "temp", "alias", "total"}
-  assert 0 < stage["temp"] < e2e["temp"] and stage["total"] < e2e["total"]
 
 
 # Anisotropic 3D kernels (--kernel_depth): a 1 x k x k kernel must act slice by slice.
