@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6 (about 12 minutes on an H100/H200 in all; PARTS picks some):
+# The GPU check of issue 6 (about 14 minutes on an H100/H200 in all; PARTS picks some):
 #   f32       float32 steps against PyTorch (cuDNN benchmark mode), batch 8, 1, 32
 #   bf16      bfloat16 steps against PyTorch (cuDNN's heuristic algorithms: its benchmark search
 #             for the 7x7 bf16 convolutions ran for over two minutes), batch 8
@@ -45,7 +45,7 @@ for part in $PARTS; do
         --json_out="$OUT/layers.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/layers.log" ;;
     pipeline)
       # shellcheck disable=SC2086
-      timeout 200 python3 bench/bench_pipeline.py $SIZE --depth=3 --batch_size=8 --slices=48 \
+      timeout 300 python3 bench/bench_pipeline.py $SIZE --depth=3 --batch_size=8 --slices=48 \
         --epochs=3 --runs=${RUNS:-e2e,e2e+data,layerwise_convex:none,layerwise_convex:none+data,layerwise_convex:device+data} \
         --json_out="$OUT/pipeline.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/pipeline.log" ;;
     *) echo "unknown part $part" ;;
