@@ -493,7 +493,7 @@ class JaxMeasurement:
       self.kind = "eval"
       fn = train.make_forward(net, env.mesh)
       self.params = jax.device_put(params, rep)
-      self.x = device_random(env, {"x": xy["x"]}, {}, seed=10)["x"]
+      self.x = device_random(env, {"x": xy["x"]}, {}, seed=10)  # The batch {"x": ...}.
       self.compiled = fn.lower(self.params, self.x).compile()
       return
     if step == "e2e":

@@ -491,16 +491,6 @@ def gather(arrays: dict, idx: np.ndarray, *, full_pass_of: Optional[int] = None)
   return batch
 
 
-def train_batches(arrays: dict[str, np.ndarray], batch_size, *, seed, epoch,
-                  num_devices=1, full_pass: bool = False) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of shuffled batches of host ``arrays``, in :func:`batch_order` (``gather``)."""
-  arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  n = _num_examples(arrays)
-  order = batch_order(n, batch_size, seed=seed, epoch=epoch, num_devices=num_devices,
-                      full_pass=full_pass)
-  return (gather(arrays, idx, full_pass_of=n if full_pass else None) for idx in order)
-
-
 def _pad(a, n):
   """Zero-pads the leading axis of ``a`` to length ``n`` (``a`` itself when it has n rows)."""
   if len(a) == n:

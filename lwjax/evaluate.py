@@ -166,12 +166,13 @@ def per_slice_metrics(cfg: Config, val: data_lib.Split,
   # need the slices' true relative intensities back.
   per_example = len(x) // len(arrays["x"])  # Slices per example: 1, or --volume_depth.
   scale = np.repeat(arrays.pop("scale"), per_example)[:, None, None, None]
+  y_true = y * scale
   out, volume = {}, {}
 
   def measure(pred, *path):
     """Records the metrics of ``pred`` (N, H, W, 2) under ``path`` in both trees."""
     for tree, value in ((out, train.slice_metrics(pred, y)),
-                        (volume, volume_metrics(pred * scale, y * scale, volumes))):
+                        (volume, volume_metrics(pred * scale, y_true, volumes))):
       for key in path[:-1]:
         tree = tree.setdefault(key, {})
       tree[path[-1]] = value

@@ -331,12 +331,6 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
 # ----------------------------------------------------------------------------------------------
 # Evaluation with the one forward code.
 
-def make_forward(net: nets.DeepNet, mesh: Mesh):
-  rep = replicated(mesh)
-  return jax.jit(lambda params, x: nets.forward(net, params, x),
-                 in_shardings=(rep, batch_sharded(mesh)), out_shardings=batch_sharded(mesh))
-
-
 @functools.lru_cache(maxsize=32)
 def _sharded(fn: Callable, mesh: Mesh) -> Callable:
   """``fn(args, batch)`` jitted for ``mesh`` (args replicated, the batch split), once per pair."""
@@ -361,6 +355,11 @@ def map_batches(fn: Callable, args, arrays: dict, *, mesh: Mesh, batch_size: int
 @functools.lru_cache(maxsize=32)
 def _forward_fn(net: nets.DeepNet) -> Callable:
   return lambda params, batch: nets.forward(net, params, batch["x"])
+
+
+def make_forward(net: nets.DeepNet, mesh: Mesh) -> Callable:
+  """The jitted evaluation ``(params, {"x": x}) -> output`` that ``predict`` runs per batch."""
+  return _sharded(_forward_fn(net), mesh)
 
 
 def predict(net: nets.DeepNet, params: Params, x: np.ndarray, *, mesh: Mesh,

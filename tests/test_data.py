@@ -330,8 +330,10 @@ def _arrays(n=10):
 
 
 def test_train_batches():
+  # An epoch as the training loop draws it: batch_order's indices, gather's batches.
   arrays = _arrays()
-  epoch = lambda e, bs=4: list(data.train_batches(arrays, bs, seed=1, epoch=e, num_devices=2))
+  epoch = lambda e, bs=4: [data.gather(arrays, idx) for idx in
+                           data.batch_order(10, bs, seed=1, epoch=e, num_devices=2)]
   first = epoch(0)
   assert len(first) == data.steps_per_epoch(10, 4) == 2
   for b in first:
@@ -344,11 +346,11 @@ def test_train_batches():
   assert sorted(np.concatenate([b["i"] for b in epoch(2, bs=10)])) == list(range(10))
 
   with pytest.raises(ValueError, match="batch_size 6 is not divisible by num_devices 4"):
-    data.train_batches(arrays, 6, seed=0, epoch=0, num_devices=4)
+    data.batch_order(10, 6, seed=0, epoch=0, num_devices=4)
   with pytest.raises(ValueError, match=r"--batch_size=12: expected 1..10, the number of training"):
-    data.train_batches(arrays, 12, seed=0, epoch=0)
+    data.batch_order(10, 12, seed=0, epoch=0)
   with pytest.raises(ValueError, match="one leading size"):
-    data.train_batches({"x": np.zeros(3), "y": np.zeros(4)}, 2, seed=0, epoch=0)
+    data.eval_batches({"x": np.zeros(3), "y": np.zeros(4)}, 2)
 
 
 def test_eval_batches():
@@ -403,8 +405,8 @@ def test_full_pass_epochs_weigh_every_example_once():
   assert sorted(flat[flat >= 0]) == list(range(n)) and (flat < 0).sum() == 2
   # The mean over the epoch's batches of each batch's weighted mean is the mean over all n.
   values = np.random.default_rng(0).normal(size=n)
-  batches = list(data.train_batches({"v": values}, b, seed=3, epoch=1, full_pass=True))
+  batches = [data.gather({"v": values}, idx, full_pass_of=n) for idx in order]
   assert [list(bt["weight"] > 0) for bt in batches][-1] == [True, True, False, False]
   means = [np.mean(bt["weight"] * bt["v"]) for bt in batches]
   assert np.mean(means) == pytest.approx(values.mean(), rel=1e-6)
-  assert "weight" not in next(data.train_batches({"v": values}, b, seed=3, epoch=1))
+  assert "weight" not in data.gather({"v": values}, order[0])
