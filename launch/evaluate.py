@@ -5,7 +5,9 @@ r"""Evaluate a finished training run: per-slice metrics, report and figures.
 
 Reads the run's WORKDIR/config.json (--data_dir and --eval_batch_size, when given, override it)
 and its saved networks, and writes WORKDIR/eval.json, WORKDIR/report.md and the figures in
-WORKDIR/figures/ (metrics against depth, example slices, training curves).
+WORKDIR/figures/ (metrics against depth, example slices, training curves). Data other than the
+run's own validation data (--data_dir elsewhere) goes to WORKDIR/eval_<data_dir name>/ instead, so
+the run's own evaluation is kept; --out_dir chooses the folder.
 """
 import sys
 
@@ -15,13 +17,16 @@ from absl import logging
 
 from lwjax import config
 
+_OUT_DIR = flags.DEFINE_string("out_dir", "", "output folder (default: WORKDIR for the run's own "
+                               "validation data, WORKDIR/eval_<data_dir name> for other data)")
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from lwjax import evaluate  # Imported after flag parsing so --help stays fast.
   try:
-    result = evaluate.run(flags.FLAGS.workdir, log=logging.info,
+    result = evaluate.run(flags.FLAGS.workdir, log=logging.info, out_dir=_OUT_DIR.value or None,
                           **evaluate.overrides_from_flags(flags.FLAGS))
   except (ValueError, FileNotFoundError) as e:
     logging.error("%s", e)

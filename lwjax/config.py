@@ -29,6 +29,7 @@ class Config:
   center_fraction: float = 0.04  # fully sampled centre fraction of 1D Cartesian masks
   mask_seed: int = 0  # seed of the (fixed) sampling mask
   maps: str = "espirit"  # coil-map estimation from the calibration region: espirit or lowres
+  min_map_coverage: float = 0.01  # skip (and log) a slice whose coil maps are non-zero on less than this fraction of the grid: ESPIRiT finds no coil on a noise-only edge slice; all-zero slices are skipped too
   host_data: str = "memory"  # where the prepared slices live on the host: memory, or disk (a memory-mapped scratch file in WORKDIR/cache, deleted as soon as it is mapped: host memory then does not grow with the dataset; batches are read from the page cache or the disk; 2D networks: a 3D run's volume patches are built in memory)
   prep_workers: int = 0  # processes preparing slices that are not cached yet (ESPIRiT is the slow part); 0: one per CPU core
   max_train_volumes: int = 0  # use at most this many training files (subjects); 0: all
@@ -155,6 +156,7 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.cg_iters >= 1, "cg_iters", "must be >= 1")
   need(cfg.ndim in (2, 3), "ndim", "expected 2 or 3")
   need(cfg.volume_depth >= 1, "volume_depth", "must be >= 1")
+  need(0 <= cfg.min_map_coverage < 1, "min_map_coverage", "must be in [0, 1)")
   need(cfg.prep_workers >= 0, "prep_workers", "must be >= 0 (0: one per CPU core)")
   need(cfg.host_data in HOST_DATA, "host_data", f"expected one of {HOST_DATA}")
   need(cfg.kernel_depth == 0 or (cfg.kernel_depth > 0 and cfg.kernel_depth % 2 == 1),

@@ -26,7 +26,7 @@ import numpy as np
 from lwjax import coils, fastmri, masks, sense, synthetic
 from lwjax.fft import center_slices
 
-CACHE_VERSION = 2  # bump when preparation changes what a cached slice holds (2: rectangular calib)
+CACHE_VERSION = 3  # bump when preparation changes what a cached slice holds (3: skipped slices)
 SYNTHETIC_VERSION = 1  # bump when the synthetic generator changes its output
 
 
@@ -37,6 +37,9 @@ class PrepConfig:
   ``calib`` is the side of the fully sampled k-space centre of the Poisson masks and of the coil
   maps' calibration region (maps use less where the mask samples less: :func:`calib_size`).
   ``center_fraction`` is the fraction of fully sampled centre columns of the 1D Cartesian masks.
+  ``min_map_coverage``: a slice whose coil maps are non-zero on less than this fraction of the
+  grid is skipped (:class:`EmptySlice`): ESPIRiT finds no coil sensitivity on a noise-only edge
+  slice, so there is nothing to reconstruct there.
   """
   image_size: int = 320
   mask: str = "poisson"  # "poisson" | "cartesian" | "equispaced"
@@ -45,6 +48,12 @@ class PrepConfig:
   center_fraction: float = 0.04
   mask_seed: int = 0
   maps: str = "espirit"  # "espirit" | "lowres"
+  min_map_coverage: float = 0.01
+
+
+class EmptySlice(ValueError):
+  """A slice with nothing to reconstruct (all-zero k-space, or coil maps that cover too little of
+  the grid): skipped with a log line, never trained or evaluated on."""
 
 
 @dataclasses.dataclass
@@ -58,6 +67,8 @@ class Split:
   volume_index: np.ndarray  # (N,) int, index of the file (subject) in the split
   maps: Optional[np.ndarray] = None  # (N, C, h, w) complex64 when asked for (C: the most coils)
   kspace: Optional[np.ndarray] = None  # (N, C, h, w) complex64 mask * kspace / scale, if asked
+  paths: list[Path] = dataclasses.field(default_factory=list)  # the file of each volume_index
+  skipped: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)  # (file, slice, why)
 
 
 def mask_for(cfg: PrepConfig) -> np.ndarray:
@@ -131,18 +142,26 @@ def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
     kspace=(C, h, w) complex64 the sampled k-space ``mask * kspace_grid / scale``, scale=float).
     Maps come from the undersampled data only, and ``scale = max |x|`` uses only the input, so
     both are available at inference.
+
+  Raises:
+    EmptySlice: all-zero k-space, or maps non-zero on less than ``cfg.min_map_coverage`` of the
+      grid (ESPIRiT on a noise-only slice).
   """
   kspace_grid = np.asarray(kspace_grid, np.complex64)
   mask = np.asarray(mask, bool)
+  if not kspace_grid.any():
+    raise EmptySlice("all-zero k-space")
   calib = calib_size(mask, cfg.calib)
   maps = coils.estimate(kspace_grid * mask, cfg.maps, calib=calib)
+  coverage = float(np.mean(np.any(maps != 0, axis=0)))
+  if coverage < cfg.min_map_coverage:
+    raise EmptySlice(f"{cfg.maps} coil maps cover {coverage:.2%} of the grid, below "
+                     f"--min_map_coverage={cfg.min_map_coverage:g} (a noise-only slice?)")
   x = sense.zero_filled(kspace_grid, maps, mask)
   y = sense.zero_filled(kspace_grid, maps, np.ones_like(mask))
   scale = float(np.abs(x).max())
   if not np.isfinite(scale) or scale <= 0:
-    raise ValueError(f"zero-filled image: expected a finite positive maximum, found {scale} "
-                     f"(all-zero k-space, or {cfg.maps} maps from the {calib[0]}x{calib[1]} centre: "
-                     "a larger --calib / --center_fraction or --maps=lowres)")
+    raise EmptySlice(f"zero-filled image: expected a finite positive maximum, found {scale}")
   return dict(x=_channels(x / scale), y=_channels(y / scale),
               maps=np.asarray(maps, np.complex64),
               kspace=np.asarray(kspace_grid * mask / scale, np.complex64), scale=scale)
@@ -169,6 +188,7 @@ def _read_entry(file, size, num_coils=None, kspace=False) -> Optional[dict]:
 
   ``num_coils`` set: the entry must hold maps of that many coils, and with ``kspace`` also the
   sampled k-space (an entry written without them is valid for reads that do not need them).
+  A skipped slice's entry is ``{"skip": reason}``.
   """
   want = {"x": ((size, size, 2), np.float32), "y": ((size, size, 2), np.float32),
           "scale": ((), np.float32)}
@@ -178,6 +198,8 @@ def _read_entry(file, size, num_coils=None, kspace=False) -> Optional[dict]:
       want["kspace"] = ((num_coils, size, size), np.complex64)
   try:
     with np.load(file, allow_pickle=False) as z:
+      if _SKIP in z.files:
+        return {_SKIP: str(z[_SKIP])}
       entry = {k: z[k] for k in want}
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
     return None
@@ -209,12 +231,18 @@ def _cached_slice(info, index, cfg, cache_dir, with_maps, with_kspace) -> Option
                      info.num_coils if with_maps or with_kspace else None, with_kspace)
 
 
+_SKIP = "skip"  # The key of a skipped slice's cache entry (its reason), so it is decided once.
+
+
 def _prepare_and_cache(info, index, mask, cfg, cache_dir, with_maps, with_kspace) -> dict:
-  """Prepares one slice from its file and writes its cache entry (atomically); returns it."""
+  """Prepares one slice from its file and writes its cache entry (atomically); returns it
+  (``{"skip": reason}`` for an :class:`EmptySlice`)."""
   file = _cache_file(info, index, cfg, cache_dir)
   grid = fastmri.to_grid(fastmri.read_slice(info.path, index), cfg.image_size)
   try:
     entry = _entry(prepare_slice(grid, mask, cfg), with_maps, with_kspace)
+  except EmptySlice as e:
+    entry = {_SKIP: np.array(str(e))}
   except ValueError as e:
     raise fastmri.DataError(f"{info.path}: key '{fastmri.KSPACE}', slice {index}: {e}") from e
   with fastmri.atomic_write(file) as tmp, open(tmp, "wb") as f:
@@ -283,6 +311,9 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   prepared by ``workers`` processes (0: one per CPU core; ESPIRiT is the slow part).
   ``storage``: the split's arrays in host memory, or on ``"disk"`` (memory-mapped scratch files
   in ``cache_dir``, see ``_host_array``) for datasets larger than the host's memory.
+  Slices with nothing to reconstruct (:class:`EmptySlice`: all-zero k-space, or noise-only edge
+  slices on which ESPIRiT finds no coil) are left out, logged and listed in ``Split.skipped``;
+  a split left with none raises DataError. Any other bad slice raises DataError naming it.
   """
   if max_volumes is not None and max_volumes < 1:
     raise ValueError(f"max_volumes: expected None or >= 1, found {max_volumes}")
@@ -312,7 +343,12 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   arrays = {k: _host_array(shape, dtype, storage if k != "scale" else "memory", cache_dir)
             for k, (shape, dtype) in shapes.items()}
 
+  skipped = {}  # slice -> why (EmptySlice)
+
   def store(i: int, entry: dict) -> None:
+    if _SKIP in entry:
+      skipped[i] = str(entry[_SKIP])
+      return
     for key, out in arrays.items():
       if key in ("maps", "kspace"):
         out[i, :len(entry[key])] = entry[key]  # A file with fewer coils: the rest stay zero.
@@ -335,10 +371,13 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
     if workers <= 1:
       yield from ((i, _prepare_and_cache(*args(i))) for i in missing)
       return
-    with _worker_pool(workers) as pool:
+    pool = _worker_pool(workers)
+    try:
       futures = {pool.submit(_prepare_and_cache, *args(i)): i for i in missing}
       for future in concurrent.futures.as_completed(futures):
         yield futures[future], future.result()  # A worker's DataError is raised here.
+    finally:  # On an error, the slices not started yet are dropped, not prepared first.
+      pool.shutdown(wait=True, cancel_futures=True)
 
   pool_note = f", {workers} workers" if workers > 1 else ""
   for done, (i, entry) in enumerate(prepared(), start=hits + 1):
@@ -347,9 +386,51 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
       log(f"{split}: prepared {done}/{total} slices ({hits} from cache{pool_note})")
   if log and not missing:
     log(f"{split}: prepared {total}/{total} slices ({hits} from cache)")
-  ids = [(info.path.name, index) for _, info, index in slices]
-  volume_index = [v for v, _, _ in slices]
-  return Split(mask=mask, ids=ids, volume_index=np.asarray(volume_index), **arrays)
+  kept = [i for i in range(total) if i not in skipped]
+  if not kept:
+    first = min(skipped)
+    raise fastmri.DataError(
+        f"{split}: every slice of {len(infos)} file(s) was skipped as empty (e.g. "
+        f"{slices[first][1].path}, key '{fastmri.KSPACE}', slice {slices[first][2]}: "
+        f"{skipped[first]}); expected slices with signal")
+  if skipped:
+    first = min(skipped)
+    if log:
+      log(f"{split}: skipped {len(skipped)} of {total} slices with nothing to reconstruct (e.g. "
+          f"{slices[first][1].path.name} slice {slices[first][2]}: {skipped[first]})")
+    for new, old in enumerate(kept):  # Compacted in place (kept is increasing): no second copy.
+      if new != old:
+        for out in arrays.values():
+          out[new] = out[old]
+    arrays = {k: v[:len(kept)] for k, v in arrays.items()}
+  ids = [(slices[i][1].path.name, slices[i][2]) for i in kept]
+  volume_index = [slices[i][0] for i in kept]
+  return Split(mask=mask, ids=ids, volume_index=np.asarray(volume_index, int),
+               paths=[info.path for info in infos],
+               skipped=[(slices[i][1].path.name, slices[i][2], why)
+                        for i, why in sorted(skipped.items())], **arrays)
+
+
+def check_disjoint(splits: dict[str, Split]) -> None:
+  """Raises DataError when a file (subject) is in two splits: the same resolved path (a
+  symlink), or the same content under another name (a copy): the same slices with the same
+  scales, which other k-space does not give."""
+  def volumes(split):
+    for v, path in enumerate(split.paths):
+      rows = np.flatnonzero(split.volume_index == v)
+      yield path, tuple((split.ids[r][1], float(split.scale[r])) for r in rows)
+
+  seen = {}  # resolved path or content -> (split, path)
+  for name, split in splits.items():
+    for path, content in volumes(split):
+      for key in (path.resolve(), content):
+        other = seen.get(key)
+        if other and other[0] != name and content:
+          how = "is the same file as" if isinstance(key, Path) else "holds the same k-space as"
+          raise fastmri.DataError(
+              f"{path} ({name}) {how} {other[1]} ({other[0]}): a subject in two splits would "
+              "be evaluated on data it was trained on; expected disjoint train and val files")
+        seen.setdefault(key, (name, path))
 
 
 def volume_patches(split: Split, depth: int) -> np.ndarray:
@@ -360,8 +441,12 @@ def volume_patches(split: Split, depth: int) -> np.ndarray:
   groups = []
   for v in np.unique(split.volume_index):
     rows = np.flatnonzero(split.volume_index == v)
-    rows = rows[np.argsort([split.ids[r][1] for r in rows], kind="stable")]
-    groups += [rows[i:i + depth] for i in range(0, len(rows) - depth + 1, depth)]
+    index = np.array([split.ids[r][1] for r in rows])
+    order = np.argsort(index, kind="stable")
+    rows, index = rows[order], index[order]
+    # Runs of consecutive slices: a skipped slice (Split.skipped) breaks a run.
+    for run in np.split(rows, np.flatnonzero(np.diff(index) != 1) + 1):
+      groups += [run[i:i + depth] for i in range(0, len(run) - depth + 1, depth)]
   if not groups:
     longest = max(np.bincount(split.volume_index)) if len(split.volume_index) else 0
     raise ValueError(f"--volume_depth={depth}: expected at most the slices of the longest file "
@@ -373,7 +458,8 @@ def to_volumes(split: Split, depth: int) -> dict[str, np.ndarray]:
   """Volume patches for 3D networks: ``depth`` consecutive slices of one file, slices as axis 1.
 
   Each file's slices (in slice order) are cut into non-overlapping patches of ``depth``; a file's
-  last ``num_slices % depth`` slices are dropped and no patch mixes two files. The slices of a
+  last ``num_slices % depth`` slices are dropped and no patch mixes two files (nor spans a skipped
+  slice: each run of consecutive slices is cut on its own). The slices of a
   patch are brought to one scale, the patch's: each was divided by its own ``max |x|``
   (``Split.scale``), so they are multiplied by ``scale_slice / scale_patch`` with ``scale_patch``
   the largest of them (then ``max |x| = 1`` over the patch and the slices keep their relative

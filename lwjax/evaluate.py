@@ -3,10 +3,13 @@
 ``run(workdir)`` reads ``WORKDIR/config.json`` and the saved networks (``train.params_dir``),
 predicts the validation split with each and writes:
 
-  WORKDIR/eval.json   {"per_slice": {"zero_filled": {"psnr": [...], "ssim": [...], "nmse": [...]},
+  WORKDIR/eval.json   {"data_dir": the data evaluated ("": the run's synthetic data),
+                       "own_data": whether it is the run's validation data (data.json),
+                       "per_slice": {"zero_filled": {"psnr": [...], "ssim": [...], "nmse": [...]},
                                      method: {"<depth>": {"psnr": [...], ...}}},
                        "mean": the same with means (summary.json's layout),
                        "slices": [[file, slice], ...] (the order of every per-slice list),
+                       "skipped": [[file, slice, why], ...] (empty slices, not evaluated),
                        "examples": [slice indices drawn in examples.png],
                        "per_volume", "volume_mean": the same per file and averaged over files,
                        in fastMRI's volume-wise convention (``metrics.volume_metrics``),
@@ -14,6 +17,8 @@ predicts the validation split with each and writes:
   WORKDIR/report.md   a table per method and depth, the layer-wise vs e2e gap, stage reports
   WORKDIR/figures/    metrics_vs_depth.png (paper figure 2), examples.png (figure 3),
                       training_curves.png
+Other data than the run's (``--data_dir``) is evaluated into ``WORKDIR/eval_<its name>/`` instead
+(``output_dir``), so that the run's own evaluation is never overwritten.
 
 Metrics are the trainer's (``train.slice_metrics``): slice-based PSNR, SSIM and NMSE on magnitude
 images, data range = each target slice's maximum (the paper's); and fastMRI's volume-wise ones, for
@@ -260,8 +265,13 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
   """report.md: a table of every network, the gap to e2e at the same depth, stage reports."""
   per_slice, mean = result["per_slice"], result["mean"]
   files = len({f for f, _ in result["slices"]})
+  data = result["data_dir"] or "its synthetic data"
+  origin = "the run's validation data" if result["own_data"] else "not the run's validation data"
+  skipped = (f" ({len(result['skipped'])} empty slice(s) skipped: {result['skipped'][0][0]} "
+             f"slice {result['skipped'][0][1]}, ...)" if result["skipped"] else "")
   lines = [f"# Evaluation of {cfg.workdir}", "",
-           f"{len(result['slices'])} validation slices from {files} file(s); mask {cfg.mask} "
+           f"Data: {data} ({origin}).", "",
+           f"{len(result['slices'])} validation slices from {files} file(s){skipped}; mask {cfg.mask} "
            f"x{cfg.accel:g}, {cfg.image_size}x{cfg.image_size}, {cfg.features} channels, "
            f"{'x'.join(map(str, cfg.kernel))} kernels. Per-slice PSNR, SSIM and NMSE of "
            "magnitude images (data range: each target slice's maximum), mean ± std over slices; "
@@ -309,7 +319,8 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
 
 def draw_figures(cfg: Config, result: dict, columns: dict, records: list[dict],
                  figure_dir: Path) -> dict:
-  """The run's figures; returns ``{title: path relative to the workdir}``."""
+  """The run's figures; returns ``{title: path relative to report.md's folder}`` (the parent of
+  ``figure_dir``)."""
   ids = ", ".join(f"{result['slices'][s][0]}:{result['slices'][s][1]}" for s in result["examples"])
   paths = {
       "metrics against depth": figures.metrics_vs_depth(result["mean"],
@@ -319,12 +330,31 @@ def draw_figures(cfg: Config, result: dict, columns: dict, records: list[dict],
           title=f"{cfg.mask} x{cfg.accel:g}; slices {ids} (median, 10th percentile PSNR)"),
       "training curves": figures.training_curves(records, figure_dir / "training_curves.png"),
   }
-  return {name: str(Path(p).relative_to(cfg.workdir)) for name, p in paths.items()}
+  return {name: str(Path(p).relative_to(figure_dir.parent)) for name, p in paths.items()}
 
 
-def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None,
+def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bool]:
+  """Where an evaluation writes, and whether it is on the run's own validation data.
+
+  The run's data (its data.json's validation record, wherever the files are now): the workdir.
+  Other data (``--data_dir`` elsewhere): ``WORKDIR/eval_<data_dir name>/``, so that it never
+  overwrites the run's own evaluation. ``out_dir`` wins when given.
+  """
+  workdir = Path(cfg.workdir)
+  record = workdir / "data.json"
+  own = not cfg.data_dir  # A run without data.json (older) on its own synthetic data.
+  if record.exists():
+    was = json.loads(record.read_text()).get("val")
+    own = was is not None and train.data_difference(was, train.data_record(val)) is None
+  if out_dir:
+    return Path(out_dir).absolute(), own
+  return (workdir if own else workdir / f"eval_{Path(cfg.data_dir).name}"), own
+
+
+def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_dir=None,
         **overrides) -> dict:
-  """Evaluates the run in ``workdir``; writes eval.json, report.md, figures/; returns eval.json.
+  """Evaluates the run in ``workdir``; writes eval.json, report.md, figures/ into
+  ``output_dir(...)`` (the workdir for the run's own data); returns eval.json's dict.
 
   ``overrides``: ``data_dir`` or ``eval_batch_size`` other than the run's (None: the run's).
   """
@@ -336,22 +366,29 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None,
   records = read_metrics_log(cfg.workdir)
   mesh = mesh or train.make_mesh()
   val = validation_split(cfg, log=log)
+  out, own = output_dir(cfg, val, out_dir)
+  if not own:
+    log(f"{cfg.data_dir or 'the data'}: not the run's validation data (its data.json); "
+        f"writing to {out}")
   per_slice, per_volume, outputs, slices = per_slice_metrics(cfg, val, mesh=mesh)
   method, depth = final_networks(cfg)[0]
   examples = representative_slices(per_slice[method][str(depth)]["psnr"])
   as_lists = lambda tree: _map_metrics(lambda m: {k: v.tolist() for k, v in m.items()}, tree)
   file_of = {int(val.volume_index[i]): val.ids[i][0] for i in slices}
-  result = {"per_slice": as_lists(per_slice),
+  result = {"data_dir": str(Path(cfg.data_dir).absolute()) if cfg.data_dir else "",
+            "own_data": own,
+            "per_slice": as_lists(per_slice),
             "mean": _map_metrics(train.mean_metrics, per_slice),
             "slices": [[val.ids[i][0], int(val.ids[i][1])] for i in slices],
+            "skipped": [list(s) for s in val.skipped],
             "examples": examples,
             "per_volume": as_lists(per_volume),
             "volume_mean": _map_metrics(train.mean_metrics, per_volume),
             "volumes": [file_of[v] for v in sorted(file_of)]}  # volume_metrics' order
-  workdir = Path(cfg.workdir)
-  train.write_json(workdir / "eval.json", result)
+  out.mkdir(parents=True, exist_ok=True)
+  train.write_json(out / "eval.json", result)
   figure_files = draw_figures(cfg, result, example_columns(outputs, examples), records,
-                              workdir / "figures")
-  (workdir / "report.md").write_text(report_markdown(cfg, result, figure_files, stage_reports(cfg)))
-  log(f"wrote {workdir / 'eval.json'}, {workdir / 'report.md'} and {len(figure_files)} figures")
+                              out / "figures")
+  (out / "report.md").write_text(report_markdown(cfg, result, figure_files, stage_reports(cfg)))
+  log(f"wrote {out / 'eval.json'}, {out / 'report.md'} and {len(figure_files)} figures")
   return result

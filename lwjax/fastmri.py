@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 import uuid
 
+from absl import logging
 import h5py
 import numpy as np
 
@@ -139,11 +140,21 @@ def list_volumes(data_dir, split) -> list[Path]:
   if split not in SPLITS:
     raise DataError(f"split: expected one of {SPLITS}, found {split!r}")
   candidates = [Path(data_dir) / split, Path(data_dir) / f"multicoil_{split}"]
-  for d in candidates:
-    # Hidden files are not volumes: macOS leaves "._name.h5" (AppleDouble) beside each copied file.
-    files = sorted(f for f in d.glob("*.h5") if not f.name.startswith("."))
-    if files:
-      return files
+  # Hidden files are not volumes: macOS leaves "._name.h5" (AppleDouble) beside each copied file.
+  found_in = {d: sorted(f for f in d.glob("*.h5") if not f.name.startswith("."))
+              for d in candidates}
+  full = [d for d in candidates if found_in[d]]
+  if len(full) > 1:
+    raise DataError(f"{data_dir}: split '{split}' is in both {full[0]} and {full[1]}; expected "
+                    "one of them (move or remove the other)")
+  if full:
+    files = found_in[full[0]]
+    ignored = [f for f in full[0].rglob("*") if f.suffix.lower() in (".h5", ".hdf5")
+               and f not in files and not f.name.startswith(".")]
+    if ignored:
+      logging.warning("%s: ignoring %d file(s) in sub-folders or not named *.h5 (e.g. %s): a "
+                      "split's volumes are %s/*.h5", full[0], len(ignored), ignored[0], full[0])
+    return files
   found = [f"{d} ({'empty of .h5 files' if d.is_dir() else 'missing'})" for d in candidates]
   raise DataError(f"{data_dir}: expected fastMRI multi-coil .h5 files for split '{split}' in "
                   f"{' or '.join(str(d) for d in candidates)}; found {', '.join(found)}")
@@ -152,12 +163,21 @@ def list_volumes(data_dir, split) -> list[Path]:
 def _open(path) -> h5py.File:
   path = Path(path)
   if not path.is_file():
-    raise DataError(f"{path}: no such file (expected a fastMRI .h5 volume)")
+    what = ("a broken symbolic link" if path.is_symlink() and not path.exists() else
+            "a directory" if path.is_dir() else "no such file")
+    raise DataError(f"{path}: expected a fastMRI .h5 volume, found {what}")
+  if path.stat().st_size == 0:
+    raise DataError(f"{path}: expected an HDF5 file, found an empty one (0 bytes: still being "
+                    "copied?)")
   if not h5py.is_hdf5(path):
     raise DataError(f"{path}: expected an HDF5 file, found another format")
   try:
     return h5py.File(path, "r")
   except OSError as e:  # A truncated download passes is_hdf5 (the signature is at the start).
+    if "lock file" in str(e).lower():  # HDF5: "unable to lock file, errno = 11, ..."
+      raise DataError(f"{path}: expected a readable HDF5 file, found it locked: open for writing "
+                      "by another process, or on a filesystem without file locks (NFS, FUSE: "
+                      f"set HDF5_USE_FILE_LOCKING=FALSE) ({e})") from e
     raise DataError(f"{path}: expected a readable HDF5 file, found a damaged or truncated one "
                     f"({e})") from e
 
@@ -168,7 +188,10 @@ def _kspace(f: h5py.File, path) -> h5py.Dataset:
     raise DataError(f"{path}: expected a dataset '{KSPACE}', found keys {sorted(f.keys())}")
   ds = f[KSPACE]
   if ds.dtype.kind != "c":
-    raise DataError(f"{path}: key '{KSPACE}': expected a complex dtype, found {ds.dtype}")
+    hint = (" (real and imaginary parts in a last axis of 2? store them as complex64)"
+            if ds.dtype.kind == "f" and ds.ndim and ds.shape[-1] == 2 else "")
+    raise DataError(f"{path}: key '{KSPACE}': expected a complex dtype, found {ds.dtype} "
+                    f"{ds.shape}{hint}")
   if ds.ndim != 4 or 0 in ds.shape:
     hint = " (a single-coil file? multi-coil data is expected)" if ds.ndim == 3 else ""
     raise DataError(f"{path}: key '{KSPACE}': expected a non-empty 4-D (slices, coils, H, W) "

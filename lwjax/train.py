@@ -691,55 +691,63 @@ def _check_resume(cfg: Config, workdir: Path) -> None:
 
 def _check_examples(cfg: Config, train: data_lib.Split, val: data_lib.Split,
                     num_devices: int) -> None:
-  """The settings that depend on the data (--batch_size, --volume_depth), checked before the
-  run writes its config.json: a refused command, corrected, must not find the workdir taken."""
+  """The settings that depend on the data (--batch_size, --volume_depth) and disjoint splits,
+  checked before the run writes its config.json: a refused command, corrected, must not find the
+  workdir taken."""
   if cfg.ndim == 3:
     data_lib.volume_patches(val, cfg.volume_depth)  # Raises when no patch fits.
     n = len(data_lib.volume_patches(train, cfg.volume_depth))
   else:
     n = len(train.x)
   data_lib.check_batch_size(n, cfg.batch_size, num_devices)
+  data_lib.check_disjoint({"train": train, "val": val})
 
 
-def _data_record(split: data_lib.Split) -> dict:
+def data_record(split: data_lib.Split) -> dict:
   """What identifies a split's data: its files with their slice counts, and each slice's scale
-  (max |zero-filled image|: it changes with the content)."""
+  (max |zero-filled image|: it changes with the content); and the skipped slices, for the user."""
   files = collections.Counter(name for name, _ in split.ids)
   return {"files": [[name, count] for name, count in files.items()],
-          "scale": [float(v) for v in split.scale]}
+          "scale": [float(v) for v in split.scale],
+          "skipped": [list(s) for s in split.skipped]}
+
+
+def data_difference(was: dict, new: dict) -> Optional[str]:
+  """How a split's ``data_record`` ``new`` differs from ``was``, or None for the same data."""
+  if new["files"] != was["files"]:
+    diff = next(((a, b) for a, b in zip(was["files"], new["files"]) if a != b), None)
+    return (f"{diff[0][0]} ({diff[0][1]} slices) there, {diff[1][0]} ({diff[1][1]}) now"
+            if diff else f"{len(was['files'])} files there, {len(new['files'])} now")
+  # Scales are compared loosely: a rebuilt cache may differ in the last float32 bits.
+  close = np.isclose(new["scale"], was["scale"], rtol=1e-3, atol=0)
+  if not close.all():
+    i = int(np.argmax(~close))
+    return (f"the files have the same names but other content (slice {i} of the split: scale "
+            f"{was['scale'][i]:.6g} there, {new['scale'][i]:.6g} now)")
+  return None
 
 
 def _check_same_data(workdir: Path, splits: dict[str, data_lib.Split]) -> None:
   """Refuses to go on with a run on other data than it started on; the first run writes
   ``WORKDIR/data.json``. ``--data_dir`` may change (the data moved), the data may not."""
   path = workdir / "data.json"
-  record = {name: _data_record(split) for name, split in splits.items()}
+  record = {name: data_record(split) for name, split in splits.items()}
   if not path.exists():
     write_json(path, record)
     return
   old = json.loads(path.read_text())
   for name, new in record.items():
-    was = old.get(name, {"files": [], "scale": []})
-    if new["files"] != was["files"]:
-      diff = next(((a, b) for a, b in zip(was["files"], new["files"]) if a != b), None)
-      found = (f"{diff[0][0]} ({diff[0][1]} slices) there, {diff[1][0]} ({diff[1][1]}) now"
-               if diff else f"{len(was['files'])} files there, {len(new['files'])} now")
-      raise ValueError(f"{path}: this workdir was trained on other {name} data ({found}); use "
-                       "another --workdir, or the data it was trained on")
-    # Scales are compared loosely: a rebuilt cache may differ in the last float32 bits.
-    close = np.isclose(new["scale"], was["scale"], rtol=1e-3, atol=0)
-    if not close.all():
-      i = int(np.argmax(~close))
-      raise ValueError(f"{path}: this workdir was trained on other {name} data: the files have "
-                       f"the same names but other content (slice {i} of the split: scale "
-                       f"{was['scale'][i]:.6g} there, {new['scale'][i]:.6g} now); use another "
-                       "--workdir, or the data it was trained on")
+    difference = data_difference(old.get(name, {"files": [], "scale": []}), new)
+    if difference:
+      raise ValueError(f"{path}: this workdir was trained on other {name} data: {difference}; "
+                       "use another --workdir, or the data it was trained on")
 
 
 def prep_config(cfg: Config) -> data_lib.PrepConfig:
   return data_lib.PrepConfig(image_size=cfg.image_size, mask=cfg.mask, accel=cfg.accel,
                              calib=cfg.calib, center_fraction=cfg.center_fraction,
-                             mask_seed=cfg.mask_seed, maps=cfg.maps)
+                             mask_seed=cfg.mask_seed, maps=cfg.maps,
+                             min_map_coverage=cfg.min_map_coverage)
 
 
 def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Split, ...]:

@@ -264,17 +264,97 @@ def test_files_with_fewer_coils_are_padded_with_zero_coils(tmp_path):
 def test_bad_files_name_file_and_slice(tmp_path, workers):
   (tmp_path / "train").mkdir()
   kspace = np.ones((2, COILS, 2 * SIZE, SIZE), np.complex64)
-  kspace[1] = 0  # an empty slice: no scale
-  fastmri.write_volume(tmp_path / "train" / "zero.h5", kspace, np.ones((2, SIZE, SIZE)))
-  with pytest.raises(fastmri.DataError,
-                     match=r"zero.h5: key 'kspace', slice 1: zero-filled image: expected"):
-    data.load_split(tmp_path, "train", CFG, cache_dir=tmp_path / "cache", workers=workers)
   kspace[1, 0, 3, 3] = np.nan
-  fastmri.write_volume(tmp_path / "train" / "zero.h5", kspace, np.ones((2, SIZE, SIZE)))
-  with pytest.raises(fastmri.DataError, match=r"zero.h5: key 'kspace', slice 1: expected finite"):
+  fastmri.write_volume(tmp_path / "train" / "bad.h5", kspace, np.ones((2, SIZE, SIZE)))
+  with pytest.raises(fastmri.DataError, match=r"bad.h5: key 'kspace', slice 1: expected finite"):
     data.load_split(tmp_path, "train", CFG, cache_dir=tmp_path / "cache", workers=workers)
   with pytest.raises(fastmri.DataError, match=r"split 'val'"):
     data.load_split(tmp_path, "val", CFG, cache_dir=tmp_path / "cache")
+
+
+def test_an_error_stops_the_workers_without_preparing_the_rest(tmp_path):
+  # The first slice is bad; the 15 after it are fine. The error must not wait for them all.
+  (tmp_path / "train").mkdir()
+  rng = np.random.default_rng(0)
+  vol = synthetic.make_volume(rng, size=SIZE, coils=COILS, slices=16)
+  vol["kspace"][0, 0, 0, 0] = np.nan
+  fastmri.write_volume(tmp_path / "train" / "a.h5", vol["kspace"], vol["rss"])
+  cfg = dataclasses.replace(CFG, maps="espirit")
+  with pytest.raises(fastmri.DataError, match=r"a.h5: key 'kspace', slice 0: expected finite"):
+    data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache", workers=2)
+  assert len(list((tmp_path / "cache").glob("*.npz"))) < 15
+
+
+def _noise(rng, coils, shape, std=1e-4):
+  return (std * (rng.standard_normal((coils, *shape)) + 1j * rng.standard_normal((coils, *shape)))
+          ).astype(np.complex64)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_empty_slices_are_skipped_and_logged(tmp_path, count_prepare, workers):
+  # A 15-coil file (ESPIRiT finds no coil in pure noise with fastMRI's coil counts; with 4 coils
+  # it does not tell noise from signal) whose first slice is all zero, second noise only and a
+  # middle one noise only: those three are skipped; the rest are kept, in order, once.
+  coils, slices = 15, 6
+  rng = np.random.default_rng(3)
+  vol = synthetic.make_volume(rng, size=SIZE, coils=coils, slices=slices)
+  kspace = vol["kspace"]
+  kspace[0] = 0
+  for i in (1, 3):
+    kspace[i] = _noise(rng, coils, kspace.shape[2:])
+  (tmp_path / "train").mkdir()
+  fastmri.write_volume(tmp_path / "train" / "edge.h5", kspace, vol["rss"])
+  cfg = dataclasses.replace(CFG, maps="espirit")
+  messages = []
+  split = data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache", with_maps=True,
+                          workers=workers, log=messages.append)
+  assert split.ids == [("edge.h5", i) for i in (2, 4, 5)]
+  assert [(f, i) for f, i, _ in split.skipped] == [("edge.h5", i) for i in (0, 1, 3)]
+  assert split.skipped[0][2] == "all-zero k-space"
+  assert "espirit coil maps cover 0.00% of the grid" in split.skipped[1][2]
+  assert any("skipped 3 of 6 slices" in m for m in messages)
+  assert len(split.x) == len(split.y) == len(split.scale) == len(split.maps) == 3
+  assert np.isfinite(split.x).all() and (split.scale > 0).all()
+  # The kept slices are those prepared on their own, compacted in place.
+  for row, index in enumerate((2, 4, 5)):
+    one = data.prepare_slice(fastmri.to_grid(kspace[index], SIZE), split.mask, cfg)
+    np.testing.assert_allclose(split.x[row], one["x"], atol=1e-6)
+  # Patches of consecutive slices do not span the skipped slice 3: only (4, 5) is one.
+  np.testing.assert_array_equal(data.volume_patches(split, 2), [[1, 2]])
+  # The decision is cached: a second load prepares nothing.
+  calls = len(count_prepare)
+  again = data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache", with_maps=True)
+  assert len(count_prepare) == calls
+  _assert_same(split, again)
+  # Low-resolution maps cover noise too (another cache key): only all-zero k-space stays out.
+  keep = data.load_split(tmp_path, "train", dataclasses.replace(cfg, maps="lowres"),
+                         cache_dir=tmp_path / "cache")
+  assert [i for _, i in keep.ids] == [1, 2, 3, 4, 5]
+
+
+def test_a_split_of_empty_slices_is_refused(tmp_path):
+  (tmp_path / "train").mkdir()
+  fastmri.write_volume(tmp_path / "train" / "zero.h5", np.zeros((2, COILS, 2 * SIZE, SIZE),
+                                                                np.complex64),
+                       np.zeros((2, SIZE, SIZE)))
+  with pytest.raises(fastmri.DataError, match=r"train: every slice of 1 file\(s\) was skipped .*"
+                                               r"zero.h5, key 'kspace', slice 0: all-zero"):
+    data.load_split(tmp_path, "train", CFG, cache_dir=tmp_path / "cache")
+
+
+def test_a_file_in_two_splits_is_refused(tmp_path, dataset):
+  # A symlink and a copy of a training file in val: the same subject in both splits.
+  load = lambda root, split: data.load_split(root, split, CFG, cache_dir=tmp_path / "cache")
+  train = load(dataset, "train")
+  data.check_disjoint({"train": train, "val": load(dataset, "val")})
+  for how, make in (("is the same file as", lambda src, dst: dst.symlink_to(src)),
+                    ("holds the same k-space as", lambda src, dst: dst.write_bytes(src.read_bytes()))):
+    root = tmp_path / how.replace(" ", "_")
+    (root / "val").mkdir(parents=True)
+    make(dataset / "train" / "synth_train_001.h5", root / "val" / "copy.h5")
+    with pytest.raises(fastmri.DataError, match=rf"copy.h5 \(val\) {how} .*synth_train_001.h5 "
+                                                 r"\(train\): a subject in two splits"):
+      data.check_disjoint({"train": train, "val": load(root, "val")})
 
 
 # The synthetic dataset.

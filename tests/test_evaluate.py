@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from matplotlib.image import imread
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from lwjax import config as config_lib
+from lwjax import data as data_lib
 from lwjax import evaluate
 from lwjax import figures
 from lwjax import train
@@ -89,6 +91,31 @@ def test_volume_metrics_follow_fastmri_per_file(finished_run):
       assert len(values[metric]) == len(result["volumes"])
       assert value == pytest.approx(np.mean(values[metric]), rel=1e-12)
   assert "## fastMRI's volume-wise convention" in (workdir / "report.md").read_text()
+
+
+def test_other_data_is_evaluated_beside_the_run_not_over_it(finished_run, tmp_path):
+  workdir, _, result = finished_run
+  own = (workdir / "eval.json").read_bytes()
+  assert result["own_data"] and result["data_dir"] == "" and result["skipped"] == []
+  # The run's own data moved elsewhere is still its data: evaluated into the workdir.
+  moved = tmp_path / "moved"
+  shutil.copytree(workdir / "data", moved)
+  cfg = evaluate.load_config(workdir, data_dir=str(moved))
+  assert evaluate.output_dir(cfg, evaluate.validation_split(cfg)) == (workdir, True)
+  # Other data (another seed): its own folder; the run's evaluation stays as it was.
+  other = data_lib.make_synthetic_dataset(
+      tmp_path / "knee", train_subjects=1, val_subjects=1, slices=2, coils=TINY.synth_coils,
+      size=TINY.image_size, seed=TINY.synth_seed + 1)
+  got = evaluate.run(workdir, mesh=_mesh(), data_dir=str(other))
+  out = workdir / "eval_knee"
+  assert (workdir / "eval.json").read_bytes() == own
+  assert json.loads((out / "eval.json").read_text()) == got
+  assert got["data_dir"] == str(other) and not got["own_data"]
+  assert got["mean"]["e2e"]["3"]["psnr"] != result["mean"]["e2e"]["3"]["psnr"]
+  report = (out / "report.md").read_text()
+  assert f"Data: {other} (not the run's validation data)" in report
+  for link in ("figures/metrics_vs_depth.png", "figures/examples.png"):
+    assert f"]({link})" in report and (out / link).is_file()
 
 
 def test_volume_metrics_group_slices_by_file():

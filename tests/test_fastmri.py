@@ -1,4 +1,7 @@
 """The fastMRI file format: writing, reading, validation errors and the grid."""
+import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import h5py
@@ -112,15 +115,39 @@ def test_list_volumes(tmp_path):
     fastmri.list_volumes(tmp_path / "empty", "train")
   with pytest.raises(fastmri.DataError, match="split: expected one of"):
     fastmri.list_volumes(tmp_path / "plain", "test")
+  # Both layouts at once: which one is meant is the user's to say.
+  (tmp_path / "plain" / "multicoil_train").mkdir()
+  fastmri.write_volume(tmp_path / "plain" / "multicoil_train" / "c.h5", kspace, rss)
+  with pytest.raises(fastmri.DataError, match=r"split 'train' is in both .*plain/train and "
+                                               r".*plain/multicoil_train"):
+    fastmri.list_volumes(tmp_path / "plain", "train")
+
+
+def test_list_volumes_names_the_files_it_ignores(tmp_path, caplog):
+  kspace, rss = _random_volume(np.random.default_rng(0))
+  split = tmp_path / "train"
+  (split / "sub").mkdir(parents=True)
+  fastmri.write_volume(split / "a.h5", kspace, rss)
+  fastmri.write_volume(split / "sub" / "b.h5", kspace, rss)
+  fastmri.write_volume(split / "c.hdf5", kspace, rss)
+  with caplog.at_level("WARNING"):
+    assert [p.name for p in fastmri.list_volumes(tmp_path, "train")] == ["a.h5"]
+  assert "ignoring 2 file(s) in sub-folders or not named *.h5" in caplog.text
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda p: p, r"missing.h5: no such file"),
+    (lambda p: p, r"missing.h5: expected a fastMRI .h5 volume, found no such file"),
+    (lambda p: (p.mkdir(), p)[1], r"missing.h5: expected a fastMRI .h5 volume, found a directory"),
+    (lambda p: (p.symlink_to(p.with_name("gone.h5")), p)[1],
+     r"missing.h5: expected a fastMRI .h5 volume, found a broken symbolic link"),
+    (lambda p: (p.touch(), p)[1], r"missing.h5: expected an HDF5 file, found an empty one"),
     (lambda p: (p.write_text("not hdf5"), p)[1], r"missing.h5: expected an HDF5 file"),
     (lambda p: _h5(p, other=np.zeros(3)),
      r"missing.h5: expected a dataset 'kspace', found keys \['other'\]"),
     (lambda p: _h5(p, kspace=np.zeros((2, 3, 8, 8), np.float32)),
-     r"missing.h5: key 'kspace': expected a complex dtype, found float32"),
+     r"missing.h5: key 'kspace': expected a complex dtype, found float32 \(2, 3, 8, 8\)$"),
+    (lambda p: _h5(p, kspace=np.zeros((2, 3, 8, 8, 2), np.float32)),
+     r"missing.h5: key 'kspace': expected a complex dtype, found float32 .*real and imaginary"),
     (lambda p: _h5(p, kspace=np.zeros((2, 8, 8), np.complex64)),
      r"missing.h5: key 'kspace': expected .*4-D.*found shape \(2, 8, 8\).*multi-coil"),
     (lambda p: _h5(p, kspace=np.zeros((8, 8), np.complex64)),
@@ -143,6 +170,18 @@ def test_damaged_files_name_the_file(tmp_path):
   path = tmp_path / "vol.h5"
   fastmri.write_volume(path, kspace, rss)
   good = path.read_bytes()
+  # A file another process is writing (HDF5 locks it): not called damaged.
+  writer = subprocess.Popen(
+      [sys.executable, "-c", "import h5py, sys; f = h5py.File(sys.argv[1], 'a'); print(1, "
+       "flush=True); sys.stdin.read()", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+      env={k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}, text=True)
+  try:
+    assert writer.stdout.readline().strip() == "1"
+    with pytest.raises(fastmri.DataError, match=r"vol.h5: expected a readable HDF5 file, found it "
+                                                 r"locked.*HDF5_USE_FILE_LOCKING=FALSE"):
+      fastmri.open_volume(path)
+  finally:
+    writer.communicate("", timeout=60)
   path.write_bytes(good[:len(good) // 2])  # an interrupted download
   for read in (fastmri.open_volume, lambda p: fastmri.read_slice(p, 0)):
     with pytest.raises(fastmri.DataError, match=r"vol.h5: expected a readable HDF5 file, found a "

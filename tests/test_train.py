@@ -209,8 +209,8 @@ def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
   (other / "val" / "synth_val_000.h5").rename(other / "val" / "another.h5")
   (other / "train" / "synth_train_000.h5").unlink()
   (moved / "train" / "synth_train_000.h5").rename(other / "train" / "synth_train_000.h5")
-  with pytest.raises(ValueError, match=r"other val data \(synth_val_000.h5 \(2 slices\) there, "
-                                       r"another.h5 \(2\) now\)"):
+  with pytest.raises(ValueError, match=r"other val data: synth_val_000.h5 \(2 slices\) there, "
+                                       r"another.h5 \(2\) now;"):
     train.run(dataclasses.replace(tiny, data_dir=str(other)), mesh=train.make_mesh(1))
 
 
@@ -226,6 +226,13 @@ def test_settings_refused_by_the_data_leave_the_workdir_free(tmp_path):
     with pytest.raises(ValueError, match=needle):
       train.run(dataclasses.replace(tiny, **bad), mesh=train.make_mesh(1))
     assert not (tmp_path / "run" / "config.json").exists()
+  # A training file also in val (a symlink): refused as a subject in two splits.
+  leak = tmp_path / "leak"
+  data_lib.make_synthetic_dataset(leak, train_subjects=1, val_subjects=1, slices=2, coils=2, size=16)
+  (leak / "val" / "copy.h5").symlink_to(leak / "train" / "synth_train_000.h5")
+  with pytest.raises(ValueError, match=r"copy.h5 \(val\) is the same file as"):
+    train.run(dataclasses.replace(tiny, data_dir=str(leak)), mesh=train.make_mesh(1))
+  assert not (tmp_path / "run" / "config.json").exists()
   train.run(tiny, mesh=train.make_mesh(1))
   assert config_lib.load(tmp_path / "run" / "config.json") == tiny
 
