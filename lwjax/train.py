@@ -522,10 +522,19 @@ def stage_report_path(workdir, method: str, index: int) -> Path:
   return Path(workdir).absolute() / "stages" / method / f"stage_{index}.json"
 
 
+@functools.lru_cache(maxsize=32)
+def _prefix_fn(net: nets.DeepNet, n: int) -> Callable:
+  """The jitted ``(layers, x) -> h_n``, one per (net, n): a convex stage runs the prefix over the
+  data several times (beta_max, each FISTA power iteration, certificate, head refit), and a new
+  jitted function per pass would recompile (and on a GPU re-autotune) it every time."""
+  return jax.jit(lambda f, x: nets.prefix_features(net, f, x, n))
+
+
 def _features(net: nets.DeepNet, layers: Params, inputs, n: int,
               batch_size: int) -> Iterator[jax.Array]:
-  """``h_n`` of the layers ``convs_0 .. convs_{n-1}`` on ``inputs``, batch by batch (on device)."""
-  prefix = jax.jit(lambda f, x: nets.prefix_features(net, f, x, n))
+  """``h_n`` of the layers ``convs_0 .. convs_{n-1}`` on ``inputs``, batch by batch (on device):
+  (batch, *spatial, features) each."""
+  prefix = _prefix_fn(net, n)
   for start in range(0, len(inputs), batch_size):
     yield prefix(layers, jnp.asarray(inputs[start:start + batch_size]))
 

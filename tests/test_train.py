@@ -99,6 +99,22 @@ def test_layerwise_freezes_the_prefix_and_ends_as_a_deep_net(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_the_prefix_is_compiled_once_for_every_pass(monkeypatch):
+  # A convex stage runs the frozen prefix over the data several times (beta_max, FISTA's power
+  # iterations, certificate, refit): each pass must reuse one compiled function.
+  traces = []
+  prefix = nets.prefix_features
+  monkeypatch.setattr(nets, "prefix_features", lambda *a: traces.append(1) or prefix(*a))
+  train._prefix_fn.cache_clear()
+  net = train.network_template(CFG)
+  params = nets.init(jax.random.key(0), (1, 8, 8, 2), depth=3, features=4, kernel_size=3)
+  x = toy_arrays()["x"]
+  passes = [np.concatenate(list(train._features(net, params, x, 2, 4))) for _ in range(3)]
+  assert len(traces) == 1
+  np.testing.assert_array_equal(passes[0], passes[2])
+  np.testing.assert_allclose(passes[0], prefix(net, params, x, 2), rtol=1e-5, atol=1e-6)
+
+
 def test_validate_rejects_bad_settings():
   for change, flag in [({"method": "layerwise,sgd"}, "method"), ({"depth": 1}, "depth"),
                        ({"batch_size": 6}, "batch_size"), ({"mask": "radial"}, "mask"),
