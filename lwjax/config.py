@@ -8,9 +8,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-METHODS = ("layerwise_convex", "layerwise", "e2e")
-MASKS = ("poisson", "cartesian", "equispaced")
-MAPS = ("espirit", "lowres")
+from lwjax import coils
+from lwjax import masks
+
+# The layer-wise stage kinds (``train.STAGES`` builds each) and the end-to-end baseline.
+LAYERWISE = ("layerwise_convex", "layerwise")
+METHODS = LAYERWISE + ("e2e",)
+MASKS = masks.KINDS
+MAPS = coils.METHODS
 SOLVERS = ("adam", "fista")
 DTYPES = ("float32", "bfloat16")
 FEATURE_CACHES = ("none", "host", "disk", "device")

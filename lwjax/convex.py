@@ -193,7 +193,11 @@ def _np_groups(tree):
 
 def _np_group_norms(tree):
   """(2, P, C_out) group norms of ``{"v", "z"}`` in float64 NumPy."""
-  w = _np_groups(tree)
+  return _np_norms(_np_groups(tree))
+
+
+def _np_norms(w):
+  """(2, P, C_out) group norms of groups stacked by ``_np_groups``."""
   return np.sqrt(np.sum(w * w, tuple(range(1, w.ndim - 2))))
 
 
@@ -219,7 +223,7 @@ def duality_gap(variables, neg_grad, *, data, beta):
   """
   w, q = _np_groups(variables), _np_groups(neg_grad)
   axes = tuple(range(1, w.ndim - 2))
-  norms, q_norms = np.sqrt(np.sum(w * w, axes)), np.sqrt(np.sum(q * q, axes))
+  norms, q_norms = _np_norms(w), _np_norms(q)
   s = min(1.0, beta / q_norms.max()) if q_norms.max() > 0 else 1.0
   objective = data + beta * norms.sum()
   gap = (1 - s) ** 2 * data + np.sum(beta * norms - s * np.sum(w * q, axes))
@@ -365,10 +369,6 @@ def _normal_op(variables, h, *, gate_seed):
   return vjp(out)[0]
 
 
-def _tree_norm(tree):
-  return jnp.sqrt(_vdot(tree, tree))
-
-
 def _needs_prepare() -> optax.GradientTransformation:
   def fail(*args, **kwargs):
     raise RuntimeError("this convex stage sets its solver up (FISTA's step size, a relative "
@@ -455,7 +455,7 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
       return _finalize(variables, feature_batches, beta=beta, rho=rho, gate_seed=gate_seed,
                        refit_head=refit_head)
 
-    st = stage.Stage(name="layerwise_convex", init=init, loss=loss, tx=tx, to_layer=to_layer,
+    st = stage.Stage(init=init, loss=loss, tx=tx, to_layer=to_layer,
                      finalize=finalize)
     if solver == "fista":
       st = dataclasses.replace(st, solution=fista_solution, epochs=fista_iters, full_pass=True)
@@ -500,7 +500,7 @@ def _lipschitz(feature_batches, shape, gate_seed, iters):
   w = {"v": jnp.asarray(start[0]), "z": jnp.asarray(start[1])}
   lipschitz = 0.0
   for _ in range(iters):
-    norm = _tree_norm(w)
+    norm = optax.tree_utils.tree_norm(w)
     w = jax.tree.map(lambda a: a / norm, w)
     acc, elements = None, 0
     for h, skip, _ in feature_batches():
@@ -508,7 +508,8 @@ def _lipschitz(feature_batches, shape, gate_seed, iters):
       acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
       elements += skip.size
     w = jax.tree.map(lambda a: a / elements, acc)
-    lipschitz = float(_tree_norm(w))  # |A^T A w| / M with |w| = 1: a lower bound on L.
+    # |A^T A w| / M with |w| = 1: a lower bound on L.
+    lipschitz = float(optax.tree_utils.tree_norm(w))
   return lipschitz
 
 

@@ -34,8 +34,7 @@ import numpy as np
 from lwjax import nets
 from lwjax import train
 from lwjax.config import Config
-
-LAYERWISE = ("layerwise", "layerwise_convex")
+from lwjax.config import LAYERWISE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +58,13 @@ class Network:
 
 
 def networks(cfg: Config, coils: int = 15) -> list[Network]:
-  """e2e at ``--depth``, every non-convex stage, and every convex stage if the run trains them;
+  """e2e at ``--depth``, every non-convex stage (paper figure 4's layer-wise reference), and every
+  stage of the other layer-wise methods the run trains;
   for ``--model=unrolled``: e2e through ``--unroll_iters`` iterations and one stage (each stage
   trains one iteration on the frozen earlier ones' output: the same step), with ``coils`` coils."""
   if cfg.model == "unrolled":
     return [Network("e2e", cfg.unroll_iters, coils), Network("layerwise", 1, coils)]
-  layerwise = ["layerwise"] + [m for m in cfg.methods if m == "layerwise_convex"]
+  layerwise = ["layerwise"] + [m for m in LAYERWISE if m != "layerwise" and m in cfg.methods]
   return [Network("e2e", cfg.depth)] + [Network(m, d) for m in layerwise
                                         for d in range(2, cfg.depth + 1)]
 

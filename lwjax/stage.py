@@ -41,9 +41,11 @@ class Stage:
   """One layer-wise stage: its variables, objective, solver and the way back to a ReLU layer.
 
   Attributes:
-    name: method name used in logs and summary.json ("layerwise", "layerwise_convex").
-    init: ``(rng, h_shape) -> variables``.
-    loss: the objective (see ``LossFn``); its ``aux`` must contain ``"mse"``.
+    init: ``(rng, h_shape) -> variables``, ``h_shape = (1, *spatial, C_in)`` the stage's input
+      features (the prefix's output, or the 2-channel image for stage 1).
+    loss: ``(variables, h, skip, y, weight=None) -> (scalar objective, aux)``: ``h`` (B, *spatial,
+      C_in), ``skip`` and ``y`` (B, *spatial, 2), ``weight`` (B,) or None; ``aux`` must contain
+      ``"mse"``. ``train.stage_loss`` wraps it as the loop's ``LossFn``.
     tx: the solver as an optax transformation (Adam, or FISTA for the convex stage).
     to_layer: ``variables -> {"conv": {"kernel", "bias"}, "head": {"kernel", "bias"}}``.
     solution: ``(variables, opt_state) -> variables`` to keep; FISTA's iterate lives in its state.
@@ -57,7 +59,6 @@ class Stage:
     full_pass: every epoch must see every example (a full-batch solver: FISTA accumulates one
       gradient per epoch); ``train.fit`` then pads the last batch with weight-0 rows.
   """
-  name: str
   init: Callable[[jax.Array, tuple], Params]
   loss: LossFn
   tx: optax.GradientTransformation
@@ -81,5 +82,5 @@ def nonconvex(*, features, kernel_size, ndim, tx, dtype=jnp.float32) -> Stage:
     mse2 = half_mse(module.apply({"params": variables}, h, skip), y, weight)
     return mse2, {"mse": 2.0 * mse2}
 
-  return Stage(name="layerwise", init=init, loss=loss, tx=tx,
+  return Stage(init=init, loss=loss, tx=tx,
                to_layer=lambda v: {"conv": v["conv"], "head": v["head"]})

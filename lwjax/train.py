@@ -172,11 +172,6 @@ def adam(cfg: Config, steps_per_epoch: int, weight_decay: float = 0.0):
 # ----------------------------------------------------------------------------------------------
 # The training step and loop.
 
-def tree_norm(tree) -> jax.Array:
-  """The l2 norm of all leaves of a pytree together."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 # loss_fn(params, frozen, batch) -> (scalar objective, dict of scalar diagnostics).
 LossFn = Callable[[Params, Params, dict], tuple[jax.Array, dict]]
 
@@ -192,7 +187,8 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, batch)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    measurements = {"loss": loss, "grad_norm": tree_norm(grads), "param_norm": tree_norm(params),
+    measurements = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
+                    "param_norm": optax.tree_utils.tree_norm(params),
                     **aux}
     return {"params": params, "opt": opt, "step": state["step"] + 1}, measurements
 
@@ -493,29 +489,43 @@ def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsL
   return params
 
 
+def _nonconvex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.Stage:
+  del index  # Every non-convex stage is built alike.
+  spe = data_lib.steps_per_epoch(num_examples, cfg.batch_size)
+  return stage_lib.nonconvex(features=cfg.features, kernel_size=cfg.kernel, ndim=cfg.ndim,
+                             tx=adam(cfg, spe, cfg.weight_decay),
+                             dtype=jnp.dtype(cfg.compute_dtype))
+
+
+def _convex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.Stage:
+  from lwjax import convex  # The convex stage is only needed by this method.
+  fista = cfg.convex_solver == "fista"  # One full-batch step per epoch, over every example.
+  return convex.convex_stage(
+      features=cfg.features, kernel_size=cfg.kernel, ndim=cfg.ndim, beta=cfg.beta, rho=cfg.rho,
+      solver=cfg.convex_solver, tx=adam(cfg, data_lib.steps_per_epoch(num_examples, cfg.batch_size)),
+      gate_seed=cfg.gate_seed + index, refit_head=cfg.refit_head, fista_iters=cfg.fista_iters,
+      steps_per_epoch=data_lib.steps_per_epoch(num_examples, cfg.batch_size, full_pass=fista),
+      relative_beta=cfg.beta_relative, dtype=jnp.dtype(cfg.compute_dtype))
+
+
+# Every layer-wise method (``config.LAYERWISE``): ``(cfg, num_examples, index) -> Stage``. A new
+# stage kind is a ``stage.Stage`` factory, an entry here and its name in ``config.LAYERWISE``.
+STAGES: dict[str, Callable[[Config, int, int], stage_lib.Stage]] = {
+    "layerwise": _nonconvex_stage,
+    "layerwise_convex": _convex_stage,
+}
+
+
 def make_stage(method: str, cfg: Config, num_examples: int,
                index: int = 0) -> stage_lib.Stage:
-  """Stage ``index + 1`` of ``method`` ("layerwise" or "layerwise_convex") configured from ``cfg``,
-  for a training set of ``num_examples`` examples (the optimisers' steps per epoch).
+  """Stage ``index + 1`` of the layer-wise ``method`` (a key of ``STAGES``) configured from
+  ``cfg``, for a training set of ``num_examples`` examples (the optimisers' steps per epoch).
 
   Each convex stage draws its own gate filters (seed ``--gate_seed + index``).
   """
-  dtype = jnp.dtype(cfg.compute_dtype)
-  ndim = cfg.ndim
-  spe = data_lib.steps_per_epoch(num_examples, cfg.batch_size)
-  if method == "layerwise":
-    return stage_lib.nonconvex(features=cfg.features, kernel_size=cfg.kernel, ndim=ndim,
-                               tx=adam(cfg, spe, cfg.weight_decay), dtype=dtype)
-  if method == "layerwise_convex":
-    from lwjax import convex  # The convex stage is only needed by this method.
-    fista = cfg.convex_solver == "fista"  # One full-batch step per epoch, over every example.
-    return convex.convex_stage(
-        features=cfg.features, kernel_size=cfg.kernel, ndim=ndim, beta=cfg.beta, rho=cfg.rho,
-        solver=cfg.convex_solver, tx=adam(cfg, spe), gate_seed=cfg.gate_seed + index,
-        refit_head=cfg.refit_head, fista_iters=cfg.fista_iters,
-        steps_per_epoch=data_lib.steps_per_epoch(num_examples, cfg.batch_size, full_pass=fista),
-        relative_beta=cfg.beta_relative, dtype=dtype)
-  raise ValueError(f"unknown layer-wise method {method!r}")
+  if method not in STAGES:
+    raise ValueError(f"unknown layer-wise method {method!r}: expected one of {', '.join(STAGES)}")
+  return STAGES[method](cfg, num_examples, index)
 
 
 def stage_report_path(workdir, method: str, index: int) -> Path:
