@@ -84,7 +84,7 @@ class Config:
   lambda_lr: float = 0.0  # unrolled model: Adam learning rate of log lambda, on the --lr schedule (0: --lr; Adam moves log lambda by about this much per step)
   cg_iters: int = 10  # unrolled model: conjugate-gradient steps per data-consistency step
   ndim: int = 2  # spatial dimensions of the network: 2 (slices) or 3 (volume patches of --volume_depth consecutive slices of one file, kernels --kernel_depth x --kernel_size x --kernel_size)
-  volume_depth: int = 8  # 3D: slices per volume patch (a file's last slices that fill no patch are dropped)
+  volume_depth: int = 8  # 3D: slices per volume patch (slices that fill no patch, at a file's end or before a skipped slice, are dropped)
   kernel_depth: int = 0  # 3D: kernel extent across slices (0: --kernel_size; e.g. 3 with --kernel_size=7 for 3x7x7 kernels on thick slices)
 
   @property

@@ -155,8 +155,9 @@ def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
   maps = coils.estimate(kspace_grid * mask, cfg.maps, calib=calib)
   coverage = float(np.mean(np.any(maps != 0, axis=0)))
   if coverage < cfg.min_map_coverage:
-    raise EmptySlice(f"{cfg.maps} coil maps cover {coverage:.2%} of the grid, below "
-                     f"--min_map_coverage={cfg.min_map_coverage:g} (a noise-only slice?)")
+    raise EmptySlice(f"{cfg.maps} coil maps cover {coverage:.2%} of the grid, less than "
+                     f"--min_map_coverage={cfg.min_map_coverage:g} ({cfg.min_map_coverage:.2%}; "
+                     "a noise-only slice?)")
   x = sense.zero_filled(kspace_grid, maps, mask)
   y = sense.zero_filled(kspace_grid, maps, np.ones_like(mask))
   scale = float(np.abs(x).max())
@@ -397,7 +398,13 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
     first = min(skipped)
     if log:
       log(f"{split}: skipped {len(skipped)} of {total} slices with nothing to reconstruct (e.g. "
-          f"{slices[first][1].path.name} slice {slices[first][2]}: {skipped[first]})")
+          f"{slices[first][1].path.name} slice {slices[first][2]}: {skipped[first]}; all are "
+          "listed in the run's data.json)")
+      left = {slices[i][0] for i in range(total) if i not in skipped}
+      emptied = [info.path.name for v, info in enumerate(infos) if v not in left]
+      if emptied:
+        log(f"{split}: {len(emptied)} file(s) have no slice left and are not used (e.g. "
+            f"{emptied[0]})")
     for new, old in enumerate(kept):  # Compacted in place (kept is increasing): no second copy.
       if new != old:
         for out in arrays.values():
@@ -438,7 +445,7 @@ def volume_patches(split: Split, depth: int) -> np.ndarray:
   Raises ValueError naming ``--volume_depth`` when no file has ``depth`` slices."""
   if depth < 1:
     raise ValueError(f"--volume_depth={depth}: expected >= 1")
-  groups = []
+  groups, longest = [], 0
   for v in np.unique(split.volume_index):
     rows = np.flatnonzero(split.volume_index == v)
     index = np.array([split.ids[r][1] for r in rows])
@@ -446,11 +453,12 @@ def volume_patches(split: Split, depth: int) -> np.ndarray:
     rows, index = rows[order], index[order]
     # Runs of consecutive slices: a skipped slice (Split.skipped) breaks a run.
     for run in np.split(rows, np.flatnonzero(np.diff(index) != 1) + 1):
+      longest = max(longest, len(run))
       groups += [run[i:i + depth] for i in range(0, len(run) - depth + 1, depth)]
   if not groups:
-    longest = max(np.bincount(split.volume_index)) if len(split.volume_index) else 0
-    raise ValueError(f"--volume_depth={depth}: expected at most the slices of the longest file "
-                     f"({longest}), or no volume patch fits")
+    raise ValueError(f"--volume_depth={depth}: expected at most the longest run of consecutive "
+                     f"slices of a file ({longest}; skipped slices break runs), or no volume "
+                     "patch fits")
   return np.stack(groups)
 
 

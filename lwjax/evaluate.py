@@ -48,7 +48,7 @@ OVERRIDABLE = ("data_dir", "eval_batch_size")
 # Representative slices of examples.png: the median and the 10th percentile of the reference
 # network's PSNR, a typical and a hard slice (the very worst is often an all-noise edge slice).
 EXAMPLE_QUANTILES = (0.5, 0.1)
-METRICS = ("psnr", "ssim", "nmse")
+METRICS = tuple(metrics_lib.NAMES)
 
 
 def load_config(workdir, **overrides) -> Config:
@@ -218,8 +218,9 @@ def mean_lines(means: dict) -> list[str]:
   lines = []
   for name, entry in means.items():
     for depth, m in ({"": entry} if _is_metrics(entry) else entry).items():
-      lines.append(f"{name:>18} {depth:>2}: PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}  "
-                   f"NMSE {m['nmse']:.4g}")
+      lines.append(f"{name:>18} {depth:>2}: " + "  ".join(
+          f"{n} {m[k]:{fmt}}{' ' + unit if unit else ''}"
+          for k, (n, unit, fmt) in metrics_lib.NAMES.items()))
   return lines
 
 
@@ -257,8 +258,14 @@ def stage_reports(cfg: Config) -> dict:
   return out
 
 
-def _cell(values, fmt):
-  return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}"
+def _cells(values: dict) -> list[str]:
+  """"mean ± std" of each metric's values, in ``METRICS`` order and format."""
+  return [f"{np.mean(values[k]):{fmt}} ± {np.std(values[k]):{fmt}}"
+          for k, (_, _, fmt) in metrics_lib.NAMES.items()]
+
+
+def _row(cells) -> str:
+  return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict) -> str:
@@ -276,36 +283,32 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
            f"{'x'.join(map(str, cfg.kernel))} kernels. Per-slice PSNR, SSIM and NMSE of "
            "magnitude images (data range: each target slice's maximum), mean ± std over slices; "
            "the gap is the method minus e2e at the same depth.", "",
-           "| network | depth | PSNR (dB) | SSIM | NMSE | PSNR gap (dB) | SSIM gap |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           _row(["network", "depth"] + [metrics_lib.label(k) for k in METRICS]
+                + [f"{metrics_lib.label(k)} gap" for k in METRICS]),
+           _row(["---"] + ["---:"] * (1 + 2 * len(METRICS)))]
+  blank = [""] * len(METRICS)
   for name, label in (("zero_filled", "zero-filled"), ("cg_sense", "CG-SENSE")):
     if name in per_slice:
-      z = per_slice[name]
-      lines.append(f"| {label} | | {_cell(z['psnr'], '.2f')} | {_cell(z['ssim'], '.4f')} | "
-                   f"{_cell(z['nmse'], '.4f')} | | |")
+      lines.append(_row([label, ""] + _cells(per_slice[name]) + blank))
   ref_method = unrolled.METHODS["e2e"] if cfg.model == "unrolled" else "e2e"
   e2e = mean.get(ref_method, {})
   for method, depth in trained_networks(cfg):
-    m = per_slice[method][str(depth)]
-    gap = ["", ""]
+    gap = blank
     if method != ref_method and str(depth) in e2e:
-      ref = e2e[str(depth)]
-      gap = [f"{mean[method][str(depth)]['psnr'] - ref['psnr']:+.2f}",
-             f"{mean[method][str(depth)]['ssim'] - ref['ssim']:+.4f}"]
-    lines.append(f"| {method} | {depth} | {_cell(m['psnr'], '.2f')} | {_cell(m['ssim'], '.4f')} "
-                 f"| {_cell(m['nmse'], '.4f')} | {gap[0]} | {gap[1]} |")
+      means, ref = mean[method][str(depth)], e2e[str(depth)]
+      gap = [f"{means[k] - ref[k]:+{metrics_lib.NAMES[k][2]}}" for k in METRICS]
+    lines.append(_row([method, depth] + _cells(per_slice[method][str(depth)]) + gap))
   lines += ["", "## fastMRI's volume-wise convention", "",
             f"Per file ({len(result['volumes'])}): data range the volume's maximum, PSNR and NMSE "
             "over the volume's evaluated slices (a 3D run drops a file's last slices that fill "
             "no patch), SSIM the mean over them (fastMRI's evaluate.py); mean ± std over files.",
-            "",
-            "| network | depth | PSNR (dB) | SSIM | NMSE |", "| --- | ---: | ---: | ---: | ---: |"]
+            "", _row(["network", "depth"] + [metrics_lib.label(k) for k in METRICS]),
+            _row(["---"] + ["---:"] * (1 + len(METRICS)))]
   per_volume = result["per_volume"]
   rows = [(label, "", per_volume[name]) for name, label in
           (("zero_filled", "zero-filled"), ("cg_sense", "CG-SENSE")) if name in per_volume]
   rows += [(m, d, per_volume[m][str(d)]) for m, d in trained_networks(cfg)]
-  lines += [f"| {label} | {depth} | {_cell(v['psnr'], '.2f')} | {_cell(v['ssim'], '.4f')} | "
-            f"{_cell(v['nmse'], '.4f')} |" for label, depth, v in rows]
+  lines += [_row([label, depth] + _cells(v)) for label, depth, v in rows]
   for method, reports in stages.items():
     keys = sorted({k for r in reports.values() for k in r})
     lines += ["", f"## {method}: stage reports", "",
@@ -336,19 +339,25 @@ def draw_figures(cfg: Config, result: dict, columns: dict, records: list[dict],
 def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bool]:
   """Where an evaluation writes, and whether it is on the run's own validation data.
 
-  The run's data (its data.json's validation record, wherever the files are now): the workdir.
-  Other data (``--data_dir`` elsewhere): ``WORKDIR/eval_<data_dir name>/``, so that it never
-  overwrites the run's own evaluation. ``out_dir`` wins when given.
+  The run's data (its data.json's validation record, wherever the files are now; a run without
+  data.json: its config.json's data folder): the workdir. Other data (``--data_dir`` elsewhere):
+  ``WORKDIR/eval_<data folder name>/``, so that it never overwrites the run's own evaluation.
+  ``out_dir`` wins when given.
   """
   workdir = Path(cfg.workdir)
   record = workdir / "data.json"
-  own = not cfg.data_dir  # A run without data.json (older) on its own synthetic data.
   if record.exists():
     was = json.loads(record.read_text()).get("val")
     own = was is not None and train.data_difference(was, train.data_record(val)) is None
+  else:
+    run_dir = config_lib.load(workdir / "config.json").data_dir
+    own = (not cfg.data_dir and not run_dir) or bool(
+        cfg.data_dir and run_dir and Path(cfg.data_dir).resolve() == Path(run_dir).resolve())
   if out_dir:
     return Path(out_dir).absolute(), own
-  return (workdir if own else workdir / f"eval_{Path(cfg.data_dir).name}"), own
+  if own:
+    return workdir, own
+  return workdir / f"eval_{Path(cfg.data_dir).resolve().name}", own
 
 
 def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_dir=None,
@@ -367,15 +376,21 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
   mesh = mesh or train.make_mesh()
   val = validation_split(cfg, log=log)
   out, own = output_dir(cfg, val, out_dir)
+  data_dir = str(Path(cfg.data_dir).absolute()) if cfg.data_dir else ""
   if not own:
-    log(f"{cfg.data_dir or 'the data'}: not the run's validation data (its data.json); "
-        f"writing to {out}")
+    log(f"{data_dir}: not the run's validation data; writing to {out}")
+    previous = out / "eval.json"
+    if previous.exists():
+      other = json.loads(previous.read_text()).get("data_dir")
+      if other != data_dir:
+        raise ValueError(f"{previous}: holds the evaluation of {other or 'other data'}, not of "
+                         f"{data_dir}; choose another folder with --out_dir")
   per_slice, per_volume, outputs, slices = per_slice_metrics(cfg, val, mesh=mesh)
   method, depth = final_networks(cfg)[0]
   examples = representative_slices(per_slice[method][str(depth)]["psnr"])
   as_lists = lambda tree: _map_metrics(lambda m: {k: v.tolist() for k, v in m.items()}, tree)
   file_of = {int(val.volume_index[i]): val.ids[i][0] for i in slices}
-  result = {"data_dir": str(Path(cfg.data_dir).absolute()) if cfg.data_dir else "",
+  result = {"data_dir": data_dir,
             "own_data": own,
             "per_slice": as_lists(per_slice),
             "mean": _map_metrics(train.mean_metrics, per_slice),

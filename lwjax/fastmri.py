@@ -144,13 +144,16 @@ def list_volumes(data_dir, split) -> list[Path]:
   found_in = {d: sorted(f for f in d.glob("*.h5") if not f.name.startswith("."))
               for d in candidates}
   full = [d for d in candidates if found_in[d]]
+  if len(full) > 1 and full[0].resolve() == full[1].resolve():  # One folder linked as both.
+    full = full[:1]
   if len(full) > 1:
     raise DataError(f"{data_dir}: split '{split}' is in both {full[0]} and {full[1]}; expected "
                     "one of them (move or remove the other)")
   if full:
     files = found_in[full[0]]
+    listed = set(files)
     ignored = [f for f in full[0].rglob("*") if f.suffix.lower() in (".h5", ".hdf5")
-               and f not in files and not f.name.startswith(".")]
+               and f not in listed and not f.name.startswith(".")]
     if ignored:
       logging.warning("%s: ignoring %d file(s) in sub-folders or not named *.h5 (e.g. %s): a "
                       "split's volumes are %s/*.h5", full[0], len(ignored), ignored[0], full[0])

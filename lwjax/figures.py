@@ -13,10 +13,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from lwjax import metrics
+
 DPI = 100
 PANEL = 2.5  # inches per image panel in example_grid
 TILE = 1.25  # inches per tile in image_grid
-_METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM"}
+_METRIC_LABELS = {k: metrics.label(k) for k in ("psnr", "ssim")}  # The paper's figure 2 panels.
 
 
 def _save(fig, path):

@@ -7,14 +7,25 @@ K1 = 0.01, K2 = 0.03, sample covariance) and with ``data_range`` the target's ma
 that maximum over a whole volume; here it is each target slice's maximum, because the paper reports
 slice-based numbers. An all-zero target slice therefore has no defined PSNR or SSIM.
 
-All functions are pure and jitted (inside a caller's jit they are simply inlined), batched over any
-leading axes, and computed in the inputs' floating dtype (float32 unless x64 is enabled).
+The metric functions are pure and jitted (inside a caller's jit they are simply inlined), batched
+over any leading axes, and computed in the inputs' floating dtype (float32 unless x64 is enabled).
+``NAMES`` lists what ``slice_metrics`` and ``volume_metrics`` return: reports, tables and printed
+lines are built from it, so a new metric is one function, one entry there and one key in each.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+# Every reported metric: key -> (name, unit, format of its values).
+NAMES = {"psnr": ("PSNR", "dB", ".2f"), "ssim": ("SSIM", "", ".4f"), "nmse": ("NMSE", "", ".4g")}
+
+
+def label(key: str) -> str:
+  """A metric's column or axis label, e.g. "PSNR (dB)"."""
+  name, unit, _ = NAMES[key]
+  return f"{name} ({unit})" if unit else name
 
 
 def magnitude(x):

@@ -763,10 +763,9 @@ def _check_same_data(workdir: Path, splits: dict[str, data_lib.Split]) -> None:
 
 
 def prep_config(cfg: Config) -> data_lib.PrepConfig:
-  return data_lib.PrepConfig(image_size=cfg.image_size, mask=cfg.mask, accel=cfg.accel,
-                             calib=cfg.calib, center_fraction=cfg.center_fraction,
-                             mask_seed=cfg.mask_seed, maps=cfg.maps,
-                             min_map_coverage=cfg.min_map_coverage)
+  """The data-preparation settings of ``cfg`` (``PrepConfig``'s fields are ``Config`` fields)."""
+  return data_lib.PrepConfig(**{f.name: getattr(cfg, f.name)
+                                for f in dataclasses.fields(data_lib.PrepConfig)})
 
 
 def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Split, ...]:
@@ -819,8 +818,9 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
   if cfg.ndim == 3:
     in_patches = lambda s: data_lib.volume_patches(s, cfg.volume_depth).size
     logging.info("3D: patches of %d slices hold %d of %d training and %d of %d validation slices "
-                 "(a file's last slices that fill no patch are dropped)", cfg.volume_depth,
-                 in_patches(train), len(train.x), in_patches(val), len(val.x))
+                 "(slices that fill no patch, at a file's end or before a skipped slice, are "
+                 "dropped)", cfg.volume_depth, in_patches(train), len(train.x), in_patches(val),
+                 len(val.x))
   log = MetricsLog(workdir)
   summary_path = workdir / "summary.json"
   if cfg.model == "unrolled":

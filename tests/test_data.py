@@ -304,15 +304,21 @@ def test_empty_slices_are_skipped_and_logged(tmp_path, count_prepare, workers):
     kspace[i] = _noise(rng, coils, kspace.shape[2:])
   (tmp_path / "train").mkdir()
   fastmri.write_volume(tmp_path / "train" / "edge.h5", kspace, vol["rss"])
+  fastmri.write_volume(tmp_path / "train" / "z_empty.h5", np.zeros_like(kspace[:2]),
+                       vol["rss"][:2])  # A file with no slice left.
   cfg = dataclasses.replace(CFG, maps="espirit")
   messages = []
   split = data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache", with_maps=True,
                           workers=workers, log=messages.append)
   assert split.ids == [("edge.h5", i) for i in (2, 4, 5)]
-  assert [(f, i) for f, i, _ in split.skipped] == [("edge.h5", i) for i in (0, 1, 3)]
+  assert [(f, i) for f, i, _ in split.skipped] == [("edge.h5", i) for i in (0, 1, 3)] + [
+      ("z_empty.h5", 0), ("z_empty.h5", 1)]
   assert split.skipped[0][2] == "all-zero k-space"
-  assert "espirit coil maps cover 0.00% of the grid" in split.skipped[1][2]
-  assert any("skipped 3 of 6 slices" in m for m in messages)
+  assert "espirit coil maps cover 0.00% of the grid, less than --min_map_coverage=0.01 (1.00%" in (
+      split.skipped[1][2])
+  assert any("skipped 5 of 8 slices" in m and "data.json" in m for m in messages)
+  assert any("1 file(s) have no slice left and are not used (e.g. z_empty.h5)" in m
+             for m in messages)
   assert len(split.x) == len(split.y) == len(split.scale) == len(split.maps) == 3
   assert np.isfinite(split.x).all() and (split.scale > 0).all()
   # The kept slices are those prepared on their own, compacted in place.
@@ -329,7 +335,7 @@ def test_empty_slices_are_skipped_and_logged(tmp_path, count_prepare, workers):
   # Low-resolution maps cover noise too (another cache key): only all-zero k-space stays out.
   keep = data.load_split(tmp_path, "train", dataclasses.replace(cfg, maps="lowres"),
                          cache_dir=tmp_path / "cache")
-  assert [i for _, i in keep.ids] == [1, 2, 3, 4, 5]
+  assert keep.ids == [("edge.h5", i) for i in (1, 2, 3, 4, 5)]
 
 
 def test_a_split_of_empty_slices_is_refused(tmp_path):

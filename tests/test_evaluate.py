@@ -102,6 +102,15 @@ def test_other_data_is_evaluated_beside_the_run_not_over_it(finished_run, tmp_pa
   shutil.copytree(workdir / "data", moved)
   cfg = evaluate.load_config(workdir, data_dir=str(moved))
   assert evaluate.output_dir(cfg, evaluate.validation_split(cfg)) == (workdir, True)
+  # A run without data.json (older runs): its config.json's data is its own.
+  (workdir / "data.json").rename(tmp_path / "data.json")
+  try:
+    cfg = evaluate.load_config(workdir)
+    assert evaluate.output_dir(cfg, evaluate.validation_split(cfg)) == (workdir, True)
+    cfg = evaluate.load_config(workdir, data_dir=str(moved))
+    assert evaluate.output_dir(cfg, None) == (workdir / "eval_moved", False)
+  finally:
+    (tmp_path / "data.json").rename(workdir / "data.json")
   # Other data (another seed): its own folder; the run's evaluation stays as it was.
   other = data_lib.make_synthetic_dataset(
       tmp_path / "knee", train_subjects=1, val_subjects=1, slices=2, coils=TINY.synth_coils,
@@ -116,6 +125,11 @@ def test_other_data_is_evaluated_beside_the_run_not_over_it(finished_run, tmp_pa
   assert f"Data: {other} (not the run's validation data)" in report
   for link in ("figures/metrics_vs_depth.png", "figures/examples.png"):
     assert f"]({link})" in report and (out / link).is_file()
+  # Another folder of the same name is not written over that evaluation.
+  shutil.copytree(other, tmp_path / "elsewhere" / "knee")
+  with pytest.raises(ValueError, match=r"eval_knee/eval.json: holds the evaluation of .*knee, not "
+                                       r"of .*elsewhere/knee; choose another folder with --out_dir"):
+    evaluate.run(workdir, mesh=_mesh(), data_dir=str(tmp_path / "elsewhere" / "knee"))
 
 
 def test_volume_metrics_group_slices_by_file():

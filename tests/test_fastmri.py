@@ -121,6 +121,9 @@ def test_list_volumes(tmp_path):
   with pytest.raises(fastmri.DataError, match=r"split 'train' is in both .*plain/train and "
                                                r".*plain/multicoil_train"):
     fastmri.list_volumes(tmp_path / "plain", "train")
+  # One folder linked under both names is one layout.
+  (tmp_path / "fastmri" / "val").symlink_to(tmp_path / "fastmri" / "multicoil_val")
+  assert [p.name for p in fastmri.list_volumes(tmp_path / "fastmri", "val")] == ["file1000.h5"]
 
 
 def test_list_volumes_names_the_files_it_ignores(tmp_path, caplog):

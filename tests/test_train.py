@@ -238,7 +238,8 @@ def test_settings_refused_by_the_data_leave_the_workdir_free(tmp_path):
       synth_coils=2, maps="lowres", depth=2, features=4, kernel_size=3, epochs=1, batch_size=2,
       method="e2e", log_every=0, workdir=str(tmp_path / "run"))
   for bad, needle in (({"batch_size": 3}, r"--batch_size=3: expected 1..2"),
-                      ({"ndim": 3, "volume_depth": 3}, r"--volume_depth=3: .*longest file \(2\)")):
+                      ({"ndim": 3, "volume_depth": 3},
+                       r"--volume_depth=3: .*longest run of consecutive slices of a file \(2;")):
     with pytest.raises(ValueError, match=needle):
       train.run(dataclasses.replace(tiny, **bad), mesh=train.make_mesh(1))
     assert not (tmp_path / "run" / "config.json").exists()
