@@ -330,21 +330,55 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
         f"in H or W and are zero-padded in image space (e.g. {small[0]})")
   Path(cache_dir).mkdir(parents=True, exist_ok=True)
   slices = [(v, info, index) for v, info in enumerate(infos) for index in range(info.num_slices)]
-  total = len(slices)
-  every = max(1, total // 10)
-  # The split's arrays, filled slice by slice as entries are read or prepared: the host holds
-  # the split once (1.6 MB per 320x320 slice, plus 2 x 8 bytes per pixel and coil with maps and
-  # k-space), never a list of entries besides it.
-  size, num_coils = cfg.image_size, coil_counts[-1]
+  arrays = _split_arrays(len(slices), cfg.image_size, coil_counts[-1], with_maps=with_maps,
+                         with_kspace=with_kspace, storage=storage, scratch_dir=cache_dir)
+  skipped = _fill_split(arrays, slices, mask, cfg, split=split, cache_dir=cache_dir,
+                        with_maps=with_maps, with_kspace=with_kspace, workers=workers, log=log)
+  kept = [i for i in range(len(slices)) if i not in skipped]
+  name = lambda i: f"{slices[i][1].path.name} slice {slices[i][2]}"
+  if not kept:
+    first = min(skipped)
+    raise fastmri.DataError(
+        f"{split}: every slice of {len(infos)} file(s) was skipped as empty (e.g. "
+        f"{slices[first][1].path}, key '{fastmri.KSPACE}', slice {slices[first][2]}: "
+        f"{skipped[first]}); expected slices with signal")
+  if skipped and log:
+    first = min(skipped)
+    log(f"{split}: skipped {len(skipped)} of {len(slices)} slices with nothing to reconstruct "
+        f"(e.g. {name(first)}: {skipped[first]}; all are listed in the run's data.json)")
+    left = {slices[i][0] for i in kept}
+    emptied = [info.path.name for v, info in enumerate(infos) if v not in left]
+    if emptied:
+      log(f"{split}: {len(emptied)} file(s) have no slice left and are not used (e.g. "
+          f"{emptied[0]})")
+  return Split(mask=mask, ids=[(slices[i][1].path.name, slices[i][2]) for i in kept],
+               volume_index=np.asarray([slices[i][0] for i in kept], int),
+               paths=[info.path for info in infos],
+               skipped=[(slices[i][1].path.name, slices[i][2], why)
+                        for i, why in sorted(skipped.items())],
+               **_compact(arrays, kept))
+
+
+def _split_arrays(total, size, num_coils, *, with_maps, with_kspace, storage,
+                  scratch_dir) -> dict[str, np.ndarray]:
+  """A split's zero arrays of ``total`` slices (``x``, ``y``, ``scale``; ``maps``, ``kspace``
+  when asked), filled slice by slice as entries are read or prepared: the host holds the split
+  once (1.6 MB per 320x320 slice, plus 2 x 8 bytes per pixel and coil with maps and k-space),
+  never a list of entries besides it."""
   shapes = {"x": ((total, size, size, 2), np.float32), "y": ((total, size, size, 2), np.float32),
             "scale": ((total,), np.float32)}
   for key, wanted in (("maps", with_maps), ("kspace", with_kspace)):
     if wanted:
       shapes[key] = ((total, num_coils, size, size), np.complex64)
-  arrays = {k: _host_array(shape, dtype, storage if k != "scale" else "memory", cache_dir)
-            for k, (shape, dtype) in shapes.items()}
+  return {k: _host_array(shape, dtype, storage if k != "scale" else "memory", scratch_dir)
+          for k, (shape, dtype) in shapes.items()}
 
-  skipped = {}  # slice -> why (EmptySlice)
+
+def _fill_split(arrays, slices, mask, cfg, *, split, cache_dir, with_maps, with_kspace, workers,
+                log) -> dict[int, str]:
+  """Fills row i of ``arrays`` with slice ``slices[i] = (volume, info, index)``, from the cache or
+  prepared by ``workers`` processes; returns the skipped rows' reasons (``EmptySlice``)."""
+  total, skipped = len(slices), {}
 
   def store(i: int, entry: dict) -> None:
     if _SKIP in entry:
@@ -380,6 +414,7 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
     finally:  # On an error, the slices not started yet are dropped, not prepared first.
       pool.shutdown(wait=True, cancel_futures=True)
 
+  every = max(1, total // 10)
   pool_note = f", {workers} workers" if workers > 1 else ""
   for done, (i, entry) in enumerate(prepared(), start=hits + 1):
     store(i, entry)
@@ -387,35 +422,19 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
       log(f"{split}: prepared {done}/{total} slices ({hits} from cache{pool_note})")
   if log and not missing:
     log(f"{split}: prepared {total}/{total} slices ({hits} from cache)")
-  kept = [i for i in range(total) if i not in skipped]
-  if not kept:
-    first = min(skipped)
-    raise fastmri.DataError(
-        f"{split}: every slice of {len(infos)} file(s) was skipped as empty (e.g. "
-        f"{slices[first][1].path}, key '{fastmri.KSPACE}', slice {slices[first][2]}: "
-        f"{skipped[first]}); expected slices with signal")
-  if skipped:
-    first = min(skipped)
-    if log:
-      log(f"{split}: skipped {len(skipped)} of {total} slices with nothing to reconstruct (e.g. "
-          f"{slices[first][1].path.name} slice {slices[first][2]}: {skipped[first]}; all are "
-          "listed in the run's data.json)")
-      left = {slices[i][0] for i in range(total) if i not in skipped}
-      emptied = [info.path.name for v, info in enumerate(infos) if v not in left]
-      if emptied:
-        log(f"{split}: {len(emptied)} file(s) have no slice left and are not used (e.g. "
-            f"{emptied[0]})")
-    for new, old in enumerate(kept):  # Compacted in place (kept is increasing): no second copy.
-      if new != old:
-        for out in arrays.values():
-          out[new] = out[old]
-    arrays = {k: v[:len(kept)] for k, v in arrays.items()}
-  ids = [(slices[i][1].path.name, slices[i][2]) for i in kept]
-  volume_index = [slices[i][0] for i in kept]
-  return Split(mask=mask, ids=ids, volume_index=np.asarray(volume_index, int),
-               paths=[info.path for info in infos],
-               skipped=[(slices[i][1].path.name, slices[i][2], why)
-                        for i, why in sorted(skipped.items())], **arrays)
+  return skipped
+
+
+def _compact(arrays: dict[str, np.ndarray], kept: list[int]) -> dict[str, np.ndarray]:
+  """The rows ``kept`` (increasing) of each array, moved down in place: no second copy of the
+  split (in memory or memory-mapped); the arrays themselves when nothing was dropped."""
+  if len(kept) == len(next(iter(arrays.values()))):
+    return arrays
+  for new, old in enumerate(kept):
+    if new != old:
+      for out in arrays.values():
+        out[new] = out[old]
+  return {k: v[:len(kept)] for k, v in arrays.items()}
 
 
 def check_disjoint(splits: dict[str, Split]) -> None:

@@ -20,7 +20,7 @@ predicts the validation split with each and writes:
 Other data than the run's (``--data_dir``) is evaluated into ``WORKDIR/eval_<its name>/`` instead
 (``output_dir``), so that the run's own evaluation is never overwritten.
 
-Metrics are the trainer's (``train.slice_metrics``): slice-based PSNR, SSIM and NMSE on magnitude
+Metrics are the trainer's (``metrics.per_slice``): slice-based PSNR, SSIM and NMSE on magnitude
 images, data range = each target slice's maximum (the paper's); and fastMRI's volume-wise ones, for
 comparison with fastMRI results (on SENSE-combined targets here, not fastMRI's RSS images). Every kind of run is evaluated as its trainer
 evaluates it: 2D slices, 3D volume patches (metrics per slice of each patch) or the unrolled
@@ -140,25 +140,13 @@ def validation_split(cfg: Config, log: Callable[[str], None] = lambda s: None) -
   return train.load_data(cfg, log=log, splits=("val",))[0]
 
 
-def volume_metrics(pred: np.ndarray, target: np.ndarray, volumes: np.ndarray) -> dict:
-  """fastMRI's volume-wise metrics (``metrics.volume_metrics``) of each file's slices.
-
-  ``pred``, ``target``: (N, H, W, 2) slices at their true relative intensities (not each scaled
-  by its own maximum); ``volumes`` (N,) their files. Returns ``{name: (V,) array}``, files in
-  ``np.unique(volumes)`` order."""
-  p, t = (np.asarray(metrics_lib.magnitude(a)) for a in (pred, target))
-  rows = [metrics_lib.volume_metrics(p[volumes == v], t[volumes == v])
-          for v in np.unique(volumes)]
-  return {k: np.asarray([float(r[k]) for r in rows]) for k in METRICS}
-
-
 def per_slice_metrics(cfg: Config, val: data_lib.Split,
                       *, mesh) -> tuple[dict, dict, dict, np.ndarray]:
   """Metrics of the baselines and of every saved network, per evaluated slice and per file.
 
   Returns ``(metrics, volume, outputs, slices)``: metrics ``{"zero_filled": m, ["cg_sense": m,]
   method: {"<depth>": m}}`` with m ``{name: (N,) array}``; ``volume`` the same tree of fastMRI's
-  volume-wise metrics, ``{name: (V,) array}`` per file (``volume_metrics``); ``outputs`` the
+  volume-wise metrics, ``{name: (V,) array}`` per file (``metrics.per_file``); ``outputs`` the
   magnitude images of the zero-filled input, each method's deepest network and the target
   (``example_columns``); ``slices`` (N,) the evaluated slices' indices into ``val``.
   """
@@ -176,8 +164,8 @@ def per_slice_metrics(cfg: Config, val: data_lib.Split,
 
   def measure(pred, *path):
     """Records the metrics of ``pred`` (N, H, W, 2) under ``path`` in both trees."""
-    for tree, value in ((out, train.slice_metrics(pred, y)),
-                        (volume, volume_metrics(pred * scale, y_true, volumes))):
+    for tree, value in ((out, metrics_lib.per_slice(pred, y)),
+                        (volume, metrics_lib.per_file(pred * scale, y_true, volumes))):
       for key in path[:-1]:
         tree = tree.setdefault(key, {})
       tree[path[-1]] = value
@@ -393,13 +381,13 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
   result = {"data_dir": data_dir,
             "own_data": own,
             "per_slice": as_lists(per_slice),
-            "mean": _map_metrics(train.mean_metrics, per_slice),
+            "mean": _map_metrics(metrics_lib.means, per_slice),
             "slices": [[val.ids[i][0], int(val.ids[i][1])] for i in slices],
             "skipped": [list(s) for s in val.skipped],
             "examples": examples,
             "per_volume": as_lists(per_volume),
-            "volume_mean": _map_metrics(train.mean_metrics, per_volume),
-            "volumes": [file_of[v] for v in sorted(file_of)]}  # volume_metrics' order
+            "volume_mean": _map_metrics(metrics_lib.means, per_volume),
+            "volumes": [file_of[v] for v in sorted(file_of)]}  # metrics.per_file's order
   out.mkdir(parents=True, exist_ok=True)
   train.write_json(out / "eval.json", result)
   figure_files = draw_figures(cfg, result, example_columns(outputs, examples), records,

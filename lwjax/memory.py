@@ -111,8 +111,7 @@ def abstract_step(cfg: Config, network: Network, batch_size: int):
     return unrolled.abstract_step(cfg, "e2e" if network.method == "e2e" else "stagewise",
                                   batch_size, coils=network.coils)
   loss_fn, tx, params, frozen = _step_inputs(cfg, network)
-  state = {"params": params, "opt": jax.eval_shape(tx.init, params),
-           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  state = jax.eval_shape(lambda p: train.init_state(p, tx), params)
   image = jax.ShapeDtypeStruct((batch_size,) + cfg.spatial + (2,), jnp.float32)
   return loss_fn, tx, state, frozen, {"x": image, "y": image}
 
@@ -246,8 +245,7 @@ def run_steps(cfg: Config, network: Network, batch_size: int, *, steps: int = 3,
   # The same shapes as the analysed step, now allocated (the values do not change the memory).
   materialise = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
   params, frozen = materialise(state["params"]), materialise(frozen)
-  state = jax.device_put({"params": params, "opt": tx.init(params),
-                          "step": jnp.zeros((), jnp.int32)}, train.replicated(mesh))
+  state = jax.device_put(train.init_state(params, tx), train.replicated(mesh))
   batch = train.put_batch({k: np.zeros(v.shape, v.dtype) for k, v in batch.items()}, mesh)
   step = train.make_step(loss_fn, tx, mesh)
   for _ in range(steps):

@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 # Every reported metric: key -> (name, unit, format of its values).
 NAMES = {"psnr": ("PSNR", "dB", ".2f"), "ssim": ("SSIM", "", ".4f"), "nmse": ("NMSE", "", ".4g")}
@@ -138,3 +139,28 @@ def volume_metrics(pred, target):
   flat = lambda a: a.reshape(-1, a.shape[-1])
   return {"psnr": psnr(flat(pred), flat(target)), "ssim": ssim(pred, target, target.max()).mean(),
           "nmse": nmse(flat(pred), flat(target))}
+
+
+# ----------------------------------------------------------------------------------------------
+# On host arrays, as the trainer and the evaluation report them.
+
+def per_slice(pred, target) -> dict[str, np.ndarray]:
+  """``slice_metrics`` of host arrays: ``{name: (S,) float64}``, S slices (N, or N * D)."""
+  return {k: np.asarray(v, np.float64)
+          for k, v in slice_metrics(jnp.asarray(pred), jnp.asarray(target)).items()}
+
+
+def per_file(pred, target, volumes) -> dict[str, np.ndarray]:
+  """fastMRI's volume-wise metrics (``volume_metrics``) of each file's slices.
+
+  ``pred``, ``target``: (N, H, W, 2) slices at their true relative intensities (not each scaled
+  by its own maximum); ``volumes`` (N,) their files. Returns ``{name: (V,) float64}``, files in
+  ``np.unique(volumes)`` order."""
+  p, t = (np.asarray(magnitude(jnp.asarray(a))) for a in (pred, target))
+  rows = [volume_metrics(p[volumes == v], t[volumes == v]) for v in np.unique(volumes)]
+  return {k: np.asarray([float(r[k]) for r in rows]) for k in NAMES}
+
+
+def means(values: dict) -> dict[str, float]:
+  """The mean of each metric's values (summary.json's entries)."""
+  return {k: float(np.mean(v)) for k, v in values.items()}

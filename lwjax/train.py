@@ -172,6 +172,12 @@ def adam(cfg: Config, steps_per_epoch: int, weight_decay: float = 0.0):
 # ----------------------------------------------------------------------------------------------
 # The training step and loop.
 
+def init_state(params: Params, tx: optax.GradientTransformation) -> dict:
+  """The state ``make_step`` trains: ``{"params", "opt", "step"}`` (abstract under
+  ``jax.eval_shape``)."""
+  return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
 # loss_fn(params, frozen, batch) -> (scalar objective, dict of scalar diagnostics).
 LossFn = Callable[[Params, Params, dict], tuple[jax.Array, dict]]
 
@@ -253,8 +259,7 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
   spe = data_lib.steps_per_epoch(n, cfg.batch_size, full_pass)
   num_devices = mesh.devices.size
   rep = replicated(mesh)
-  state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-  state = jax.device_put(state, rep)
+  state = jax.device_put(init_state(params, tx), rep)
   frozen = jax.device_put(frozen, rep)
 
   ckpt_dir = Path(cfg.workdir).absolute() / "checkpoints" / phase
@@ -362,16 +367,6 @@ def predict(net: nets.DeepNet, params: Params, x: np.ndarray, *, mesh: Mesh,
             batch_size: int) -> np.ndarray:
   """The network's output for every example of ``x`` (N, *spatial, 2), in order, on the host."""
   return map_batches(_forward_fn(net), params, {"x": x}, mesh=mesh, batch_size=batch_size)
-
-
-def slice_metrics(pred: np.ndarray, target: np.ndarray) -> dict:
-  """Per-slice PSNR / SSIM / NMSE (numpy (N,) each) on magnitude images."""
-  return {k: np.asarray(v, np.float64)
-          for k, v in metrics_lib.slice_metrics(jnp.asarray(pred), jnp.asarray(target)).items()}
-
-
-def mean_metrics(per_slice: dict) -> dict:
-  return {k: float(np.mean(v)) for k, v in per_slice.items()}
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -532,6 +527,27 @@ def stage_report_path(workdir, method: str, index: int) -> Path:
   return Path(workdir).absolute() / "stages" / method / f"stage_{index}.json"
 
 
+def finished_stage(workdir, method: str, index: int,
+                   depth: int) -> Optional[tuple[Params, dict]]:
+  """``(params, report)`` of stage ``index`` (1-based) of ``method`` if it is finished (its
+  report exists), the network of ``depth`` it ended with; None otherwise."""
+  report_path = stage_report_path(workdir, method, index)
+  if not report_path.exists():
+    return None
+  return load_params(params_dir(workdir, method, depth)), json.loads(report_path.read_text())
+
+
+def finish_stage(cfg: Config, log: MetricsLog, method: str, index: int, depth: int,
+                 params: Params, report: dict) -> dict:
+  """Saves a finished stage: the network of ``depth`` it ends with, a ``stage_done`` log line and,
+  last, its report (floats), whose presence marks the stage finished. Returns the report."""
+  save_params(params_dir(cfg.workdir, method, depth), params)
+  report = {k: float(v) for k, v in report.items()}
+  log.write({"phase": f"{method}_s{index}", "event": "stage_done", **report})
+  write_json(stage_report_path(cfg.workdir, method, index), report)
+  return report
+
+
 @functools.lru_cache(maxsize=32)
 def _prefix_fn(net: nets.DeepNet, n: int) -> Callable:
   """The jitted ``(layers, x) -> h_n``, one per (net, n): a convex stage runs the prefix over the
@@ -635,10 +651,10 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
   h_cached = None  # h_index of every training example, when --cache_features is on
   for index in range(cfg.depth - 1):
     depth = index + 2
-    report_path = stage_report_path(cfg.workdir, method, index + 1)
-    if report_path.exists():
-      params = load_params(params_dir(cfg.workdir, method, depth))
-      on_depth(depth, params, json.loads(report_path.read_text()))
+    finished = finished_stage(cfg.workdir, method, index + 1, depth)
+    if finished:
+      params = finished[0]
+      on_depth(depth, *finished)
       continue
     frozen = {k: v for k, v in params.items() if k.startswith("convs_")}
     arrays = {"x": train["x"], "y": train["y"]}
@@ -676,11 +692,7 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
       variables, final_report = stage.finalize(variables, feature_batches)
       report.update(final_report)
     params = nets.stack_layer(params, jax.device_get(stage.to_layer(variables)), index)
-    save_params(params_dir(cfg.workdir, method, depth), params)
-    report = {k: float(v) for k, v in report.items()}
-    log.write({"phase": f"{method}_s{index + 1}", "event": "stage_done", **report})
-    write_json(report_path, report)  # Last: its presence marks the stage finished.
-    on_depth(depth, params, report)
+    on_depth(depth, params, finish_stage(cfg, log, method, index + 1, depth, params, report))
   return params
 
 
@@ -828,14 +840,15 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
     return unrolled.run(cfg, train, val, mesh=mesh, log=log, summary_path=summary_path)
 
   (train_arrays, _), (val_arrays, _) = example_arrays(cfg, train), example_arrays(cfg, val)
-  summary = {"zero_filled": mean_metrics(slice_metrics(val_arrays["x"], val_arrays["y"])),
+  summary = {"zero_filled": metrics_lib.means(metrics_lib.per_slice(val_arrays["x"],
+                                                                     val_arrays["y"])),
              "stages": {}, "config": dataclasses.asdict(cfg)}
   net = network_template(cfg)
 
   def record(method, depth, params, report=None):
-    per_slice = slice_metrics(predict(net, params, val_arrays["x"], mesh=mesh,
+    per_slice = metrics_lib.per_slice(predict(net, params, val_arrays["x"], mesh=mesh,
                                       batch_size=cfg.eval_batch_size), val_arrays["y"])
-    means = record_eval(summary, summary_path, log, method, depth, mean_metrics(per_slice),
+    means = record_eval(summary, summary_path, log, method, depth, metrics_lib.means(per_slice),
                         report, stage=depth - 1, phase=f"{method}_d{depth}")
     logging.info("%s depth %d: PSNR %.2f dB SSIM %.4f NMSE %.4g (zero-filled %.2f dB)", method,
                  depth, means["psnr"], means["ssim"], means["nmse"],

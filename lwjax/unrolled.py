@@ -33,7 +33,6 @@ Training (``train_unrolled``), through ``train.fit``:
 """
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,6 +43,7 @@ import optax
 from absl import logging
 
 from lwjax import data as data_lib
+from lwjax import metrics
 from lwjax import nets
 from lwjax import sense
 from lwjax import stage as stage_lib
@@ -271,10 +271,10 @@ def train_unrolled(cfg: Config, mode: str, arrays: dict, mask, *, mesh, log: tra
 
   params: Params = {}
   for k in range(iters):
-    report_path = train_lib.stage_report_path(cfg.workdir, name, k + 1)
-    if report_path.exists():
-      params = train_lib.load_params(train_lib.params_dir(cfg.workdir, name, k + 1))
-      on_depth(k + 1, params, json.loads(report_path.read_text()))
+    finished = train_lib.finished_stage(cfg.workdir, name, k + 1, k + 1)
+    if finished:
+      params = finished[0]
+      on_depth(k + 1, *finished)
       continue
     # The frozen iterations' output, once for the whole stage (a deterministic function of the
     # saved prefix, so a resumed stage sees the same input).
@@ -285,11 +285,8 @@ def train_unrolled(cfg: Config, mode: str, arrays: dict, mask, *, mesh, log: tra
                            optimizer(cfg, spe), variables, frozen, {**arrays, "x_in": x_in},
                            cfg=cfg, mesh=mesh, epochs=cfg.epochs, log=log)
     params = {**params, **jax.device_get(result.state["params"])}
-    train_lib.save_params(train_lib.params_dir(cfg.workdir, name, k + 1), params)
-    report = {"lambda": lambdas(params)[k]}
-    log.write({"phase": f"{name}_s{k + 1}", "event": "stage_done", **report})
-    train_lib.write_json(report_path, report)  # Last: its presence marks the stage finished.
-    on_depth(k + 1, params, report)
+    on_depth(k + 1, params, train_lib.finish_stage(cfg, log, name, k + 1, k + 1, params,
+                                                   {"lambda": lambdas(params)[k]}))
   return params
 
 
@@ -309,8 +306,7 @@ def abstract_step(cfg: Config, mode: str, batch_size: int, *, coils: int):
   loss = (e2e_loss(net, cg_iters=cfg.cg_iters) if mode == "e2e"
           else stage_loss(net, 0, cg_iters=cfg.cg_iters))
   tx = optimizer(cfg, 1)
-  state = {"params": params, "opt": jax.eval_shape(tx.init, params),
-           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  state = jax.eval_shape(lambda p: train_lib.init_state(p, tx), params)
   image = jax.ShapeDtypeStruct((batch_size,) + spatial + (2,), jnp.float32)
   coil = jax.ShapeDtypeStruct((batch_size,) + spatial[:-2] + (coils,) + spatial[-2:],
                               jnp.complex64)
@@ -335,7 +331,7 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
   net = train_lib.network_template(cfg)
   mask = np.asarray(train.mask, np.float32)
   train_arrays, val_arrays = dc_arrays(cfg, train), dc_arrays(cfg, val)
-  slice_means = lambda pred: train_lib.mean_metrics(train_lib.slice_metrics(pred, val_arrays["y"]))
+  slice_means = lambda pred: metrics.means(metrics.per_slice(pred, val_arrays["y"]))
   summary = {"zero_filled": slice_means(val_arrays["x"]),
              "cg_sense": slice_means(cg_sense(val_arrays, mask, iters=cfg.cg_iters, mesh=mesh,
                                               batch_size=cfg.eval_batch_size)),

@@ -16,6 +16,7 @@ from lwjax import config as config_lib
 from lwjax import data as data_lib
 from lwjax import evaluate
 from lwjax import figures
+from lwjax import metrics
 from lwjax import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_volume_metrics_group_slices_by_file():
   rng = np.random.default_rng(0)
   pred, target = (rng.random((5, 16, 16, 2)).astype(np.float32) for _ in range(2))
   volumes = np.array([1, 0, 1, 0, 1])
-  got = evaluate.volume_metrics(pred, target, volumes)
+  got = metrics.per_file(pred, target, volumes)
   for v in (0, 1):
     mag = lambda a: np.hypot(a[volumes == v, ..., 0], a[volumes == v, ..., 1]).astype(np.float64)
     p, t = mag(pred), mag(target)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lwjax import config as config_lib
-from lwjax import data, nets, train, unrolled
+from lwjax import data, metrics, nets, train, unrolled
 
 SIZE, COILS = 8, 2
 
@@ -67,8 +67,8 @@ def test_metrics_are_per_2d_slice_for_volumes():
   rng = np.random.default_rng(1)
   target = rng.uniform(size=(2, 3, 16, 16, 2)).astype(np.float32)
   pred = (target + 0.1 * rng.normal(size=target.shape)).astype(np.float32)
-  per_volume = train.slice_metrics(pred, target)
-  per_slice = train.slice_metrics(pred.reshape(6, 16, 16, 2), target.reshape(6, 16, 16, 2))
+  per_volume = metrics.per_slice(pred, target)
+  per_slice = metrics.per_slice(pred.reshape(6, 16, 16, 2), target.reshape(6, 16, 16, 2))
   for k in ("psnr", "ssim", "nmse"):
     assert per_volume[k].shape == (6,)
     np.testing.assert_allclose(per_volume[k], per_slice[k], rtol=1e-6)
