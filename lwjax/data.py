@@ -10,6 +10,7 @@ Data consistency (the unrolled network) also needs the coil maps and the undersa
 ``scale`` as ``x``, so ``sense.zero_filled(kspace, maps, mask) == x`` as a complex image.
 ``to_volumes`` stacks consecutive slices of one file into volume patches for 3D networks.
 """
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -124,11 +125,6 @@ def calib_size(mask, calib) -> tuple[int, int]:
   return best
 
 
-def _channels(image) -> np.ndarray:
-  """(h, w) complex -> (h, w, 2) float32 (real, imaginary)."""
-  return np.stack([image.real, image.imag], axis=-1).astype(np.float32)
-
-
 def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
   """One slice's network input and target.
 
@@ -163,7 +159,7 @@ def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
   scale = float(np.abs(x).max())
   if not np.isfinite(scale) or scale <= 0:
     raise EmptySlice(f"zero-filled image: expected a finite positive maximum, found {scale}")
-  return dict(x=_channels(x / scale), y=_channels(y / scale),
+  return dict(x=sense.to_channels(x / scale), y=sense.to_channels(y / scale),
               maps=np.asarray(maps, np.complex64),
               kspace=np.asarray(kspace_grid * mask / scale, np.complex64), scale=scale)
 
@@ -435,6 +431,30 @@ def _compact(arrays: dict[str, np.ndarray], kept: list[int]) -> dict[str, np.nda
       for out in arrays.values():
         out[new] = out[old]
   return {k: v[:len(kept)] for k, v in arrays.items()}
+
+
+def data_record(split: Split) -> dict:
+  """What identifies a split's data: its files with their slice counts, and each slice's scale
+  (max |zero-filled image|: it changes with the content); and the skipped slices, for the user."""
+  files = collections.Counter(name for name, _ in split.ids)
+  return {"files": [[name, count] for name, count in files.items()],
+          "scale": [float(v) for v in split.scale],
+          "skipped": [list(s) for s in split.skipped]}
+
+
+def data_difference(was: dict, new: dict) -> Optional[str]:
+  """How a split's ``data_record`` ``new`` differs from ``was``, or None for the same data."""
+  if new["files"] != was["files"]:
+    diff = next(((a, b) for a, b in zip(was["files"], new["files"]) if a != b), None)
+    return (f"{diff[0][0]} ({diff[0][1]} slices) there, {diff[1][0]} ({diff[1][1]}) now"
+            if diff else f"{len(was['files'])} files there, {len(new['files'])} now")
+  # Scales are compared loosely: a rebuilt cache may differ in the last float32 bits.
+  close = np.isclose(new["scale"], was["scale"], rtol=1e-3, atol=0)
+  if not close.all():
+    i = int(np.argmax(~close))
+    return (f"the files have the same names but other content (slice {i} of the split: scale "
+            f"{was['scale'][i]:.6g} there, {new['scale'][i]:.6g} now)")
+  return None
 
 
 def check_disjoint(splits: dict[str, Split]) -> None:

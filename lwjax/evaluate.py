@@ -336,7 +336,7 @@ def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bo
   record = workdir / "data.json"
   if record.exists():
     was = json.loads(record.read_text()).get("val")
-    own = was is not None and train.data_difference(was, train.data_record(val)) is None
+    own = was is not None and data_lib.data_difference(was, data_lib.data_record(val)) is None
   else:
     run_dir = config_lib.load(workdir / "config.json").data_dir
     own = (not cfg.data_dir and not run_dir) or bool(

@@ -11,6 +11,18 @@ import numpy as np
 from lwjax.fft import array_module, fft2c, ifft2c
 
 
+def to_channels(z):
+  """(...) complex image -> (..., 2) float32 (real, imaginary): the networks' representation."""
+  xp = array_module(z)
+  return xp.stack([xp.real(z), xp.imag(z)], axis=-1).astype(xp.float32)
+
+
+def to_complex(x):
+  """(..., 2) real/imaginary channels -> (...) complex64."""
+  xp = array_module(x)
+  return (x[..., 0].astype(xp.float32) + 1j * x[..., 1].astype(xp.float32)).astype(xp.complex64)
+
+
 def forward(x, maps, mask):
   """``A x = mask * fft2c(maps * x)``: image (..., H, W) -> coil k-space (..., C, H, W)."""
   return mask * fft2c(maps * x[..., None, :, :])

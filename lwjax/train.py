@@ -734,41 +734,17 @@ def _check_examples(cfg: Config, train: data_lib.Split, val: data_lib.Split,
   data_lib.check_disjoint({"train": train, "val": val})
 
 
-def data_record(split: data_lib.Split) -> dict:
-  """What identifies a split's data: its files with their slice counts, and each slice's scale
-  (max |zero-filled image|: it changes with the content); and the skipped slices, for the user."""
-  files = collections.Counter(name for name, _ in split.ids)
-  return {"files": [[name, count] for name, count in files.items()],
-          "scale": [float(v) for v in split.scale],
-          "skipped": [list(s) for s in split.skipped]}
-
-
-def data_difference(was: dict, new: dict) -> Optional[str]:
-  """How a split's ``data_record`` ``new`` differs from ``was``, or None for the same data."""
-  if new["files"] != was["files"]:
-    diff = next(((a, b) for a, b in zip(was["files"], new["files"]) if a != b), None)
-    return (f"{diff[0][0]} ({diff[0][1]} slices) there, {diff[1][0]} ({diff[1][1]}) now"
-            if diff else f"{len(was['files'])} files there, {len(new['files'])} now")
-  # Scales are compared loosely: a rebuilt cache may differ in the last float32 bits.
-  close = np.isclose(new["scale"], was["scale"], rtol=1e-3, atol=0)
-  if not close.all():
-    i = int(np.argmax(~close))
-    return (f"the files have the same names but other content (slice {i} of the split: scale "
-            f"{was['scale'][i]:.6g} there, {new['scale'][i]:.6g} now)")
-  return None
-
-
 def _check_same_data(workdir: Path, splits: dict[str, data_lib.Split]) -> None:
   """Refuses to go on with a run on other data than it started on; the first run writes
   ``WORKDIR/data.json``. ``--data_dir`` may change (the data moved), the data may not."""
   path = workdir / "data.json"
-  record = {name: data_record(split) for name, split in splits.items()}
+  record = {name: data_lib.data_record(split) for name, split in splits.items()}
   if not path.exists():
     write_json(path, record)
     return
   old = json.loads(path.read_text())
   for name, new in record.items():
-    difference = data_difference(old.get(name, {"files": [], "scale": []}), new)
+    difference = data_lib.data_difference(old.get(name, {"files": [], "scale": []}), new)
     if difference:
       raise ValueError(f"{path}: this workdir was trained on other {name} data: {difference}; "
                        "use another --workdir, or the data it was trained on")

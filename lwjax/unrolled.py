@@ -59,16 +59,6 @@ MODES = {"e2e": "e2e", "layerwise": "stagewise"}
 # ----------------------------------------------------------------------------------------------
 # The model.
 
-def to_complex(x):
-  """(..., 2) real/imaginary channels -> (...) complex64."""
-  return jax.lax.complex(x[..., 0].astype(jnp.float32), x[..., 1].astype(jnp.float32))
-
-
-def to_channels(z):
-  """(...) complex -> (..., 2) float32 real/imaginary channels."""
-  return jnp.stack([jnp.real(z), jnp.imag(z)], axis=-1).astype(jnp.float32)
-
-
 def num_iters(params: Params) -> int:
   """Iterations of an unrolled parameter tree."""
   return sum(1 for name in params if name.startswith("iter_"))
@@ -84,8 +74,8 @@ def dc(z, kspace, maps, mask, lam, *, cg_iters):
 
   ``cg_iters`` CG steps on ``(A^H A + lam I) x = A^H y + lam z``, started at ``z``.
   """
-  x = sense.cg_sense(kspace, maps, mask, lam=lam, x0=to_complex(z), iters=cg_iters)
-  return to_channels(x)
+  x = sense.cg_sense(kspace, maps, mask, lam=lam, x0=sense.to_complex(z), iters=cg_iters)
+  return sense.to_channels(x)
 
 
 def iteration(net: nets.DeepNet, p: Params, x, kspace, maps, mask, *, cg_iters):
@@ -198,7 +188,7 @@ def _forward_fn(net: nets.DeepNet, cg_iters: int, iters: int) -> Callable:
 def _cg_sense_fn(iters: int) -> Callable:
   def fn(args, batch):
     _, mask = args
-    return to_channels(sense.cg_sense(batch["kspace"], batch["maps"], mask, iters=iters))
+    return sense.to_channels(sense.cg_sense(batch["kspace"], batch["maps"], mask, iters=iters))
   return fn
 
 

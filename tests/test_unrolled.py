@@ -108,9 +108,9 @@ def test_zero_cnn_and_vanishing_lambda_is_cg_sense(splits):
   args = (jnp.asarray(tr.kspace), jnp.asarray(tr.maps), jnp.asarray(tr.mask, jnp.float32))
   forward = jax.jit(lambda p, x, *args: unrolled.forward(net, p, x, *args, cg_iters=8))
   out = forward(params, jnp.asarray(tr.x), *args)
-  x_zf = unrolled.to_complex(jnp.asarray(tr.x))
+  x_zf = sense.to_complex(jnp.asarray(tr.x))
   expected = jax.jit(lambda x0, *args: sense.cg_sense(*args, x0=x0, iters=8))(x_zf, *args)
-  expected = unrolled.to_channels(expected)  # CG-SENSE (lambda = 0) started at x_zf
+  expected = sense.to_channels(expected)  # CG-SENSE (lambda = 0) started at x_zf
   np.testing.assert_allclose(out, expected, atol=1e-4 * float(jnp.abs(expected).max()))
   assert float(jnp.linalg.norm(out - tr.x)) > 0.1 * float(jnp.linalg.norm(tr.x))  # it did work
   # The zero CNN is the identity; a DC step with a large lambda keeps its input.
