@@ -87,7 +87,8 @@ def forward(net: DeepNet, params, x):
 
 
 def prefix_features(net: DeepNet, params, x, n: int):
-  """``h_n``: the first ``n`` ReLU layers of ``params`` on ``x``, without gradient.
+  """``h_n``: the first ``n`` ReLU layers of ``params`` on ``x`` (N, *spatial, 2), without
+  gradient: (N, *spatial, features), or ``x`` itself for ``n = 0``.
 
   The frozen prefix of layer-wise training: under ``stop_gradient`` no backward pass runs through
   it, so XLA keeps none of its activations alive for one.

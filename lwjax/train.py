@@ -185,8 +185,9 @@ LossFn = Callable[[Params, Params, dict], tuple[jax.Array, dict]]
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh):
   """A jitted pure update ``(state, frozen, batch) -> (state, metrics)``, data-parallel on mesh.
 
-  ``state = {"params", "opt", "step"}`` is replicated and donated; ``frozen`` (a layer-wise
-  prefix) is replicated and read only; the batch is split over the "data" axis. The mean loss
+  ``state = {"params", "opt", "step"}`` (``init_state``) is replicated and donated; ``frozen``,
+  the step's non-trained inputs (a layer-wise prefix; the unrolled model's mask), is replicated
+  and read only; the batch is split over the "data" axis. The mean loss
   over the global batch makes XLA insert the cross-device gradient reduction.
   """
   def step(state, frozen, batch):
@@ -643,7 +644,8 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
 
   With ``--cache_features`` the prefix runs once per stage over the training set (one layer on
   top of the previous stage's cached features) instead of in every step, so every stage costs
-  the same as the first, at the price of holding N x H x W x features floats (host or disk).
+  the same as the first, at the price of holding N x H x W x features floats (on the devices,
+  in host memory or on disk).
   """
   net = network_template(cfg)
   n = len(train["x"])
