@@ -69,7 +69,8 @@ class Split:
   maps: Optional[np.ndarray] = None  # (N, C, h, w) complex64 when asked for (C: the most coils)
   kspace: Optional[np.ndarray] = None  # (N, C, h, w) complex64 mask * kspace / scale, if asked
   paths: list[Path] = dataclasses.field(default_factory=list)  # the file of each volume_index
-  skipped: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)  # (file, slice, why)
+  # (file name, slice index, why) of the slices left out (EmptySlice), in file then slice order.
+  skipped: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
 
 
 def mask_for(cfg: PrepConfig) -> np.ndarray:

@@ -91,9 +91,8 @@ def trained_networks(cfg: Config) -> list[tuple[str, int]]:
   if cfg.model == "unrolled":
     out = []
     for method in cfg.methods:
-      mode = unrolled.MODES[method]
-      iters = range(1, cfg.unroll_iters + 1) if mode == "stagewise" else [cfg.unroll_iters]
-      out += [(unrolled.METHODS[mode], k) for k in iters]
+      iters = range(1, cfg.unroll_iters + 1) if method == "layerwise" else [cfg.unroll_iters]
+      out += [(unrolled.NAMES[method], k) for k in iters]
     return out
   return [(method, depth) for method in cfg.methods
           for depth in (cfg.depths_e2e if method == "e2e" else range(2, cfg.depth + 1))]
@@ -235,7 +234,7 @@ def stage_reports(cfg: Config) -> dict:
   """``{method: {stage: report}}`` of the finished layer-wise stages that report anything."""
   out = {}
   for method, depth in trained_networks(cfg):
-    if method in ("e2e", unrolled.METHODS["e2e"]):
+    if method in ("e2e", unrolled.NAMES["e2e"]):
       continue
     # A CNN stage i gives depth i + 1; an unrolled stage k gives k iterations.
     stage = depth if cfg.model == "unrolled" else depth - 1
@@ -266,8 +265,9 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
              f"slice {result['skipped'][0][1]}, ...)" if result["skipped"] else "")
   lines = [f"# Evaluation of {cfg.workdir}", "",
            f"Data: {data} ({origin}).", "",
-           f"{len(result['slices'])} validation slices from {files} file(s){skipped}; mask {cfg.mask} "
-           f"x{cfg.accel:g}, {cfg.image_size}x{cfg.image_size}, {cfg.features} channels, "
+           f"{len(result['slices'])} validation slices from {files} file(s){skipped}; mask "
+           f"{cfg.mask} x{cfg.accel:g}, {cfg.image_size}x{cfg.image_size}, {cfg.features} "
+           "channels, "
            f"{'x'.join(map(str, cfg.kernel))} kernels. Per-slice PSNR, SSIM and NMSE of "
            "magnitude images (data range: each target slice's maximum), mean ± std over slices; "
            "the gap is the method minus e2e at the same depth.", "",
@@ -278,7 +278,7 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
   for name, label in (("zero_filled", "zero-filled"), ("cg_sense", "CG-SENSE")):
     if name in per_slice:
       lines.append(_row([label, ""] + _cells(per_slice[name]) + blank))
-  ref_method = unrolled.METHODS["e2e"] if cfg.model == "unrolled" else "e2e"
+  ref_method = unrolled.NAMES["e2e"] if cfg.model == "unrolled" else "e2e"
   e2e = mean.get(ref_method, {})
   for method, depth in trained_networks(cfg):
     gap = blank

@@ -108,8 +108,7 @@ def abstract_step(cfg: Config, network: Network, batch_size: int):
   ``frozen`` and ``batch`` abstract (``jax.ShapeDtypeStruct``), ``batch_size`` examples."""
   if network.coils:
     from lwjax import unrolled  # It imports train; only its own steps need it here.
-    return unrolled.abstract_step(cfg, "e2e" if network.method == "e2e" else "stagewise",
-                                  batch_size, coils=network.coils)
+    return unrolled.abstract_step(cfg, network.method, batch_size, coils=network.coils)
   loss_fn, tx, params, frozen = _step_inputs(cfg, network)
   state = jax.eval_shape(lambda p: train.init_state(p, tx), params)
   image = jax.ShapeDtypeStruct((batch_size,) + cfg.spatial + (2,), jnp.float32)

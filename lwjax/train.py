@@ -496,9 +496,10 @@ def _nonconvex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.St
 def _convex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.Stage:
   from lwjax import convex  # The convex stage is only needed by this method.
   fista = cfg.convex_solver == "fista"  # One full-batch step per epoch, over every example.
+  spe = data_lib.steps_per_epoch(num_examples, cfg.batch_size)
   return convex.convex_stage(
       features=cfg.features, kernel_size=cfg.kernel, ndim=cfg.ndim, beta=cfg.beta, rho=cfg.rho,
-      solver=cfg.convex_solver, tx=adam(cfg, data_lib.steps_per_epoch(num_examples, cfg.batch_size)),
+      solver=cfg.convex_solver, tx=adam(cfg, spe),
       gate_seed=cfg.gate_seed + index, refit_head=cfg.refit_head, fista_iters=cfg.fista_iters,
       steps_per_epoch=data_lib.steps_per_epoch(num_examples, cfg.batch_size, full_pass=fista),
       relative_beta=cfg.beta_relative, dtype=jnp.dtype(cfg.compute_dtype))

@@ -23,11 +23,12 @@ inside the DC step; ``kspace`` and ``maps`` are ``(N, *lead, C, H, W)`` complex6
 slice by slice, each slice its own CG system, as a 2D multi-slice acquisition is encoded.
 
 Training (``train_unrolled``), through ``train.fit``:
-* ``e2e`` ("unrolled_e2e"): all iterations jointly. The backward pass runs through every CNN and
-  every CG step, so training memory grows with K * (CNN activations + cg_iters * coil images).
-* ``stagewise`` ("unrolled_stagewise"): stage k trains iteration k (CNN_k and lambda_k) to fit the
-  target on the output of iterations < k, which stay frozen. Their output is the stage's input,
-  computed once per stage for the training set (``x_in``: one image per example, the unrolled
+* ``--method=e2e`` ("unrolled_e2e"): all iterations jointly. The backward pass runs through every
+  CNN and every CG step, so training memory grows with K * (CNN activations + cg_iters * coil
+  images).
+* ``--method=layerwise`` ("unrolled_stagewise"): stage k trains iteration k (CNN_k and lambda_k)
+  to fit the target on the output of iterations < k, which stay frozen. Their output is the
+  stage's input, computed once per stage for the training set (``x_in``: one image per example, the unrolled
   analogue of ``--cache_features``), so each stage costs one iteration to train. Stage k ends
   with a k-iteration network in the same layout as the end-to-end one.
 """
@@ -51,9 +52,9 @@ from lwjax import train as train_lib
 from lwjax.config import Config
 
 Params = dict
-METHODS = {"e2e": "unrolled_e2e", "stagewise": "unrolled_stagewise"}
-# The run's --method names: e2e trains jointly, layerwise stage by stage.
-MODES = {"e2e": "e2e", "layerwise": "stagewise"}
+# The run's --method -> its networks' name (summary.json, params/, stages/): e2e trains all
+# iterations jointly, layerwise one iteration per stage.
+NAMES = {"e2e": "unrolled_e2e", "layerwise": "unrolled_stagewise"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,32 +221,32 @@ def _init_iteration(cfg: Config, k: int, x_shape) -> Params:
                         dc_lambda=cfg.dc_lambda)
 
 
-def train_unrolled(cfg: Config, mode: str, arrays: dict, mask, *, mesh, log: train_lib.MetricsLog,
+def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh, log: train_lib.MetricsLog,
                    on_depth: Callable[[int, Params, dict], None] = lambda k, p, r: None) -> Params:
   """Train the ``cfg.unroll_iters``-iteration network end to end or stage by stage.
 
   Args:
-    mode: "e2e" (all iterations jointly; saved as ``params/unrolled_e2e/depth_<K>``) or
-      "stagewise" (one iteration per stage; ``params/unrolled_stagewise/depth_<k>`` and
+    method: "e2e" (all iterations jointly; saved as ``params/unrolled_e2e/depth_<K>``) or
+      "layerwise" (one iteration per stage; ``params/unrolled_stagewise/depth_<k>`` and
       ``stages/unrolled_stagewise/stage_<k>.json`` after stage k).
     arrays: ``x, y, kspace, maps`` with one leading example axis (``dc_arrays``).
     mask: (H, W) sampling mask.
     on_depth: called with (iterations, params, report) for every finished network: once for e2e,
-      after every stage for stagewise (the run evaluates it there).
+      after every stage for layerwise (the run evaluates it there).
 
   Finished networks and stages are loaded, not retrained; an interrupted one resumes from its
   per-epoch checkpoint (``train.fit``). Returns the final parameters.
   """
-  if mode not in METHODS:
-    raise ValueError(f"mode: expected one of {', '.join(METHODS)}, found {mode!r}")
-  name, iters = METHODS[mode], cfg.unroll_iters
+  if method not in NAMES:
+    raise ValueError(f"method: expected one of {', '.join(NAMES)}, found {method!r}")
+  name, iters = NAMES[method], cfg.unroll_iters
   net = train_lib.network_template(cfg)
   arrays = {k: arrays[k] for k in DC_KEYS}
   frozen = {"mask": jnp.asarray(mask, jnp.float32)}
   spe = data_lib.steps_per_epoch(len(arrays["x"]), cfg.batch_size)
   x_shape = arrays["x"].shape
 
-  if mode == "e2e":
+  if method == "e2e":
     out = train_lib.params_dir(cfg.workdir, name, iters)
     if out.exists():
       params = train_lib.load_params(out)
@@ -280,20 +281,20 @@ def train_unrolled(cfg: Config, mode: str, arrays: dict, mask, *, mesh, log: tra
   return params
 
 
-def abstract_step(cfg: Config, mode: str, batch_size: int, *, coils: int):
+def abstract_step(cfg: Config, method: str, batch_size: int, *, coils: int):
   """``(loss_fn, tx, state, frozen, batch)`` of one training step, ``state``, ``frozen`` and
   ``batch`` abstract (``jax.ShapeDtypeStruct``): what ``memory.step_memory`` compiles.
 
-  ``mode`` "e2e": all ``cfg.unroll_iters`` iterations; "stagewise": one stage (one iteration on
+  ``method`` "e2e": all ``cfg.unroll_iters`` iterations; "layerwise": one stage (one iteration on
   its precomputed input), the same for every stage. ``batch_size`` examples of ``cfg.spatial``
   with ``coils`` coils.
   """
   spatial = cfg.spatial
   net = train_lib.network_template(cfg)
-  iters = cfg.unroll_iters if mode == "e2e" else 1
+  iters = cfg.unroll_iters if method == "e2e" else 1
   params = jax.eval_shape(lambda: {f"iter_{k}": _init_iteration(cfg, k, (1,) + spatial + (2,))
                                    for k in range(iters)})
-  loss = (e2e_loss(net, cg_iters=cfg.cg_iters) if mode == "e2e"
+  loss = (e2e_loss(net, cg_iters=cfg.cg_iters) if method == "e2e"
           else stage_loss(net, 0, cg_iters=cfg.cg_iters))
   tx = optimizer(cfg, 1)
   state = jax.eval_shape(lambda p: train_lib.init_state(p, tx), params)
@@ -301,7 +302,7 @@ def abstract_step(cfg: Config, mode: str, batch_size: int, *, coils: int):
   coil = jax.ShapeDtypeStruct((batch_size,) + spatial[:-2] + (coils,) + spatial[-2:],
                               jnp.complex64)
   batch = {"x": image, "y": image, "kspace": coil, "maps": coil}
-  if mode != "e2e":
+  if method != "e2e":
     batch["x_in"] = image
   frozen = {"mask": jax.ShapeDtypeStruct(spatial[-2:], jnp.float32)}
   return loss, tx, state, frozen, batch
@@ -334,13 +335,12 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
     summary["lambda"].setdefault(method, {})[str(iters)] = lambdas(params)
     means = train_lib.record_eval(
         summary, summary_path, log, method, iters, slice_means(pred),
-        report if method == METHODS["stagewise"] else None, stage=iters, phase=f"{method}_k{iters}")
+        report if method == NAMES["layerwise"] else None, stage=iters, phase=f"{method}_k{iters}")
     logging.info("%s, %d iterations: PSNR %.2f dB SSIM %.4f NMSE %.4g (zero-filled %.2f dB, "
                  "CG-SENSE %.2f dB)", method, iters, means["psnr"], means["ssim"], means["nmse"],
                  summary["zero_filled"]["psnr"], summary["cg_sense"]["psnr"])
 
   for method in cfg.methods:
-    mode = MODES[method]
-    train_unrolled(cfg, mode, train_arrays, mask, mesh=mesh, log=log,
-                   on_depth=lambda k, p, r, m=METHODS[mode]: record(m, k, p, r))
+    train_unrolled(cfg, method, train_arrays, mask, mesh=mesh, log=log,
+                   on_depth=lambda k, p, r, m=NAMES[method]: record(m, k, p, r))
   return summary

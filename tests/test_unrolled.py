@@ -175,7 +175,7 @@ def test_e2e_and_stagewise_run(splits, tmp_path):
 
   # A finished run is loaded, not retrained.
   seen = {}
-  again = unrolled.train_unrolled(cfg, "stagewise", unrolled.dc_arrays(cfg, tr), tr.mask,
+  again = unrolled.train_unrolled(cfg, "layerwise", unrolled.dc_arrays(cfg, tr), tr.mask,
                                   mesh=mesh, log=train.MetricsLog(tmp_path),
                                   on_depth=lambda k, p, r: seen.setdefault(k, r))
   assert sorted(seen) == [1, 2] and seen[2]["lambda"] == summary["stages"][
