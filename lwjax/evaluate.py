@@ -272,7 +272,7 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
            "magnitude images (data range: each target slice's maximum), mean ± std over slices; "
            "the gap is the method minus e2e at the same depth.", "",
            _row(["network", "depth"] + [metrics_lib.label(k) for k in METRICS]
-                + [f"{metrics_lib.label(k)} gap" for k in METRICS]),
+                + [metrics_lib.label(k, "gap") for k in METRICS]),
            _row(["---"] + ["---:"] * (1 + 2 * len(METRICS)))]
   blank = [""] * len(METRICS)
   for name, label in (("zero_filled", "zero-filled"), ("cg_sense", "CG-SENSE")):

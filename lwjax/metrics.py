@@ -23,9 +23,10 @@ import numpy as np
 NAMES = {"psnr": ("PSNR", "dB", ".2f"), "ssim": ("SSIM", "", ".4f"), "nmse": ("NMSE", "", ".4g")}
 
 
-def label(key: str) -> str:
-  """A metric's column or axis label, e.g. "PSNR (dB)"."""
+def label(key: str, what: str = "") -> str:
+  """A metric's column or axis label: "PSNR (dB)", or with ``what="gap"`` "PSNR gap (dB)"."""
   name, unit, _ = NAMES[key]
+  name = f"{name} {what}" if what else name
   return f"{name} ({unit})" if unit else name
 
 
