@@ -606,6 +606,7 @@ def agreement_check(env, cfg) -> dict:
   function). Run at full float32 in both frameworks."""
   jax, jnp, np, torch, ref, train = (env.jax, env.jax.numpy, env.np, env.torch, env.ref,
                                      env.train)
+  import optax
   from lwjax import convex
   from lwjax import nets
   s = min(cfg.image_size, 32)
@@ -629,7 +630,7 @@ def agreement_check(env, cfg) -> dict:
 
       def jax_grad(loss_fn, variables, frozen):
         (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(variables, frozen, batch)
-        return float(loss), float(train.tree_norm(g))
+        return float(loss), float(optax.tree_utils.tree_norm(g))
 
       pred = np.asarray(nets.forward(net, params, batch["x"]))
       with torch.no_grad():

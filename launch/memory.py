@@ -56,7 +56,7 @@ def main(argv):
     print(f"measured {m['network']} at batch {m['batch']}: {measured} GiB "
           f"(predicted {m['predicted'] / 2**30:.2f} GiB)")
   figure_dir = Path(_FIGURE_DIR.value or Path(cfg.workdir) / "figures")
-  for method in memory.LAYERWISE:
+  for method in config.LAYERWISE:
     if method in rep:
       path = figures.memory_bars({**rep, "layerwise": rep[method]},
                                  figure_dir / f"memory_{method}.png")

@@ -8,14 +8,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lwjax import coils
-from lwjax import masks
-
+# Plain tuples, so that importing this module (every launch script's --help) does not load JAX;
+# tests check them against ``train.STAGES``, ``masks.KINDS`` and ``coils.METHODS``.
 # The layer-wise stage kinds (``train.STAGES`` builds each) and the end-to-end baseline.
 LAYERWISE = ("layerwise_convex", "layerwise")
 METHODS = LAYERWISE + ("e2e",)
-MASKS = masks.KINDS
-MAPS = coils.METHODS
+MASKS = ("poisson", "cartesian", "equispaced")
+MAPS = ("espirit", "lowres")
 SOLVERS = ("adam", "fista")
 DTYPES = ("float32", "bfloat16")
 FEATURE_CACHES = ("none", "host", "disk", "device")

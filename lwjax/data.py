@@ -39,8 +39,9 @@ class PrepConfig:
   maps' calibration region (maps use less where the mask samples less: :func:`calib_size`).
   ``center_fraction`` is the fraction of fully sampled centre columns of the 1D Cartesian masks.
   ``min_map_coverage``: a slice whose coil maps are non-zero on less than this fraction of the
-  grid is skipped (:class:`EmptySlice`): ESPIRiT finds no coil sensitivity on a noise-only edge
-  slice, so there is nothing to reconstruct there.
+  grid is skipped: ESPIRiT finds no coil sensitivity on a noise-only edge slice, so there is
+  nothing to reconstruct there. It is applied when slices are loaded (``load_split``), to the
+  coverage their cache entries record, so changing it prepares nothing again.
   """
   image_size: int = 320
   mask: str = "poisson"  # "poisson" | "cartesian" | "equispaced"
@@ -140,9 +141,11 @@ def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
     Maps come from the undersampled data only, and ``scale = max |x|`` uses only the input, so
     both are available at inference.
 
+  Also returns ``coverage``, the fraction of the grid where the maps are non-zero
+  (``PrepConfig.min_map_coverage`` is applied to it on loading).
+
   Raises:
-    EmptySlice: all-zero k-space, or maps non-zero on less than ``cfg.min_map_coverage`` of the
-      grid (ESPIRiT on a noise-only slice).
+    EmptySlice: all-zero k-space, or maps that are zero everywhere (ESPIRiT on a noise-only slice).
   """
   kspace_grid = np.asarray(kspace_grid, np.complex64)
   mask = np.asarray(mask, bool)
@@ -151,18 +154,30 @@ def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
   calib = calib_size(mask, cfg.calib)
   maps = coils.estimate(kspace_grid * mask, cfg.maps, calib=calib)
   coverage = float(np.mean(np.any(maps != 0, axis=0)))
-  if coverage < cfg.min_map_coverage:
-    raise EmptySlice(f"{cfg.maps} coil maps cover {coverage:.2%} of the grid, less than "
-                     f"--min_map_coverage={cfg.min_map_coverage:g} ({cfg.min_map_coverage:.2%}; "
-                     "a noise-only slice?)")
+  if coverage == 0:
+    raise EmptySlice(f"{cfg.maps} coil maps are zero on the whole grid ({_NO_MAPS_HINT})")
   x = sense.zero_filled(kspace_grid, maps, mask)
   y = sense.zero_filled(kspace_grid, maps, np.ones_like(mask))
   scale = float(np.abs(x).max())
   if not np.isfinite(scale) or scale <= 0:
-    raise EmptySlice(f"zero-filled image: expected a finite positive maximum, found {scale}")
+    raise EmptySlice(f"zero-filled image: expected a finite positive maximum, found {scale} "
+                     f"({_NO_MAPS_HINT})")
   return dict(x=sense.to_channels(x / scale), y=sense.to_channels(y / scale),
               maps=np.asarray(maps, np.complex64),
-              kspace=np.asarray(kspace_grid * mask / scale, np.complex64), scale=scale)
+              kspace=np.asarray(kspace_grid * mask / scale, np.complex64), scale=scale,
+              coverage=coverage)
+
+
+_NO_MAPS_HINT = ("a noise-only slice? If slices with signal are skipped too: a larger --calib or "
+                 "--center_fraction, or --maps=lowres")
+
+
+def _too_small(coverage: float, cfg: PrepConfig) -> Optional[str]:
+  """Why a slice whose maps cover ``coverage`` of the grid is skipped, or None to keep it."""
+  if coverage >= cfg.min_map_coverage:
+    return None
+  return (f"{cfg.maps} coil maps cover {coverage:.2%} of the grid, less than "
+          f"--min_map_coverage={cfg.min_map_coverage:g} ({cfg.min_map_coverage:.2%})")
 
 
 # File attrs that change with the k-space (fastMRI stores its norm and the target's maximum): a
@@ -175,9 +190,11 @@ def cache_key(path, index, cfg: PrepConfig, attrs: Optional[dict] = None) -> str
   of its ``attrs``, as ``fastmri.open_volume`` reads them), slice, config, format."""
   st = os.stat(path)
   content = {k: repr(attrs[k]) for k in _CONTENT_ATTRS if k in (attrs or {})}
+  prep = dataclasses.asdict(cfg)
+  del prep["min_map_coverage"]  # Applied on loading, to the coverage an entry records.
   blob = json.dumps({"version": CACHE_VERSION, "path": str(Path(path).resolve()),
                      "size": st.st_size, "mtime_ns": st.st_mtime_ns, "attrs": content,
-                     "slice": index, "cfg": dataclasses.asdict(cfg)}, sort_keys=True)
+                     "slice": index, "cfg": prep}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -189,7 +206,7 @@ def _read_entry(file, size, num_coils=None, kspace=False) -> Optional[dict]:
   A skipped slice's entry is ``{"skip": reason}``.
   """
   want = {"x": ((size, size, 2), np.float32), "y": ((size, size, 2), np.float32),
-          "scale": ((), np.float32)}
+          "scale": ((), np.float32), "coverage": ((), np.float32)}
   if num_coils is not None:
     want["maps"] = ((num_coils, size, size), np.complex64)
     if kspace:
@@ -212,7 +229,8 @@ def _read_entry(file, size, num_coils=None, kspace=False) -> Optional[dict]:
 def _entry(example, with_maps, with_kspace=False) -> dict:
   """What the cache keeps of a prepared slice (maps, and maps with the sampled k-space, only
   when asked for: 8 bytes/pixel/coil each)."""
-  entry = dict(x=example["x"], y=example["y"], scale=np.float32(example["scale"]))
+  entry = dict(x=example["x"], y=example["y"], scale=np.float32(example["scale"]),
+               coverage=np.float32(example["coverage"]))
   if with_maps or with_kspace:
     entry["maps"] = example["maps"]
   if with_kspace:
@@ -378,8 +396,9 @@ def _fill_split(arrays, slices, mask, cfg, *, split, cache_dir, with_maps, with_
   total, skipped = len(slices), {}
 
   def store(i: int, entry: dict) -> None:
-    if _SKIP in entry:
-      skipped[i] = str(entry[_SKIP])
+    why = str(entry[_SKIP]) if _SKIP in entry else _too_small(float(entry["coverage"]), cfg)
+    if why:
+      skipped[i] = why
       return
     for key, out in arrays.items():
       if key in ("maps", "kspace"):
@@ -461,23 +480,26 @@ def data_difference(was: dict, new: dict) -> Optional[str]:
 def check_disjoint(splits: dict[str, Split]) -> None:
   """Raises DataError when a file (subject) is in two splits: the same resolved path (a
   symlink), or the same content under another name (a copy): the same slices with the same
-  scales, which other k-space does not give."""
-  def volumes(split):
+  scales (within ``data_difference``'s tolerance: caches built elsewhere differ in the last
+  bits), which other k-space does not give."""
+  by_path, by_slices = {}, collections.defaultdict(list)  # -> [(split, path, scales)]
+  for name, split in splits.items():
     for v, path in enumerate(split.paths):
       rows = np.flatnonzero(split.volume_index == v)
-      yield path, tuple((split.ids[r][1], float(split.scale[r])) for r in rows)
-
-  seen = {}  # resolved path or content -> (split, path)
-  for name, split in splits.items():
-    for path, content in volumes(split):
-      for key in (path.resolve(), content):
-        other = seen.get(key)
-        if other and other[0] != name and content:
-          how = "is the same file as" if isinstance(key, Path) else "holds the same k-space as"
-          raise fastmri.DataError(
-              f"{path} ({name}) {how} {other[1]} ({other[0]}): a subject in two splits would "
-              "be evaluated on data it was trained on; expected disjoint train and val files")
-        seen.setdefault(key, (name, path))
+      if not len(rows):  # Every slice skipped: nothing of it is used.
+        continue
+      slices, scales = tuple(split.ids[r][1] for r in rows), split.scale[rows]
+      same = [(other, p, "is the same file as") for other, p in
+              [by_path.get(path.resolve(), (name, None))] if other != name]
+      same += [(other, p, "holds the same k-space as") for other, p, s in by_slices[slices]
+               if other != name and np.allclose(scales, s, rtol=1e-3, atol=0)]
+      if same:
+        other, p, how = same[0]
+        raise fastmri.DataError(
+            f"{path} ({name}) {how} {p} ({other}): a subject in two splits would be evaluated "
+            "on data it was trained on; expected disjoint train and val files")
+      by_path.setdefault(path.resolve(), (name, path))
+      by_slices[slices].append((name, path, scales))
 
 
 def volume_patches(split: Split, depth: int) -> np.ndarray:
@@ -505,10 +527,9 @@ def volume_patches(split: Split, depth: int) -> np.ndarray:
 def to_volumes(split: Split, depth: int) -> dict[str, np.ndarray]:
   """Volume patches for 3D networks: ``depth`` consecutive slices of one file, slices as axis 1.
 
-  Each file's slices (in slice order) are cut into non-overlapping patches of ``depth``; a file's
-  last ``num_slices % depth`` slices are dropped and no patch mixes two files (nor spans a skipped
-  slice: each run of consecutive slices is cut on its own). The slices of a
-  patch are brought to one scale, the patch's: each was divided by its own ``max |x|``
+  Each run of consecutive slices of a file (a skipped slice ends a run) is cut into
+  non-overlapping patches of ``depth``; the run's last ``len(run) % depth`` slices are dropped
+  and no patch mixes two files or spans a skipped slice. The slices of a patch are brought to one scale, the patch's: each was divided by its own ``max |x|``
   (``Split.scale``), so they are multiplied by ``scale_slice / scale_patch`` with ``scale_patch``
   the largest of them (then ``max |x| = 1`` over the patch and the slices keep their relative
   intensities). The slice-wise metrics do not change under this per-slice rescaling.

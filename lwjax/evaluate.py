@@ -288,8 +288,8 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
     lines.append(_row([method, depth] + _cells(per_slice[method][str(depth)]) + gap))
   lines += ["", "## fastMRI's volume-wise convention", "",
             f"Per file ({len(result['volumes'])}): data range the volume's maximum, PSNR and NMSE "
-            "over the volume's evaluated slices (a 3D run drops a file's last slices that fill "
-            "no patch), SSIM the mean over them (fastMRI's evaluate.py); mean ± std over files.",
+            "over the volume's evaluated slices (a 3D run drops the slices that fill no patch), "
+            "SSIM the mean over them (fastMRI's evaluate.py); mean ± std over files.",
             "", _row(["network", "depth"] + [metrics_lib.label(k) for k in METRICS]),
             _row(["---"] + ["---:"] * (1 + len(METRICS)))]
   per_volume = result["per_volume"]
@@ -345,7 +345,8 @@ def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bo
     return Path(out_dir).absolute(), own
   if own:
     return workdir, own
-  return workdir / f"eval_{Path(cfg.data_dir).resolve().name}", own
+  name = Path(cfg.data_dir).resolve().name if cfg.data_dir else "synthetic"
+  return workdir / f"eval_{name}", own
 
 
 def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_dir=None,
@@ -364,7 +365,7 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
   mesh = mesh or train.make_mesh()
   val = validation_split(cfg, log=log)
   out, own = output_dir(cfg, val, out_dir)
-  data_dir = str(Path(cfg.data_dir).absolute()) if cfg.data_dir else ""
+  data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else ""
   if not own:
     log(f"{data_dir}: not the run's validation data; writing to {out}")
     previous = out / "eval.json"

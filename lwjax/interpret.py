@@ -259,8 +259,8 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   if not where.size:
     raise ValueError(f"--slice={slice_index} ({val.ids[slice_index][0]}, slice "
                      f"{val.ids[slice_index][1]}) is in no volume patch of "
-                     f"--volume_depth={cfg.volume_depth}: a file's last slices that fill no "
-                     "patch are dropped")
+                     f"--volume_depth={cfg.volume_depth}: slices that fill no patch (at a file's "
+                     "end or before a skipped slice) are dropped")
   if cfg.ndim == 3:  # The patch that holds the slice, and the slice's plane in it.
     example, plane = divmod(int(where[0]), cfg.volume_depth)
     pixel = (plane,) + pixel

@@ -18,9 +18,12 @@ def to_channels(z):
 
 
 def to_complex(x):
-  """(..., 2) real/imaginary channels -> (...) complex64."""
-  xp = array_module(x)
-  return (x[..., 0].astype(xp.float32) + 1j * x[..., 1].astype(xp.float32)).astype(xp.complex64)
+  """(..., 2) real/imaginary channels -> (...) complex64 (each part exactly, infinities too)."""
+  if isinstance(x, jax.Array):
+    return jax.lax.complex(x[..., 0].astype(np.float32), x[..., 1].astype(np.float32))
+  out = np.empty(x.shape[:-1], np.complex64)
+  out.real, out.imag = x[..., 0], x[..., 1]
+  return out
 
 
 def forward(x, maps, mask):

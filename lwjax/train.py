@@ -424,7 +424,7 @@ def example_arrays(cfg: Config, split: data_lib.Split,
   """The examples the networks of ``cfg`` train and are evaluated on, and their slices.
 
   Slices, or for 3D networks volume patches of ``--volume_depth`` consecutive slices of one file
-  (``data.to_volumes``: a file's last slices that fill no patch are dropped). Returns
+  (``data.to_volumes``: slices that fill no patch are dropped). Returns
   ``({key: array}, slices)``, ``slices`` the examples' slices as indices into ``split``, in the
   order of the examples flattened to slices."""
   if cfg.ndim == 3:

@@ -314,8 +314,8 @@ def test_empty_slices_are_skipped_and_logged(tmp_path, count_prepare, workers):
   assert [(f, i) for f, i, _ in split.skipped] == [("edge.h5", i) for i in (0, 1, 3)] + [
       ("z_empty.h5", 0), ("z_empty.h5", 1)]
   assert split.skipped[0][2] == "all-zero k-space"
-  assert "espirit coil maps cover 0.00% of the grid, less than --min_map_coverage=0.01 (1.00%" in (
-      split.skipped[1][2])
+  assert split.skipped[1][2].startswith("espirit coil maps are zero on the whole grid (a "
+                                        "noise-only slice? If slices with signal are skipped")
   assert any("skipped 5 of 8 slices" in m and "data.json" in m for m in messages)
   assert any("1 file(s) have no slice left and are not used (e.g. z_empty.h5)" in m
              for m in messages)
@@ -332,6 +332,22 @@ def test_empty_slices_are_skipped_and_logged(tmp_path, count_prepare, workers):
   again = data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache", with_maps=True)
   assert len(count_prepare) == calls
   _assert_same(split, again)
+  # The threshold is applied on loading, to the coverage the entries record: nothing is
+  # prepared again, and a threshold above every slice's coverage leaves none.
+  keep_all = data.load_split(tmp_path, "train", dataclasses.replace(cfg, min_map_coverage=0.0),
+                             cache_dir=tmp_path / "cache", with_maps=True)
+  _assert_same(split, keep_all)
+  with pytest.raises(fastmri.DataError, match=r"every slice .* was skipped .*slice 0: all-zero"):
+    data.load_split(tmp_path, "train", dataclasses.replace(cfg, min_map_coverage=0.999999),
+                    cache_dir=tmp_path / "cache", with_maps=True)
+  some = data.load_split(tmp_path, "train", dataclasses.replace(cfg, min_map_coverage=0.65),
+                         cache_dir=tmp_path / "cache", with_maps=True)
+  assert len(count_prepare) == calls
+  coverage = lambda row: np.mean(np.any(split.maps[row] != 0, axis=0))
+  expected = [i for row, i in enumerate((2, 4, 5)) if coverage(row) >= 0.65]
+  assert 0 < len(expected) < 3 and [i for _, i in some.ids] == expected
+  assert all("less than --min_map_coverage=0.65 (65.00%)" in why for _, i, why in some.skipped
+             if i in (2, 4, 5))
   # Low-resolution maps cover noise too (another cache key): only all-zero k-space stays out.
   keep = data.load_split(tmp_path, "train", dataclasses.replace(cfg, maps="lowres"),
                          cache_dir=tmp_path / "cache")
@@ -361,6 +377,12 @@ def test_a_file_in_two_splits_is_refused(tmp_path, dataset):
     with pytest.raises(fastmri.DataError, match=rf"copy.h5 \(val\) {how} .*synth_train_001.h5 "
                                                  r"\(train\): a subject in two splits"):
       data.check_disjoint({"train": train, "val": load(root, "val")})
+  # A copy prepared elsewhere (scales off in the last bits) is the same data.
+  copy = load(root, "val")
+  data.check_disjoint({"train": train, "val": dataclasses.replace(copy, scale=copy.scale * 1.5)})
+  with pytest.raises(fastmri.DataError, match="holds the same k-space as"):
+    data.check_disjoint({"train": train,
+                         "val": dataclasses.replace(copy, scale=copy.scale * (1 + 1e-5))})
 
 
 # The synthetic dataset.

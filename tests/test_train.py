@@ -115,6 +115,18 @@ def test_the_prefix_is_compiled_once_for_every_pass(monkeypatch):
   np.testing.assert_allclose(passes[0], prefix(net, params, x, 2), rtol=1e-5, atol=1e-6)
 
 
+def test_config_names_every_kind_the_code_builds():
+  # config keeps plain tuples (no JAX import for --help); they must name what the code builds.
+  import subprocess
+  import sys
+  from lwjax import coils, masks
+  assert set(config_lib.LAYERWISE) == set(train.STAGES)
+  assert config_lib.MASKS == masks.KINDS and config_lib.MAPS == coils.METHODS
+  loaded = subprocess.run([sys.executable, "-c", "import sys, lwjax.config; print('jax' in "
+                           "sys.modules)"], capture_output=True, text=True, check=True).stdout
+  assert loaded.strip() == "False"
+
+
 def test_validate_rejects_bad_settings():
   for change, flag in [({"method": "layerwise,sgd"}, "method"), ({"depth": 1}, "depth"),
                        ({"batch_size": 6}, "batch_size"), ({"mask": "radial"}, "mask"),
