@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image_size=16", "--features=4", "--kernel_size=3", "--depth=3"]
 
@@ -73,3 +75,15 @@ def test_bench_layers_times_every_layer_kind(tmp_path):
   assert [(r["layer"], r["mode"]) for r in rows] == [
       (kind, mode) for kind in ("first", "hidden", "head") for mode in ("fwd", "fwd+bwd")]
   assert all("error" not in r and r["ms"] > 0 and r["tflop"] > 0 for r in rows)
+
+
+def test_bench_steps_agrees_with_pytorch(tmp_path):
+  # The PyTorch reference is a benchmark-only dependency: this runs where torch is installed.
+  pytest.importorskip("torch")
+  out = tmp_path / "check.json"
+  run("bench_steps.py", "--torch=true", "--check=true", "--num_devices=1", "--batch_sizes=1",
+      "--repeats=1", "--warmup=1", "--min_time_s=0", "--peak_size=256", "--steps=eval",
+      f"--json_out={out}")
+  check = json.loads(out.read_text())["check"]
+  assert "error" not in check, check.get("detail")
+  assert check["agree"] and check["max_rel_diff"] < 1e-4
