@@ -33,7 +33,7 @@ class Config:
   center_fraction: float = 0.04  # fully sampled centre fraction of 1D Cartesian masks
   mask_seed: int = 0  # seed of the (fixed) sampling mask
   maps: str = "espirit"  # coil-map estimation from the calibration region: espirit or lowres
-  min_map_coverage: float = 0.01  # skip (and log) a slice whose coil maps are non-zero on less than this fraction of the grid: ESPIRiT finds no coil on a noise-only edge slice; all-zero slices are skipped too
+  min_map_coverage: float = 0.01  # skip (and log) a slice whose coil maps are non-zero on less than this fraction of the grid (ESPIRiT's maps are empty on most noise-only edge slices of 15-coil data; with few coils or lowres maps noise is covered and kept); all-zero slices are skipped too; applied on loading, changing it prepares nothing again
   host_data: str = "memory"  # where the prepared slices live on the host: memory, or disk (a memory-mapped scratch file in WORKDIR/cache, deleted as soon as it is mapped: host memory then does not grow with the dataset; batches are read from the page cache or the disk; 2D networks: a 3D run's volume patches are built in memory)
   prep_workers: int = 0  # processes preparing slices that are not cached yet (ESPIRiT is the slow part); 0: one per CPU core
   max_train_volumes: int = 0  # use at most this many training files (subjects); 0: all
