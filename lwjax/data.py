@@ -28,6 +28,9 @@ from lwjax import coils, fastmri, masks, sense, synthetic
 from lwjax.fft import center_slices
 
 CACHE_VERSION = 3  # bump when preparation changes what a cached slice holds (3: skipped slices)
+# Per-slice scales of one file compare within this relative tolerance: a cache rebuilt elsewhere
+# (another machine, BLAS, worker count) may differ in the last float32 bits.
+SCALE_RTOL = 1e-3
 SYNTHETIC_VERSION = 1  # bump when the synthetic generator changes its output
 
 
@@ -468,8 +471,7 @@ def data_difference(was: dict, new: dict) -> Optional[str]:
     diff = next(((a, b) for a, b in zip(was["files"], new["files"]) if a != b), None)
     return (f"{diff[0][0]} ({diff[0][1]} slices) there, {diff[1][0]} ({diff[1][1]}) now"
             if diff else f"{len(was['files'])} files there, {len(new['files'])} now")
-  # Scales are compared loosely: a rebuilt cache may differ in the last float32 bits.
-  close = np.isclose(new["scale"], was["scale"], rtol=1e-3, atol=0)
+  close = np.isclose(new["scale"], was["scale"], rtol=SCALE_RTOL, atol=0)
   if not close.all():
     i = int(np.argmax(~close))
     return (f"the files have the same names but other content (slice {i} of the split: scale "
@@ -480,25 +482,26 @@ def data_difference(was: dict, new: dict) -> Optional[str]:
 def check_disjoint(splits: dict[str, Split]) -> None:
   """Raises DataError when a file (subject) is in two splits: the same resolved path (a
   symlink), or the same content under another name (a copy): the same slices with the same
-  scales (within ``data_difference``'s tolerance: caches built elsewhere differ in the last
-  bits), which other k-space does not give."""
-  by_path, by_slices = {}, collections.defaultdict(list)  # -> [(split, path, scales)]
+  scales (within ``SCALE_RTOL``), which other k-space does not give."""
+  def refuse(path, name, how, other_path, other):
+    raise fastmri.DataError(
+        f"{path} ({name}) {how} {other_path} ({other}): a subject in two splits would be "
+        "evaluated on data it was trained on; expected disjoint train and val files")
+
+  by_path = {}  # resolved path -> (split, path) of the first file there
+  by_slices = collections.defaultdict(list)  # slice indices -> [(split, path, scales)]
   for name, split in splits.items():
     for v, path in enumerate(split.paths):
       rows = np.flatnonzero(split.volume_index == v)
       if not len(rows):  # Every slice skipped: nothing of it is used.
         continue
+      other, other_path = by_path.setdefault(path.resolve(), (name, path))
+      if other != name:
+        refuse(path, name, "is the same file as", other_path, other)
       slices, scales = tuple(split.ids[r][1] for r in rows), split.scale[rows]
-      same = [(other, p, "is the same file as") for other, p in
-              [by_path.get(path.resolve(), (name, None))] if other != name]
-      same += [(other, p, "holds the same k-space as") for other, p, s in by_slices[slices]
-               if other != name and np.allclose(scales, s, rtol=1e-3, atol=0)]
-      if same:
-        other, p, how = same[0]
-        raise fastmri.DataError(
-            f"{path} ({name}) {how} {p} ({other}): a subject in two splits would be evaluated "
-            "on data it was trained on; expected disjoint train and val files")
-      by_path.setdefault(path.resolve(), (name, path))
+      for other, other_path, other_scales in by_slices[slices]:
+        if other != name and np.allclose(scales, other_scales, rtol=SCALE_RTOL, atol=0):
+          refuse(path, name, "holds the same k-space as", other_path, other)
       by_slices[slices].append((name, path, scales))
 
 
