@@ -724,17 +724,19 @@ def _check_resume(cfg: Config, workdir: Path) -> None:
 
 
 def _check_examples(cfg: Config, train: data_lib.Split, val: data_lib.Split,
-                    num_devices: int) -> None:
+                    num_devices: int) -> dict[str, int]:
   """The settings that depend on the data (--batch_size, --volume_depth) and disjoint splits,
   checked before the run writes its config.json: a refused command, corrected, must not find the
-  workdir taken."""
-  if cfg.ndim == 3:
-    data_lib.volume_patches(val, cfg.volume_depth)  # Raises when no patch fits.
-    n = len(data_lib.volume_patches(train, cfg.volume_depth))
+  workdir taken. Returns how many slices of each split the examples hold (3D: the patches')."""
+  if cfg.ndim == 3:  # volume_patches raises when no patch fits.
+    held = {name: data_lib.volume_patches(s, cfg.volume_depth).size
+            for name, s in (("train", train), ("val", val))}
   else:
-    n = len(train.x)
-  data_lib.check_batch_size(n, cfg.batch_size, num_devices)
+    held = {"train": len(train.x), "val": len(val.x)}
+  examples = held["train"] // (cfg.volume_depth if cfg.ndim == 3 else 1)
+  data_lib.check_batch_size(examples, cfg.batch_size, num_devices)
   data_lib.check_disjoint({"train": train, "val": val})
+  return held
 
 
 def _check_same_data(workdir: Path, splits: dict[str, data_lib.Split]) -> None:
@@ -798,7 +800,7 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
   logging.info("devices: %d x %s; workdir %s", mesh.devices.size, jax.devices()[0].platform,
                workdir)
   train, val = load_data(cfg)
-  _check_examples(cfg, train, val, mesh.devices.size)
+  held = _check_examples(cfg, train, val, mesh.devices.size)
   _check_same_data(workdir, {"train": train, "val": val})
   if is_primary():  # Only now: a command refused above leaves no run behind.
     config_lib.save(cfg, workdir / "config.json")
@@ -807,10 +809,9 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
                len(val.x), len(set(val.volume_index.tolist())), train.x.shape[1:3], cfg.mask,
                float(train.mask.size / train.mask.sum()))
   if cfg.ndim == 3:
-    in_patches = lambda s: data_lib.volume_patches(s, cfg.volume_depth).size
     logging.info("3D: patches of %d slices hold %d of %d training and %d of %d validation slices "
                  "(slices that fill no patch, at a file's end or before a skipped slice, are "
-                 "dropped)", cfg.volume_depth, in_patches(train), len(train.x), in_patches(val),
+                 "dropped)", cfg.volume_depth, held["train"], len(train.x), held["val"],
                  len(val.x))
   log = MetricsLog(workdir)
   summary_path = workdir / "summary.json"
