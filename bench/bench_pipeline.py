@@ -13,9 +13,9 @@ loop records per epoch in ``metrics.jsonl``:
 The first epoch of each phase (it compiles) is left out of the means. ``--runs`` lists
 ``e2e`` and ``<method>:<cache>`` runs (method ``layerwise`` or ``layerwise_convex``, cache
 ``none``, ``host``, ``disk`` or ``device``), each optionally with ``+data`` (``--data_on_device``:
-the slices in accelerator memory, batches gathered there), each in a fresh working directory; ``other s`` is the run's
-wall time outside the timed epochs (compilation, the convex stage's beta_max and certificate
-passes, computing cached features, saving parameters).
+the slices in accelerator memory, batches gathered there), each in a fresh working directory;
+``other s`` is the run's wall time outside the timed epochs (compilation, the convex stage's
+beta_max and certificate passes, computing cached features, saving parameters).
 
 GPU, paper scale (about 2 minutes with compilation):
   python3 bench/bench_pipeline.py --image_size=320 --features=256 --kernel_size=7 --depth=5 \
@@ -146,8 +146,9 @@ def main(argv):
   for run in report["runs"]:
     for r in run["phases"]:
       data = " +data" if run["data_on_device"] else ""
-      print(f"| {run['method']} ({run['cache_features']}{data}) | {r['phase']} | {r['ms_per_step']:.1f} "
-            f"| {r['img_per_s']:.1f} | {r['data_wait_frac']:.3f} | {r['first_epoch_s']:.1f} |")
+      print(f"| {run['method']} ({run['cache_features']}{data}) | {r['phase']} "
+            f"| {r['ms_per_step']:.1f} | {r['img_per_s']:.1f} | {r['data_wait_frac']:.3f} "
+            f"| {r['first_epoch_s']:.1f} |")
   return 0
 
 

@@ -533,9 +533,10 @@ def to_volumes(split: Split, depth: int) -> dict[str, np.ndarray]:
   Each run of consecutive slices of a file (a skipped slice ends a run) is cut into
   non-overlapping patches of ``depth``; the run's last ``len(run) % depth`` slices are dropped
   and no patch mixes two files or spans a skipped slice. The slices of a patch are brought to
-  one scale, the patch's: each was divided by its own ``max |x|`` (``Split.scale``), so they are multiplied by ``scale_slice / scale_patch`` with ``scale_patch``
-  the largest of them (then ``max |x| = 1`` over the patch and the slices keep their relative
-  intensities). The slice-wise metrics do not change under this per-slice rescaling.
+  one scale, the patch's: each was divided by its own ``max |x|`` (``Split.scale``), so they are
+  multiplied by ``scale_slice / scale_patch`` with ``scale_patch`` the largest of them (then
+  ``max |x| = 1`` over the patch and the slices keep their relative intensities). The
+  slice-wise metrics do not change under this per-slice rescaling.
 
   Returns:
     dict(x=(M, depth, h, w, 2) float32, y=(M, depth, h, w, 2) float32, scale=(M,) float32 the

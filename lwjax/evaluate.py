@@ -23,9 +23,9 @@ Other data than the run's (``--data_dir``) is evaluated into ``WORKDIR/eval_<its
 Metrics are the trainer's (``metrics.per_slice``): slice-based PSNR, SSIM and NMSE on magnitude
 images, data range = each target slice's maximum (the paper's); and fastMRI's volume-wise ones, for
 comparison with fastMRI results (on SENSE-combined targets here, not fastMRI's RSS images).
-Every kind of run is evaluated as its trainer evaluates it: 2D slices, 3D volume patches (metrics per slice of each patch) or the unrolled
-model (with k-space and maps; plus the "cg_sense" baseline); for the unrolled model "depth" is the
-number of iterations.
+Every kind of run is evaluated as its trainer evaluates it: 2D slices, 3D volume patches
+(metrics per slice of each patch) or the unrolled model (with k-space and maps; plus the
+"cg_sense" baseline); for the unrolled model "depth" is the number of iterations.
 """
 import dataclasses
 import json

@@ -28,9 +28,9 @@ Training (``train_unrolled``), through ``train.fit``:
   images).
 * ``--method=layerwise`` ("unrolled_stagewise"): stage k trains iteration k (CNN_k and lambda_k)
   to fit the target on the output of iterations < k, which stay frozen. Their output is the
-  stage's input, computed once per stage for the training set (``x_in``: one image per example, the unrolled
-  analogue of ``--cache_features``), so each stage costs one iteration to train. Stage k ends
-  with a k-iteration network in the same layout as the end-to-end one.
+  stage's input, computed once per stage for the training set (``x_in``: one image per example,
+  the unrolled analogue of ``--cache_features``), so each stage costs one iteration to train.
+  Stage k ends with a k-iteration network in the same layout as the end-to-end one.
 """
 import dataclasses
 import functools

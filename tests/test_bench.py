@@ -24,8 +24,8 @@ def test_bench_pipeline_reports_every_phase(tmp_path):
       "--runs=e2e+data,layerwise:device,layerwise_convex:host", f"--json_out={out}",
       f"--scratch={tmp_path / 'runs'}")
   report = json.loads(out.read_text())
-  phases = {(r["method"], r["cache_features"], r["data_on_device"]): [p["phase"] for p in r["phases"]]
-            for r in report["runs"]}
+  phases = {(r["method"], r["cache_features"], r["data_on_device"]):
+            [p["phase"] for p in r["phases"]] for r in report["runs"]}
   assert phases == {("e2e", "none", True): ["e2e_d3"],
                     ("layerwise", "device", False): ["layerwise_s1", "layerwise_s2"],
                     ("layerwise_convex", "host", False): ["layerwise_convex_s1",

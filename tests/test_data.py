@@ -370,7 +370,8 @@ def test_a_file_in_two_splits_is_refused(tmp_path, dataset):
   train = load(dataset, "train")
   data.check_disjoint({"train": train, "val": load(dataset, "val")})
   for how, make in (("is the same file as", lambda src, dst: dst.symlink_to(src)),
-                    ("holds the same k-space as", lambda src, dst: dst.write_bytes(src.read_bytes()))):
+                    ("holds the same k-space as",
+                     lambda src, dst: dst.write_bytes(src.read_bytes()))):
     root = tmp_path / how.replace(" ", "_")
     (root / "val").mkdir(parents=True)
     make(dataset / "train" / "synth_train_001.h5", root / "val" / "copy.h5")

@@ -129,7 +129,8 @@ def test_other_data_is_evaluated_beside_the_run_not_over_it(finished_run, tmp_pa
   # Another folder of the same name is not written over that evaluation.
   shutil.copytree(other, tmp_path / "elsewhere" / "knee")
   with pytest.raises(ValueError, match=r"eval_knee/eval.json: holds the evaluation of .*knee, not "
-                                       r"of .*elsewhere/knee; choose another folder with --out_dir"):
+                                       r"of .*elsewhere/knee; choose another folder with "
+                                       r"--out_dir"):
     evaluate.run(workdir, mesh=_mesh(), data_dir=str(tmp_path / "elsewhere" / "knee"))
 
 

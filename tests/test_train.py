@@ -221,7 +221,8 @@ def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
       method="e2e", log_every=0, workdir=str(tmp_path / "run"))
   train.run(tiny, mesh=train.make_mesh(1))
   record = json.loads((tmp_path / "run" / "data.json").read_text())
-  assert record["train"]["files"] == [["synth_train_000.h5", 2]] and len(record["val"]["scale"]) == 2
+  assert record["train"]["files"] == [["synth_train_000.h5", 2]]
+  assert len(record["val"]["scale"]) == 2
 
   moved = tmp_path / "moved"
   (tmp_path / "run" / "data").rename(moved)
@@ -257,7 +258,8 @@ def test_settings_refused_by_the_data_leave_the_workdir_free(tmp_path):
     assert not (tmp_path / "run" / "config.json").exists()
   # A training file also in val (a symlink): refused as a subject in two splits.
   leak = tmp_path / "leak"
-  data_lib.make_synthetic_dataset(leak, train_subjects=1, val_subjects=1, slices=2, coils=2, size=16)
+  data_lib.make_synthetic_dataset(leak, train_subjects=1, val_subjects=1, slices=2, coils=2,
+                                  size=16)
   (leak / "val" / "copy.h5").symlink_to(leak / "train" / "synth_train_000.h5")
   with pytest.raises(ValueError, match=r"copy.h5 \(val\) is the same file as"):
     train.run(dataclasses.replace(tiny, data_dir=str(leak)), mesh=train.make_mesh(1))

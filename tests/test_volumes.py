@@ -57,7 +57,8 @@ def test_to_volumes_shapes_order_and_no_file_mixing():
   assert data.to_volumes(split, 4)["x"].shape[0] == 2  # 5 -> 1, 3 -> 0, 4 -> 1
   assert "kspace" not in data.to_volumes(fake_split(with_dc=False), 3)
   with pytest.raises(ValueError,
-                     match=r"--volume_depth=6: .* longest run of consecutive slices of a file \(5;"):
+                     match=r"--volume_depth=6: .* longest run of consecutive slices "
+                           r"of a file \(5;"):
     data.to_volumes(split, 6)
   with pytest.raises(ValueError, match="--volume_depth=0: expected >= 1"):
     data.to_volumes(split, 0)
