@@ -188,16 +188,26 @@ def _too_small(coverage: float, cfg: PrepConfig) -> Optional[str]:
 _CONTENT_ATTRS = ("norm", "max")
 
 
-def cache_key(path, index, cfg: PrepConfig, attrs: Optional[dict] = None) -> str:
+# Fields that act on a slice only through the mask: the key holds the mask's bits instead, so
+# a changed mask algorithm (or a new mask kind or option) can never reuse a stale entry.
+_MASK_FIELDS = ("mask", "accel", "center_fraction", "mask_seed")
+
+
+def cache_key(path, index, cfg: PrepConfig, attrs: Optional[dict] = None,
+              mask: Optional[np.ndarray] = None) -> str:
   """Names a prepared slice: file identity (absolute path, size, mtime and the ``norm``/``max``
-  of its ``attrs``, as ``fastmri.open_volume`` reads them), slice, config, format."""
+  of its ``attrs``, as ``fastmri.open_volume`` reads them), slice, the sampling ``mask`` (default
+  ``mask_for(cfg)``) by its bits, the rest of the config, format."""
   st = os.stat(path)
   content = {k: repr(attrs[k]) for k in _CONTENT_ATTRS if k in (attrs or {})}
+  mask = np.asarray(mask_for(cfg) if mask is None else mask, bool)
   prep = dataclasses.asdict(cfg)
-  del prep["min_map_coverage"]  # Applied on loading, to the coverage an entry records.
+  for field in _MASK_FIELDS + ("min_map_coverage",):  # The last is applied on loading.
+    del prep[field]
+  bits = hashlib.sha256(np.packbits(mask).tobytes() + repr(mask.shape).encode()).hexdigest()
   blob = json.dumps({"version": CACHE_VERSION, "path": str(Path(path).resolve()),
                      "size": st.st_size, "mtime_ns": st.st_mtime_ns, "attrs": content,
-                     "slice": index, "cfg": prep}, sort_keys=True)
+                     "slice": index, "cfg": prep, "mask": bits}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -241,12 +251,12 @@ def _entry(example, with_maps, with_kspace=False) -> dict:
   return entry
 
 
-def _cache_file(info, index, cfg, cache_dir) -> Path:
-  return Path(cache_dir) / f"{cache_key(info.path, index, cfg, info.attrs)}.npz"
+def _cache_file(info, index, mask, cfg, cache_dir) -> Path:
+  return Path(cache_dir) / f"{cache_key(info.path, index, cfg, info.attrs, mask)}.npz"
 
 
-def _cached_slice(info, index, cfg, cache_dir, with_maps, with_kspace) -> Optional[dict]:
-  return _read_entry(_cache_file(info, index, cfg, cache_dir), cfg.image_size,
+def _cached_slice(info, index, mask, cfg, cache_dir, with_maps, with_kspace) -> Optional[dict]:
+  return _read_entry(_cache_file(info, index, mask, cfg, cache_dir), cfg.image_size,
                      info.num_coils if with_maps or with_kspace else None, with_kspace)
 
 
@@ -256,7 +266,7 @@ _SKIP = "skip"  # The key of a skipped slice's cache entry (its reason), so it i
 def _prepare_and_cache(info, index, mask, cfg, cache_dir, with_maps, with_kspace) -> dict:
   """Prepares one slice from its file and writes its cache entry (atomically); returns it
   (``{"skip": reason}`` for an :class:`EmptySlice`)."""
-  file = _cache_file(info, index, cfg, cache_dir)
+  file = _cache_file(info, index, mask, cfg, cache_dir)
   grid = fastmri.to_grid(fastmri.read_slice(info.path, index), cfg.image_size)
   try:
     entry = _entry(prepare_slice(grid, mask, cfg), with_maps, with_kspace)
@@ -411,7 +421,7 @@ def _fill_split(arrays, slices, mask, cfg, *, split, cache_dir, with_maps, with_
 
   missing = []
   for i, (_, info, index) in enumerate(slices):
-    entry = _cached_slice(info, index, cfg, cache_dir, with_maps, with_kspace)
+    entry = _cached_slice(info, index, mask, cfg, cache_dir, with_maps, with_kspace)
     if entry is None:
       missing.append(i)
     else:
