@@ -3,7 +3,8 @@ r"""Evaluate a finished training run: per-slice metrics, report and figures.
   python launch/evaluate.py --workdir=runs/poisson
   python launch/evaluate.py --workdir=runs/poisson --data_dir=/data/fastmri/knee
 
-Reads the run's WORKDIR/config.json (--data_dir and --eval_batch_size, when given, override it)
+Reads the run's WORKDIR/config.json (--data_dir, --max_val_volumes (0: all files) and
+--eval_batch_size, when given, override it)
 and its saved networks, and writes WORKDIR/eval.json, WORKDIR/report.md and the figures in
 WORKDIR/figures/ (metrics against depth, example slices, training curves). Data other than the
 run's own validation data (--data_dir elsewhere) goes to WORKDIR/eval_<data_dir name>/ instead, so

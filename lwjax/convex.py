@@ -30,7 +30,7 @@ refit by least squares on the ReLU features ``relu(+-u)``.
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,18 @@ def _gated_sum(out, d):
   return jnp.sum(d[..., None] * (out[..., 0, :, :] - out[..., 1, :, :]), axis=-2)
 
 
+def _cone_violation(out, d):
+  """``relu(-(2 D_p - 1) * conv(h, W_pc))`` per element, W = V, Z: how far each branch of
+  ``branches`` lies outside its ReLU cone; (N, *spatial, 2, P, C_out), 0 on the cones."""
+  return jax.nn.relu(-(2 * d - 1)[..., None, :, None] * out)
+
+
+def objective_value(data, norm_sum, cone_penalty, *, beta, rho):
+  """The objective from its parts: ``data`` (0.5 mean squared error), ``norm_sum`` (the sum of
+  the group norms), ``cone_penalty`` (summed cone violations per pixel)."""
+  return data + beta * norm_sum + rho * cone_penalty
+
+
 def predict(variables, h, skip, u, dtype=None):
   """The convex model's prediction ``skip + sum_p D_p (conv(h, V_p) - conv(h, Z_p))``.
 
@@ -123,10 +135,10 @@ def _terms(variables, h, skip, y, u, dtype, weight=None):
   per-example weights, ``stage.half_mse``)."""
   out = branches(variables, h, dtype)
   d = gates(h, u)
-  violation = jnp.sum(jax.nn.relu(-(2 * d - 1)[..., None, :, None] * out))
+  violation = jnp.sum(_cone_violation(out, d))
   return {"data": stage.half_mse(skip + _gated_sum(out, d), y, weight),
-          "penalty": violation / math.prod(out.shape[:-3]),
-          "norms": jnp.sum(group_norms(variables)), "violation": violation,
+          "cone_penalty": violation / math.prod(out.shape[:-3]),
+          "norm_sum": jnp.sum(group_norms(variables)), "violation": violation,
           "magnitude": jnp.sum(jnp.abs(out))}
 
 
@@ -138,8 +150,8 @@ def objective(variables, h, skip, y, u, *, beta, rho, dtype=None, weight=None):
   sum of |conv(h, V_pc)|, 0 on the ReLU cones).
   """
   t = _terms(variables, h, skip, y, u, dtype, weight)
-  value = t["data"] + beta * t["norms"] + rho * t["penalty"]
-  aux = {"mse": 2 * t["data"], "objective": value, "group_norm_sum": t["norms"],
+  value = objective_value(t["data"], t["norm_sum"], t["cone_penalty"], beta=beta, rho=rho)
+  aux = {"mse": 2 * t["data"], "objective": value, "group_norm_sum": t["norm_sum"],
          "constraint_violation": t["violation"] / jnp.maximum(t["magnitude"], 1e-30)}
   return value, aux
 
@@ -174,8 +186,9 @@ def relu_features(layer, h, dtype=None):
 
 
 def _head(layer, z, skip):
-  kernel_ = layer["head"]["kernel"]
-  return skip + (z @ kernel_.reshape(kernel_.shape[-2:]) + layer["head"]["bias"]).astype(skip.dtype)
+  """``skip + head(z)``: the 1x1 head of a ``to_layer`` layer on features z (N, *spatial, F)."""
+  w = layer["head"]["kernel"]  # (1, ..., F, C_out)
+  return skip + (z @ w.reshape(w.shape[-2:]) + layer["head"]["bias"]).astype(skip.dtype)
 
 
 def relu_predict(layer, h, skip, dtype=None):
@@ -225,7 +238,7 @@ def duality_gap(variables, neg_grad, *, data, beta):
   axes = tuple(range(1, w.ndim - 2))
   norms, q_norms = _np_norms(w), _np_norms(q)
   s = min(1.0, beta / q_norms.max()) if q_norms.max() > 0 else 1.0
-  objective = data + beta * norms.sum()
+  objective = objective_value(data, norms.sum(), 0.0, beta=beta, rho=0.0)
   gap = (1 - s) ** 2 * data + np.sum(beta * norms - s * np.sum(w * q, axes))
   nonzero = norms > NEAR_ZERO * norms.max()
   direction = w / np.expand_dims(np.where(nonzero, norms, 1.0), axes)
@@ -259,7 +272,7 @@ def _batch_sums(variables, h, skip, y, *, gate_seed, refit):
   sign = jnp.array([1.0, -1.0])[:, None, None]
   adjoint = lambda t: transpose(sign * d[..., None, :, None] * t[..., None, None, :])[0]
   both = jax.vmap(adjoint)(jnp.stack([e, r]))
-  violation = jax.nn.relu(-(2 * d - 1)[..., None, :, None] * out)
+  violation = _cone_violation(out, d)
   layer = to_layer(variables)
   z = relu_features(layer, h, jnp.float32)
   pred_relu = _head(layer, z, skip)
@@ -283,12 +296,14 @@ def _sq_err(layer, h, skip, y):
 
 
 def _accumulate(total, sums):
+  """``total + sums`` for pytrees of per-batch sums, in float64 NumPy (``total`` None: start)."""
   sums = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.device_get(sums))
   return sums if total is None else jax.tree.map(np.add, total, sums)
 
 
 def _refit(gram, cross, ndim):
-  """Least-squares 1x1 head (weights and bias) from the normal equations, with a tiny ridge."""
+  """Least-squares 1x1 head from the normal equations, with a tiny ridge: ``gram`` (F+1, F+1) and
+  ``cross`` (F+1, C_out) of the features with a column of ones appended (the bias) against r."""
   ridge = 1e-6 * np.trace(gram) / len(gram) + 1e-30
   w = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross)
   return {"kernel": jnp.asarray(w[:-1].reshape((1,) * ndim + w[:-1].shape), jnp.float32),
@@ -311,6 +326,7 @@ def group_shrink(variables, threshold):
 
 
 def _vdot(a, b):
+  """The inner product of two pytrees of the same structure."""
   return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
@@ -431,55 +447,89 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     raise ValueError(f"FISTA solves the gated relaxation (rho = 0) only, got rho = {rho}")
   if solver == "adam" and tx is None:
     raise ValueError("solver='adam' needs tx (Adam with the run's schedule)")
-  num = features // (2 * out_channels)
-
-  def shape(c_in):
-    return nets.kernel_shape(kernel_size, ndim) + (c_in, num, out_channels)
-
-  def init(rng, h_shape):
-    del rng  # The program is convex: start at zero (any start reaches the same optimum).
-    return {"v": jnp.zeros(shape(h_shape[-1]), jnp.float32),
-            "z": jnp.zeros(shape(h_shape[-1]), jnp.float32)}
-
-  def build(beta, tx):
-    """The stage for an absolute ``beta`` and a ready solver."""
-
-    def loss(variables, h, skip, y, weight=None):
-      u = _gate_filters_of(variables, gate_seed)
-      value, aux = objective(variables, h, skip, y, u, beta=beta, rho=rho, dtype=dtype,
-                             weight=weight)
-      # FISTA differentiates the smooth part only; its prox step handles the group lasso.
-      return (0.5 * aux["mse"] if solver == "fista" else value), aux
-
-    def finalize(variables, feature_batches):
-      return _finalize(variables, feature_batches, beta=beta, rho=rho, gate_seed=gate_seed,
-                       refit_head=refit_head)
-
-    st = stage.Stage(init=init, loss=loss, tx=tx, to_layer=to_layer,
-                     finalize=finalize)
-    if solver == "fista":
-      st = dataclasses.replace(st, solution=fista_solution, epochs=fista_iters, full_pass=True)
-    if solver == "fista" or relative_beta:
-      st = dataclasses.replace(st, prepare=prepare)
-    return st
-
-  def prepare(feature_batches, h_shape):
-    report, beta_abs, tx_ = {}, beta, tx
-    with jax.default_matmul_precision("highest"):
-      if relative_beta:
-        report["beta_max"] = _beta_max(feature_batches, shape(h_shape[-1]), gate_seed)
-        beta_abs = report["beta"] = beta * report["beta_max"]
-      if solver == "fista":
-        report["lipschitz"] = _lipschitz(feature_batches, shape(h_shape[-1]), gate_seed,
-                                         power_iters)
-        step = 1.0 / (_LIPSCHITZ_MARGIN * report["lipschitz"])
-        tx_ = optax.MultiSteps(fista(step, beta_abs), every_k_schedule=steps_per_epoch)
-        tx_ = tx_.gradient_transformation()
-    return build(beta_abs, tx_), report
-
+  program = Program(
+      num=features // (2 * out_channels), out_channels=out_channels,
+      kernel_shape=nets.kernel_shape(kernel_size, ndim), beta=beta, rho=rho, solver=solver,
+      gate_seed=gate_seed, refit_head=refit_head, fista_iters=fista_iters,
+      steps_per_epoch=steps_per_epoch, relative_beta=relative_beta, power_iters=power_iters,
+      dtype=jnp.dtype(dtype))
   # Adam's state does not depend on beta, so before ``prepare`` the stage already has its real
   # optimiser (the memory analysis compiles the step from it); FISTA's step needs the data.
-  return build(beta, tx if solver == "adam" else _needs_prepare())
+  return _stage(program, tx if solver == "adam" else _needs_prepare(),
+                prepared=not (solver == "fista" or relative_beta))
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One stage's convex program and solver settings (``convex_stage``'s arguments), without
+  the data. ``beta`` is absolute once ``relative_beta`` is False (``_prepare`` makes it so)."""
+  num: int  # P, the arrangements (gate filters)
+  out_channels: int  # C_out
+  kernel_shape: tuple[int, ...]  # (*k)
+  beta: float
+  rho: float
+  solver: str  # "adam" | "fista"
+  gate_seed: int
+  refit_head: bool
+  fista_iters: Optional[int]
+  steps_per_epoch: int
+  relative_beta: bool
+  power_iters: int
+  dtype: Any  # of the V/Z conv
+
+  def shape(self, c_in: int) -> tuple[int, ...]:
+    """Shape of V and of Z: (*k, C_in, P, C_out)."""
+    return self.kernel_shape + (c_in, self.num, self.out_channels)
+
+  def init(self, rng, h_shape):
+    """``Stage.init``: zero V and Z (the program is convex: any start reaches the optimum)."""
+    del rng  # Two arrays: a state whose buffers are donated must not hold one twice.
+    shape = self.shape(h_shape[-1])
+    return {"v": jnp.zeros(shape, jnp.float32), "z": jnp.zeros(shape, jnp.float32)}
+
+  def loss(self, variables, h, skip, y, weight=None):
+    """``Stage.loss``: the objective; FISTA differentiates its smooth part only (its prox step
+    handles the group lasso)."""
+    u = _gate_filters_of(variables, self.gate_seed)
+    value, aux = objective(variables, h, skip, y, u, beta=self.beta, rho=self.rho,
+                           dtype=self.dtype, weight=weight)
+    return (0.5 * aux["mse"] if self.solver == "fista" else value), aux
+
+  def finalize(self, variables, feature_batches):
+    """``Stage.finalize``: see ``_finalize``."""
+    return _finalize(variables, feature_batches, beta=self.beta, rho=self.rho,
+                     gate_seed=self.gate_seed, refit_head=self.refit_head)
+
+
+def _stage(program: Program, tx: optax.GradientTransformation, *, prepared: bool) -> stage.Stage:
+  """The ``stage.Stage`` of ``program`` solved by ``tx``; unless ``prepared``, its ``prepare``
+  sets the absolute beta and FISTA's step from the data (``_prepare``)."""
+  st = stage.Stage(init=program.init, loss=program.loss, tx=tx, to_layer=to_layer,
+                   finalize=program.finalize)
+  if program.solver == "fista":
+    st = dataclasses.replace(st, solution=fista_solution, epochs=program.fista_iters,
+                             full_pass=True)
+  if not prepared:
+    st = dataclasses.replace(st, prepare=functools.partial(_prepare, program, tx))
+  return st
+
+
+def _prepare(program: Program, tx, feature_batches, h_shape) -> tuple[stage.Stage, dict]:
+  """``Stage.prepare``: a pass for ``beta_max`` (``relative_beta``) and ``power_iters`` passes for
+  FISTA's Lipschitz constant; returns the ready stage and {"beta_max", "beta", "lipschitz"}."""
+  report, shape = {}, program.shape(h_shape[-1])
+  with jax.default_matmul_precision("highest"):
+    if program.relative_beta:
+      report["beta_max"] = _beta_max(feature_batches, shape, program.gate_seed)
+      report["beta"] = program.beta * report["beta_max"]
+      program = dataclasses.replace(program, beta=report["beta"], relative_beta=False)
+    if program.solver == "fista":
+      report["lipschitz"] = _lipschitz(feature_batches, shape, program.gate_seed,
+                                       program.power_iters)
+      step = 1.0 / (_LIPSCHITZ_MARGIN * report["lipschitz"])
+      tx = optax.MultiSteps(fista(step, program.beta),
+                            every_k_schedule=program.steps_per_epoch).gradient_transformation()
+  return _stage(program, tx, prepared=True), report
 
 
 def _beta_max(feature_batches, shape, gate_seed):
@@ -526,7 +576,8 @@ def _finalize(variables, feature_batches, *, beta, rho, gate_seed, refit_head):
     mse = total["sq_err"] / total["elements"]
     norms = _np_group_norms(vz)
     report = {
-        "objective": mse / 2 + beta * norms.sum() + rho * total["violation"] / total["pixels"],
+        "objective": objective_value(mse / 2, norms.sum(), total["violation"] / total["pixels"],
+                                     beta=beta, rho=rho),
         "mse": mse,
         "constraint_violation": total["violation"] / max(total["magnitude"], 1e-30),
         "relu_mismatch": np.sqrt(total["sq_diff"] / max(total["sq_signal"], 1e-30)),

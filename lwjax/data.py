@@ -15,6 +15,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 from pathlib import Path
@@ -75,6 +76,26 @@ class Split:
   paths: list[Path] = dataclasses.field(default_factory=list)  # the file of each volume_index
   # (file name, slice index, why) of the slices left out (EmptySlice), in file then slice order.
   skipped: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+  # Per file (``paths``): the grid columns [lo, hi) its header says were acquired, or None.
+  acquired: list[Optional[tuple[int, int]]] = dataclasses.field(default_factory=list)
+
+
+def grid_columns(acquired: tuple[int, int], width: int, size: int) -> tuple[int, int]:
+  """The columns [lo, hi) of ``size``-wide grid k-space that lie inside the acquired columns
+  ``acquired`` of ``width``-wide k-space (``fastmri.acquired_columns``). ``fastmri.to_grid``
+  crops or pads in image space, which keeps k-space's extent and scales its column spacing by
+  width / size: column k lands at ``size // 2 + (k - width // 2) * size / width``."""
+  at = lambda k: size // 2 + (k - width // 2) * size / width
+  return max(0, math.ceil(at(acquired[0]))), min(size, math.floor(at(acquired[1] - 1)) + 1)
+
+
+def acquired_acceleration(split: "Split") -> Optional[tuple[float, float]]:
+  """(min, max) over the split's files of the mask's acceleration over the grid columns each
+  file acquired (``Split.acquired``), or None where no file's header says. fastMRI zero-pads
+  k-space outside them (about 10% of the columns of its knee data), so a mask's samples there
+  measure nothing, and this is above the grid's ``masks.acceleration``."""
+  accels = [masks.acceleration(split.mask[:, lo:hi]) for lo, hi in filter(None, split.acquired)]
+  return (min(accels), max(accels)) if accels else None
 
 
 def mask_for(cfg: PrepConfig) -> np.ndarray:
@@ -326,6 +347,18 @@ def _host_array(shape, dtype, storage: str, scratch_dir) -> np.ndarray:
     os.unlink(path)
 
 
+def split_volumes(data_dir, split, max_volumes=None, *, log=None) -> list[fastmri.VolumeInfo]:
+  """The validated files of ``split`` (``fastmri.open_volume``, which reads no k-space), the
+  first ``max_volumes`` of them in name order (None: all; a cut is logged)."""
+  if max_volumes is not None and max_volumes < 1:
+    raise ValueError(f"max_volumes: expected None or >= 1, found {max_volumes}")
+  files = fastmri.list_volumes(data_dir, split)
+  if log and max_volumes is not None and max_volumes < len(files):
+    log(f"{split}: using the first {max_volumes} of {len(files)} files in "
+        f"{files[0].parent} (--max_{split}_volumes={max_volumes}; 0: all)")
+  return [fastmri.open_volume(f) for f in files[:max_volumes]]
+
+
 def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
                with_maps=False, with_kspace=False, workers: int = 1, storage: str = "memory",
                log: Optional[Callable[[str], None]] = None) -> Split:
@@ -344,10 +377,8 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   slices on which ESPIRiT finds no coil) are left out, logged and listed in ``Split.skipped``;
   a split left with none raises DataError. Any other bad slice raises DataError naming it.
   """
-  if max_volumes is not None and max_volumes < 1:
-    raise ValueError(f"max_volumes: expected None or >= 1, found {max_volumes}")
   mask = checked_mask(cfg)
-  infos = [fastmri.open_volume(f) for f in fastmri.list_volumes(data_dir, split)[:max_volumes]]
+  infos = split_volumes(data_dir, split, max_volumes, log=log)
   coil_counts = sorted({info.num_coils for info in infos})
   if log and (with_maps or with_kspace) and len(coil_counts) > 1:
     log(f"{split}: files with {coil_counts} coils; maps and k-space are padded with zero coils "
@@ -379,12 +410,20 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
     if emptied:
       log(f"{split}: {len(emptied)} file(s) have no slice left and are not used (e.g. "
           f"{emptied[0]})")
-  return Split(mask=mask, ids=[(slices[i][1].path.name, slices[i][2]) for i in kept],
-               volume_index=np.asarray([slices[i][0] for i in kept], int),
-               paths=[info.path for info in infos],
-               skipped=[(slices[i][1].path.name, slices[i][2], why)
-                        for i, why in sorted(skipped.items())],
-               **_compact(arrays, kept))
+  out = Split(mask=mask, ids=[(slices[i][1].path.name, slices[i][2]) for i in kept],
+              volume_index=np.asarray([slices[i][0] for i in kept], int),
+              paths=[info.path for info in infos],
+              skipped=[(slices[i][1].path.name, slices[i][2], why)
+                       for i, why in sorted(skipped.items())],
+              acquired=[info.acquired and grid_columns(info.acquired, info.kspace_shape[3],
+                                                       cfg.image_size) for info in infos],
+              **_compact(arrays, kept))
+  accel = acquired_acceleration(out)
+  if log and accel and accel[1] > 1.01 * masks.acceleration(mask):
+    log(f"{split}: the mask's acceleration is {masks.acceleration(mask):.2f} over the grid but "
+        f"{accel[0]:.2f}-{accel[1]:.2f} over the k-space columns the files acquired (their "
+        "headers' encodingLimits; the rest is zero-padded): some of its samples measure nothing")
+  return out
 
 
 def _split_arrays(total, size, num_coils, *, with_maps, with_kspace, storage,
@@ -613,7 +652,8 @@ def steps_per_epoch(n, batch_size, full_pass: bool = False) -> int:
   return -(-n // batch_size) if full_pass else n // batch_size
 
 
-def _num_examples(arrays) -> int:
+def num_examples(arrays) -> int:
+  """The leading size shared by every array of ``arrays`` (ValueError if they disagree)."""
   sizes = {k: len(v) for k, v in arrays.items()}
   if len(set(sizes.values())) != 1:
     raise ValueError(f"arrays: expected one leading size for all entries, found {sizes}")
@@ -674,7 +714,7 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size) -> Iterator[dict[str
   (batch_size,) bool marks the real examples.
   """
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  n = _num_examples(arrays)
+  n = num_examples(arrays)
   if batch_size < 1:
     raise ValueError(f"batch_size {batch_size}: expected >= 1")
   if "valid" in arrays:

@@ -5,6 +5,9 @@ predicts the validation split with each and writes:
 
   WORKDIR/eval.json   {"data_dir": the data evaluated ("": the run's synthetic data),
                        "own_data": whether it is the run's validation data (data.json),
+                       "acceleration": {"grid": the mask's, "acquired": [min, max] over
+                                        the files of its acceleration over the k-space columns
+                                        each acquired (header encodingLimits), or null},
                        "per_slice": {"zero_filled": {"psnr": [...], "ssim": [...], "nmse": [...]},
                                      method: {"<depth>": {"psnr": [...], ...}}},
                        "mean": the same with means (summary.json's layout),
@@ -38,13 +41,15 @@ from absl import logging
 from lwjax import config as config_lib
 from lwjax import data as data_lib
 from lwjax import figures
+from lwjax import masks
 from lwjax import metrics as metrics_lib
 from lwjax import train
 from lwjax import unrolled
 from lwjax.config import Config
 
-# Settings a run may be evaluated with other than its own: where the data is, how much at once.
-OVERRIDABLE = ("data_dir", "eval_batch_size")
+# Settings a run may be evaluated with other than its own: where the data is, how many of its
+# files (0: all), how much at once.
+OVERRIDABLE = ("data_dir", "max_val_volumes", "eval_batch_size")
 # Representative slices of examples.png: the median and the 10th percentile of the reference
 # network's PSNR, a typical and a hard slice (the very worst is often an all-noise edge slice).
 EXAMPLE_QUANTILES = (0.5, 0.1)
@@ -255,6 +260,16 @@ def _row(cells) -> str:
   return "| " + " | ".join(map(str, cells)) + " |"
 
 
+def _accelerations(accel: dict) -> str:
+  """eval.json's "acceleration" in words."""
+  text = f"{accel['grid']:.2f} on the grid"
+  if accel["acquired"]:
+    lo, hi = accel["acquired"]
+    span = f"{lo:.2f}" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}"
+    text += f", {span} over the k-space columns the files acquired (encodingLimits)"
+  return text
+
+
 def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict) -> str:
   """report.md: a table of every network, the gap to e2e at the same depth, stage reports."""
   per_slice, mean = result["per_slice"], result["mean"]
@@ -266,8 +281,8 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
   lines = [f"# Evaluation of {cfg.workdir}", "",
            f"Data: {data} ({origin}).", "",
            f"{len(result['slices'])} validation slices from {files} file(s){skipped}; mask "
-           f"{cfg.mask} x{cfg.accel:g}, {cfg.image_size}x{cfg.image_size}, {cfg.features} "
-           "channels, "
+           f"{cfg.mask} x{cfg.accel:g} ({_accelerations(result['acceleration'])}), "
+           f"{cfg.image_size}x{cfg.image_size}, {cfg.features} channels, "
            f"{'x'.join(map(str, cfg.kernel))} kernels. Per-slice PSNR, SSIM and NMSE of "
            "magnitude images (data range: each target slice's maximum), mean ± std over slices; "
            "the gap is the method minus e2e at the same depth.", "",
@@ -354,7 +369,7 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
   """Evaluates the run in ``workdir``; writes eval.json, report.md, figures/ into
   ``output_dir(...)`` (the workdir for the run's own data); returns eval.json's dict.
 
-  ``overrides``: ``data_dir`` or ``eval_batch_size`` other than the run's (None: the run's).
+  ``overrides``: ``OVERRIDABLE`` settings other than the run's (None: the run's).
   """
   cfg = load_config(workdir, **{k: v for k, v in overrides.items() if v is not None})
   dirs = [train.params_dir(cfg.workdir, m, d) for m, d in trained_networks(cfg)]
@@ -379,8 +394,11 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
   examples = representative_slices(per_slice[method][str(depth)]["psnr"])
   as_lists = lambda tree: _map_metrics(lambda m: {k: v.tolist() for k, v in m.items()}, tree)
   file_of = {int(val.volume_index[i]): val.ids[i][0] for i in slices}
+  acquired = data_lib.acquired_acceleration(val)
   result = {"data_dir": data_dir,
             "own_data": own,
+            "acceleration": {"grid": float(masks.acceleration(val.mask)),
+                             "acquired": list(acquired) if acquired else None},
             "per_slice": as_lists(per_slice),
             "mean": _map_metrics(metrics_lib.means, per_slice),
             "slices": [[val.ids[i][0], int(val.ids[i][1])] for i in slices],

@@ -11,8 +11,9 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 import uuid
+import xml.etree.ElementTree as ElementTree
 
 from absl import logging
 import h5py
@@ -92,19 +93,25 @@ class VolumeInfo:
   num_coils: int
   kspace_shape: tuple[int, int, int, int]
   attrs: dict[str, Any]
+  # Columns [lo, hi) of W that the header says were acquired (``acquired_columns``), or None.
+  acquired: Optional[tuple[int, int]] = None
 
 
-def ismrmrd_header(kspace_shape, recon_shape, *, acquisition="CORPD_FBK") -> bytes:
-  """The ISMRMRD XML header for k-space (S, C, H, W) reconstructed on an (h, w) grid."""
+def ismrmrd_header(kspace_shape, recon_shape, *, acquisition="CORPD_FBK",
+                   acquired=None) -> bytes:
+  """The ISMRMRD XML header for k-space (S, C, H, W) reconstructed on an (h, w) grid, whose
+  columns [lo, hi) = ``acquired`` (default: all) were acquired (``acquired_columns``)."""
   s, c, hh, ww = kspace_shape
   h, w = recon_shape
+  lo, hi = acquired or (0, ww)
   return _HEADER_XML.format(
       acquisition=acquisition, coils=c, H=hh, W=ww, h=h, w=w,
       H_mm=hh * _PIXEL_MM, W_mm=ww * _PIXEL_MM, h_mm=h * _PIXEL_MM, w_mm=w * _PIXEL_MM,
-      W_max=ww - 1, W_center=ww // 2, S_max=s - 1, S_center=s // 2).encode()
+      W_max=hi - lo - 1, W_center=ww // 2 - lo, S_max=s - 1, S_center=s // 2).encode()
 
 
-def write_volume(path, kspace, rss, *, acquisition="CORPD_FBK", patient_id="", attrs=None):
+def write_volume(path, kspace, rss, *, acquisition="CORPD_FBK", patient_id="", attrs=None,
+                 acquired=None):
   """Writes a fastMRI multi-coil file atomically (temporary name, then ``os.replace``).
 
   Args:
@@ -113,6 +120,8 @@ def write_volume(path, kspace, rss, *, acquisition="CORPD_FBK", patient_id="", a
     rss: (S, h, w) real root-sum-of-squares reconstruction.
     acquisition, patient_id: fastMRI attrs.
     attrs: extra file attrs.
+    acquired: the columns [lo, hi) of W the header says were acquired (None: all); the caller
+      zeroes the others, as fastMRI's data has them.
   """
   path = Path(path)
   kspace = np.asarray(kspace)
@@ -127,7 +136,8 @@ def write_volume(path, kspace, rss, *, acquisition="CORPD_FBK", patient_id="", a
     f.create_dataset(KSPACE, data=kspace.astype(np.complex64))
     f.create_dataset(RSS, data=rss.astype(np.float32))
     f.create_dataset(HEADER, data=np.bytes_(
-        ismrmrd_header(kspace.shape, rss.shape[1:], acquisition=acquisition)))
+        ismrmrd_header(kspace.shape, rss.shape[1:], acquisition=acquisition,
+                       acquired=acquired)))
     f.attrs.update({"max": float(rss.max()), "norm": float(np.linalg.norm(kspace)),
                     "acquisition": acquisition, "patient_id": patient_id, **(attrs or {})})
 
@@ -199,6 +209,7 @@ def _kspace(f: h5py.File, path) -> h5py.Dataset:
     hint = " (a single-coil file? multi-coil data is expected)" if ds.ndim == 3 else ""
     raise DataError(f"{path}: key '{KSPACE}': expected a non-empty 4-D (slices, coils, H, W) "
                     f"array, found shape {ds.shape}{hint}")
+  _check_axes(ds.shape, encoded_matrix(f), path)
   marks = [m for m in UNDERSAMPLED_MARKS if m in f or m in f.attrs]
   if marks:
     where = ", ".join(f"key '{m}'" if m in f else f"attr '{m}'" for m in marks)
@@ -206,6 +217,78 @@ def _kspace(f: h5py.File, path) -> h5py.Dataset:
                     "undersampled and it has no fully sampled target); expected fully sampled "
                     "k-space (multicoil_train / multicoil_val files)")
   return ds
+
+
+def _header_root(f: h5py.File) -> Optional[ElementTree.Element]:
+  """The parsed ISMRMRD header, or None when the file has none or it is not XML."""
+  if not isinstance(f.get(HEADER), h5py.Dataset):
+    return None
+  try:
+    raw = f[HEADER][()]
+    raw = raw.item() if isinstance(raw, np.ndarray) and raw.size == 1 else raw
+    return ElementTree.fromstring(raw.encode() if isinstance(raw, str) else bytes(raw))
+  except (ElementTree.ParseError, TypeError, ValueError, OSError):
+    return None
+
+
+def _header_ints(root, outer: str, inner: str, keys) -> Optional[tuple[int, ...]]:
+  """The integers ``keys`` of the header's first ``<outer><inner>`` element (namespace-free),
+  e.g. encodedSpace/matrixSize (x, y); None when any is missing or not an integer."""
+  tag = lambda el: el.tag.rsplit("}", 1)[-1]  # Without the ISMRMRD namespace.
+  for el in (() if root is None else root.iter()):
+    if tag(el) == outer:
+      values = {tag(v): v.text for m in el if tag(m) == inner for v in m}
+      try:
+        return tuple(int(values[k]) for k in keys)
+      except (KeyError, TypeError, ValueError):
+        return None
+  return None
+
+
+def encoded_matrix(f: h5py.File) -> Optional[tuple[int, int]]:
+  """The ISMRMRD header's ``encodedSpace`` matrix size (x, y): the (H, W) that k-space is stored
+  with; None when the file has no readable header or the header lacks it."""
+  return _header_ints(_header_root(f), "encodedSpace", "matrixSize", ("x", "y"))
+
+
+def acquired_columns(f: h5py.File) -> Optional[tuple[int, int]]:
+  """The columns [lo, hi) of the phase-encoding axis W that were acquired, as fastMRI's loaders
+  read the header: ``lo = y // 2 - center``, ``hi = lo + maximum + 1`` from encodedSpace's y and
+  encodingLimits' kspace_encoding_step_1. fastMRI zero-pads k-space outside them. None without
+  those fields, or when they do not fit inside the matrix."""
+  root = _header_root(f)
+  matrix = _header_ints(root, "encodedSpace", "matrixSize", ("x", "y"))
+  limits = _header_ints(root, "encodingLimits", "kspace_encoding_step_1", ("center", "maximum"))
+  if matrix is None or limits is None:
+    return None
+  lo = matrix[1] // 2 - limits[0]
+  hi = lo + limits[1] + 1
+  return (lo, hi) if 0 <= lo < hi <= matrix[1] else None
+
+
+def _check_axes(shape, matrix, path) -> None:
+  """Refuses k-space whose axes are in another order than (slices, coils, H, W) where the
+  header's encodedSpace ``matrix`` (H, W) says so: stored transposed, or with the coils last
+  (without a header: more coils than rows and columns). Read as it is, such data would train on
+  rotated or garbled images without any error."""
+  if matrix is None:  # No header to go by: only the one layout no real scan can have.
+    if shape[1] > max(shape[2:]):
+      raise DataError(f"{path}: key '{KSPACE}': expected (slices, coils, H, W), found shape "
+                      f"{tuple(shape)}: more coils than k-space rows or columns (are the coils "
+                      "the last axis? store them as axis 1)")
+    return
+  if tuple(shape[2:]) == matrix:
+    return
+  where = (f"{path}: key '{KSPACE}': expected (slices, coils, H, W) with (H, W) = {matrix}, the "
+           f"readout and phase-encoding sizes of the header's encodedSpace ('{HEADER}'), found "
+           f"shape {tuple(shape)}")
+  if tuple(shape[2:]) == matrix[::-1]:
+    raise DataError(f"{where}: the last two axes look swapped (store them as H, W)")
+  if tuple(shape[1:3]) == matrix:
+    raise DataError(f"{where}: the coils look like the last axis (store them as axis 1)")
+  logging.log_first_n(logging.WARNING, "%s: the header's encodedSpace matrix %s differs from the "
+                      "k-space's (H, W) %s; check the axis order (slices, coils, H, W)", 5,
+                      path, matrix, tuple(shape[2:]))
 
 
 def _plain(value):
@@ -219,9 +302,10 @@ def open_volume(path) -> VolumeInfo:
   """Validates a multi-coil volume file and returns its metadata (reads no k-space)."""
   with _open(path) as f:
     ds = _kspace(f, path)
+    acquired = acquired_columns(f) if encoded_matrix(f) == tuple(ds.shape[2:]) else None
     return VolumeInfo(path=Path(path), num_slices=ds.shape[0], num_coils=ds.shape[1],
                       kspace_shape=tuple(ds.shape),
-                      attrs={k: _plain(v) for k, v in f.attrs.items()})
+                      attrs={k: _plain(v) for k, v in f.attrs.items()}, acquired=acquired)
 
 
 def read_slice(path, index) -> np.ndarray:

@@ -18,7 +18,7 @@ from lwjax import nets
 Params = Any
 # (variables, h, skip, y, weight) -> (objective to minimise, dict of scalar diagnostics); weight
 # (N,) or None: per-example weights of the data term (``half_mse``).
-LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, Optional[jax.Array]],
+StageLoss = Callable[[Params, jax.Array, jax.Array, jax.Array, Optional[jax.Array]],
                   tuple[jax.Array, dict]]
 # () -> iterable of (h, skip, y) batches covering the training set once
 FeatureBatches = Callable[[], Iterable[tuple[jax.Array, jax.Array, jax.Array]]]
@@ -45,7 +45,7 @@ class Stage:
       features (the prefix's output, or the 2-channel image for stage 1).
     loss: ``(variables, h, skip, y, weight=None) -> (scalar objective, aux)``: ``h`` (B, *spatial,
       C_in), ``skip`` and ``y`` (B, *spatial, 2), ``weight`` (B,) or None; ``aux`` must contain
-      ``"mse"``. ``train.stage_loss`` wraps it as the loop's ``LossFn``.
+      ``"mse"``. ``train.stage_loss`` wraps it as the loop's ``train.LossFn``.
     tx: the solver as an optax transformation (Adam, or FISTA for the convex stage).
     to_layer: ``variables -> {"conv": {"kernel", "bias"}, "head": {"kernel", "bias"}}``.
     solution: ``(variables, opt_state) -> variables`` to keep; FISTA's iterate lives in its state.
@@ -60,7 +60,7 @@ class Stage:
       gradient per epoch); ``train.fit`` then pads the last batch with weight-0 rows.
   """
   init: Callable[[jax.Array, tuple], Params]
-  loss: LossFn
+  loss: StageLoss
   tx: optax.GradientTransformation
   to_layer: Callable[[Params], dict]
   solution: Callable[[Params, Any], Params] = lambda variables, opt_state: variables
@@ -79,8 +79,8 @@ def nonconvex(*, features, kernel_size, ndim, tx, dtype=jnp.float32) -> Stage:
     return module.init(rng, jnp.zeros(h_shape, jnp.float32), skip)["params"]
 
   def loss(variables, h, skip, y, weight=None):
-    mse2 = half_mse(module.apply({"params": variables}, h, skip), y, weight)
-    return mse2, {"mse": 2.0 * mse2}
+    data_term = half_mse(module.apply({"params": variables}, h, skip), y, weight)
+    return data_term, {"mse": 2.0 * data_term}
 
   return Stage(init=init, loss=loss, tx=tx,
                to_layer=lambda v: {"conv": v["conv"], "head": v["head"]})

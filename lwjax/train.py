@@ -205,17 +205,12 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh):
 
 
 class MetricsLog:
-  """Appends JSON lines to ``WORKDIR/metrics.jsonl`` (and TensorBoard where a writer exists)."""
+  """Appends JSON lines to ``WORKDIR/metrics.jsonl`` (process 0 only); ``launch/evaluate.py``
+  draws the training curves from it."""
 
   def __init__(self, workdir):
     self.path = Path(workdir) / "metrics.jsonl"
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._tb = None
-    try:  # Optional: only where a TensorBoard writer happens to be installed.
-      from tensorboardX import SummaryWriter  # pytype: disable=import-error
-      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
-    except ImportError:
-      pass
 
   def write(self, record: dict) -> None:
     if not is_primary():
@@ -224,11 +219,6 @@ class MetricsLog:
               for k, v in record.items()}
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
-    if self._tb is not None and "step" in record:
-      for k, v in record.items():
-        if isinstance(v, float):
-          self._tb.add_scalar(f"{record.get('phase', '')}/{k}", v, record["step"])
-      self._tb.flush()
 
 
 def _format_eta(seconds: float) -> str:
@@ -256,7 +246,7 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
   ends with the same parameters as an uninterrupted one. A non-finite loss stops the run with
   FloatingPointError before that epoch is saved, so the last good checkpoint is kept.
   """
-  n = len(next(iter(arrays.values())))
+  n = data_lib.num_examples(arrays)
   spe = data_lib.steps_per_epoch(n, cfg.batch_size, full_pass)
   num_devices = mesh.devices.size
   rep = replicated(mesh)
@@ -440,7 +430,15 @@ def network_template(cfg: Config) -> nets.DeepNet:
                       ndim=cfg.ndim, dtype=jnp.dtype(cfg.compute_dtype))
 
 
-def _phase_key(cfg: Config, salt: int) -> jax.Array:
+# Salts of the initialisation keys: the e2e network of depth d draws from E2E_SALT + d, stage
+# index i from STAGE_SALT + i, unrolled iteration k from UNROLLED_SALT + k; so every phase of a
+# run has its own key and none depends on which phases ran before it (a resumed run initialises
+# the rest as the uninterrupted run did).
+E2E_SALT, STAGE_SALT, UNROLLED_SALT = 1000, 2000, 3000
+
+
+def phase_key(cfg: Config, salt: int) -> jax.Array:
+  """The initialisation key of the phase ``salt`` (one of the salts above plus its index)."""
   return jax.random.fold_in(jax.random.key(cfg.seed), salt)
 
 
@@ -448,8 +446,8 @@ def e2e_loss(net: nets.DeepNet) -> LossFn:
   """End-to-end objective of the deep net: ``half_mse(forward(params, x), y)``."""
   def loss_fn(params, frozen, batch):
     del frozen
-    mse2 = stage_lib.half_mse(nets.forward(net, params, batch["x"]), batch["y"])
-    return mse2, {"mse": 2 * mse2}
+    data_term = stage_lib.half_mse(nets.forward(net, params, batch["x"]), batch["y"])
+    return data_term, {"mse": 2 * data_term}
   return loss_fn
 
 
@@ -474,7 +472,7 @@ def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsL
   if out.exists():
     return load_params(out)
   net = network_template(cfg).clone(depth=depth)
-  params = nets.init(_phase_key(cfg, 1000 + depth), (1,) + train["x"].shape[1:], depth=depth,
+  params = nets.init(phase_key(cfg, E2E_SALT + depth), (1,) + train["x"].shape[1:], depth=depth,
                      features=cfg.features, kernel_size=cfg.kernel, ndim=net.ndim)
 
   spe = data_lib.steps_per_epoch(len(train["x"]), cfg.batch_size)
@@ -635,6 +633,21 @@ def _disk_features(cfg: Config, method: str, index: int, batches: Iterator[jax.A
   return np.load(path, mmap_mode="r")
 
 
+def _stage_batches(net: nets.DeepNet, frozen: Params, arrays: dict, index: int,
+                   batch_size: int) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
+  """(h, skip, y) over the training set in order, for a stage's prepare and finalize passes
+  (``stage.FeatureBatches``): h is ``arrays``' cached features if it holds them, else the output
+  of the ``index`` frozen layers; skip is the input x."""
+  n = len(arrays["x"])
+  if FEATURES in arrays:
+    hs = (arrays[FEATURES][i:i + batch_size] for i in range(0, n, batch_size))
+  else:
+    hs = _features(net, frozen, arrays["x"], index, batch_size)
+  for start, h in zip(range(0, n, batch_size), hs):
+    yield (jnp.asarray(h), jnp.asarray(arrays["x"][start:start + batch_size]),
+           jnp.asarray(arrays["y"][start:start + batch_size]))
+
+
 def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: MetricsLog,
                     on_depth: Callable[[int, Params, dict], None] = lambda d, p, r: None) -> Params:
   """Train ``cfg.depth - 1`` stages of ``method``; returns the deep network's parameters.
@@ -652,9 +665,9 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
   n = len(train["x"])
   params: dict = {}
   h_cached = None  # h_index of every training example, when --cache_features is on
-  for index in range(cfg.depth - 1):
-    depth = index + 2
-    finished = finished_stage(cfg.workdir, method, index + 1, depth)
+  for index in range(cfg.depth - 1):  # index: the frozen prefix's layers
+    number, depth = index + 1, index + 2  # stage ``number`` ends with a network of ``depth``
+    finished = finished_stage(cfg.workdir, method, number, depth)
     if finished:
       params = finished[0]
       on_depth(depth, *finished)
@@ -673,21 +686,13 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
     stage = make_stage(method, cfg, n, index=index)
     h_shape = (1,) + train["x"].shape[1:-1] + (2 if index == 0 else cfg.features,)
 
-    def feature_batches(frozen=frozen, index=index, arrays=arrays):
-      """(h, skip, y) over the training set in order, for a stage's prepare/finalize passes."""
-      if FEATURES in arrays:
-        hs = (arrays[FEATURES][i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size))
-      else:
-        hs = _features(net, frozen, arrays["x"], index, cfg.batch_size)
-      for start, h in zip(range(0, n, cfg.batch_size), hs):
-        yield (jnp.asarray(h), jnp.asarray(arrays["x"][start:start + cfg.batch_size]),
-               jnp.asarray(arrays["y"][start:start + cfg.batch_size]))
-
+    feature_batches = functools.partial(_stage_batches, net, frozen, arrays, index,
+                                        cfg.batch_size)
     report = {}
     if stage.prepare is not None:
       stage, report = stage.prepare(feature_batches, h_shape)
-    variables = stage.init(_phase_key(cfg, 2000 + index), h_shape)
-    result = fit(f"{method}_s{index + 1}", stage_loss(net, stage, index), stage.tx, variables,
+    variables = stage.init(phase_key(cfg, STAGE_SALT + index), h_shape)
+    result = fit(f"{method}_s{number}", stage_loss(net, stage, index), stage.tx, variables,
                  frozen, arrays, cfg=cfg, mesh=mesh, epochs=stage.epochs or cfg.epochs, log=log,
                  full_pass=stage.full_pass)
     variables = jax.device_get(stage.solution(result.state["params"], result.state["opt"]))
@@ -695,7 +700,7 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
       variables, final_report = stage.finalize(variables, feature_batches)
       report.update(final_report)
     params = nets.stack_layer(params, jax.device_get(stage.to_layer(variables)), index)
-    on_depth(depth, params, finish_stage(cfg, log, method, index + 1, depth, params, report))
+    on_depth(depth, params, finish_stage(cfg, log, method, number, depth, params, report))
   return params
 
 
@@ -772,6 +777,8 @@ def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Spli
         val_subjects=cfg.synth_val_subjects, slices=cfg.synth_slices, coils=cfg.synth_coils,
         size=cfg.image_size, seed=cfg.synth_seed, noise_std=cfg.synth_noise)
   limits = {"train": cfg.max_train_volumes, "val": cfg.max_val_volumes}
+  for split in splits[1:]:  # A missing or bad file fails now, not after preparing the others.
+    data_lib.split_volumes(data_dir, split, limits[split] or None)
   dc = cfg.model == "unrolled"  # Data consistency needs the coil maps and the sampled k-space.
   return tuple(data_lib.load_split(data_dir, split, prep, cache_dir=workdir / "cache",
                                    max_volumes=limits[split] or None, with_maps=dc,
@@ -794,6 +801,8 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
   from lwjax import config as config_lib
   mesh = mesh or make_mesh()
   config_lib.validate(cfg, mesh.devices.size)
+  if cfg.data_dir:  # config.json must name the data from wherever it is read (launch/evaluate.py).
+    cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
   workdir = Path(cfg.workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   _check_resume(cfg, workdir)

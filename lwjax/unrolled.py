@@ -115,9 +115,9 @@ def e2e_loss(net: nets.DeepNet, *, cg_iters: int) -> train_lib.LossFn:
   def loss_fn(params, frozen, batch):
     pred = forward(net, params, batch["x"], batch["kspace"], batch["maps"], frozen["mask"],
                    cg_iters=cg_iters)
-    mse2 = stage_lib.half_mse(pred, batch["y"])
+    data_term = stage_lib.half_mse(pred, batch["y"])
     aux = {f"lambda_{k}": jnp.exp(params[f"iter_{k}"]["log_lam"]) for k in range(num_iters(params))}
-    return mse2, {"mse": 2 * mse2, **aux}
+    return data_term, {"mse": 2 * data_term, **aux}
   return loss_fn
 
 
@@ -132,8 +132,8 @@ def stage_loss(net: nets.DeepNet, index: int, *, cg_iters: int) -> train_lib.Los
     p = variables[f"iter_{index}"]
     pred = iteration(net, p, batch["x_in"], batch["kspace"], batch["maps"], frozen["mask"],
                      cg_iters=cg_iters)
-    mse2 = stage_lib.half_mse(pred, batch["y"])
-    return mse2, {"mse": 2 * mse2, "lambda": jnp.exp(p["log_lam"])}
+    data_term = stage_lib.half_mse(pred, batch["y"])
+    return data_term, {"mse": 2 * data_term, "lambda": jnp.exp(p["log_lam"])}
   return loss_fn
 
 
@@ -212,7 +212,7 @@ def cg_sense(arrays: dict, mask, *, iters: int, mesh, batch_size: int) -> np.nda
 
 def _key(cfg: Config, k: int) -> jax.Array:
   """Iteration k's initialisation: the same for the end-to-end and the stage-wise network."""
-  return jax.random.fold_in(jax.random.key(cfg.seed), 3000 + k)
+  return train_lib.phase_key(cfg, train_lib.UNROLLED_SALT + k)
 
 
 def _init_iteration(cfg: Config, k: int, x_shape) -> Params:

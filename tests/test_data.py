@@ -536,3 +536,53 @@ def test_full_pass_epochs_weigh_every_example_once():
   means = [np.mean(bt["weight"] * bt["v"]) for bt in batches]
   assert np.mean(means) == pytest.approx(values.mean(), rel=1e-6)
   assert "weight" not in data.gather({"v": values}, order[0])
+
+
+def test_grid_columns_are_where_the_acquired_energy_lands():
+  # fastMRI knee geometry: 368 columns of which 18 .. 349 were acquired, cropped to 320 in image
+  # space. Independent check of the mapping: the energy of padded k-space on the grid.
+  rng = np.random.default_rng(0)
+  kspace = rng.standard_normal((1, 64, 368)) + 1j * rng.standard_normal((1, 64, 368))
+  kspace[..., :18] = kspace[..., 350:] = 0
+  energy = np.sum(np.abs(fastmri.to_grid(kspace, (64, 320))) ** 2, axis=(0, 1))
+  lo, hi = data.grid_columns((18, 350), 368, 320)
+  assert (lo, hi) == (16, 304)  # 32 of 320 grid columns lie outside, as 48 of 368 did
+  inside = energy[lo:hi].mean()
+  assert energy[lo:hi].min() > 0.5 * inside
+  # (The boundary columns lo - 1 and hi hold parts of both; beyond them, the sinc's tails.)
+  assert energy[:lo - 1].max() < 0.1 * inside and energy[hi + 1:].max() < 0.1 * inside
+
+
+def test_acceleration_over_the_acquired_columns(dataset, tmp_path):
+  split = data.load_split(dataset, "train", CFG, cache_dir=tmp_path)
+  assert split.acquired == [(0, SIZE)] * len(split.paths)  # synthetic: every column acquired
+  accel = data.acquired_acceleration(split)
+  assert accel[0] == accel[1] == pytest.approx(split.mask.size / split.mask.sum())
+  split.acquired[0] = (4, SIZE - 4)
+  inner = split.mask[:, 4:SIZE - 4]
+  assert data.acquired_acceleration(split) == pytest.approx((inner.size / inner.sum(), accel[1]))
+  split.acquired = [None] * len(split.paths)
+  assert data.acquired_acceleration(split) is None
+
+
+def test_masks_sampling_zero_padded_columns_are_reported(tmp_path):
+  # fastMRI-style files: 40 columns of which 4 .. 35 were acquired, the rest zero. A 1D mask
+  # spends some of its lines there; the log and the split say what the acceleration really is.
+  rng = np.random.default_rng(1)
+  vol = synthetic.make_volume(rng, size=SIZE, coils=COILS, slices=2)
+  kspace = fastmri.to_grid(vol["kspace"].reshape(-1, *vol["kspace"].shape[2:]),
+                           (2 * SIZE, 40)).reshape(2, COILS, 2 * SIZE, 40)
+  kspace[..., :4] = kspace[..., 36:] = 0
+  (tmp_path / "train").mkdir()
+  fastmri.write_volume(tmp_path / "train" / "a.h5", kspace, vol["rss"], acquired=(4, 36))
+  cfg = dataclasses.replace(CFG, mask="cartesian", center_fraction=0.08)
+  logged = []
+  split = data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache",
+                          log=logged.append)
+  lo, hi = split.acquired[0]
+  assert (lo, hi) == data.grid_columns((4, 36), 40, SIZE)
+  inner = split.mask[:, lo:hi]
+  assert data.acquired_acceleration(split) == (inner.size / inner.sum(),) * 2
+  assert split.mask[:, :lo].any() or split.mask[:, hi:].any()  # mask seed 0 puts lines there
+  line, = [s for s in logged if "over the k-space columns the files acquired" in s]
+  assert f"4.00 over the grid but {inner.size / inner.sum():.2f}-" in line

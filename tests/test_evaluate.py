@@ -134,6 +134,21 @@ def test_other_data_is_evaluated_beside_the_run_not_over_it(finished_run, tmp_pa
     evaluate.run(workdir, mesh=_mesh(), data_dir=str(tmp_path / "elsewhere" / "knee"))
 
 
+def test_evaluation_can_take_another_number_of_files(finished_run, tmp_path):
+  # A run trained with --max_val_volumes evaluates other data with that limit unless told
+  # otherwise, and says so; here the run used all files, and the override takes one.
+  workdir = finished_run[0]
+  other = data_lib.make_synthetic_dataset(
+      tmp_path / "brain", train_subjects=1, val_subjects=2, slices=2, coils=TINY.synth_coils,
+      size=TINY.image_size, seed=TINY.synth_seed + 2)
+  logged = []
+  got = evaluate.run(workdir, mesh=_mesh(), log=logged.append, data_dir=str(other),
+                     max_val_volumes=1)
+  assert len(got["volumes"]) == 1
+  assert any("val: using the first 1 of 2 files" in line for line in logged)
+  assert len(evaluate.run(workdir, mesh=_mesh(), data_dir=str(other))["volumes"]) == 2
+
+
 def test_volume_metrics_group_slices_by_file():
   rng = np.random.default_rng(0)
   pred, target = (rng.random((5, 16, 16, 2)).astype(np.float32) for _ in range(2))
@@ -177,6 +192,11 @@ def test_report(finished_run):
   gap = result["mean"]["layerwise_convex"]["3"]["psnr"] - result["mean"]["e2e"]["3"]["psnr"]
   assert f"| {gap:+.2f} |" in rows[("layerwise_convex", "3")]
   assert "layerwise_convex: stage reports" in report  # the convex stages' certificates
+  # The mask's acceleration: synthetic headers say every column was acquired.
+  mask = evaluate.validation_split(evaluate.load_config(workdir)).mask
+  grid = mask.size / mask.sum()
+  assert result["acceleration"] == {"grid": pytest.approx(grid), "acquired": [grid, grid]}
+  assert f"mask poisson x4 ({grid:.2f} on the grid, {grid:.2f} over the k-space columns" in report
   for link in ("figures/metrics_vs_depth.png", "figures/examples.png",
                "figures/training_curves.png"):
     assert f"]({link})" in report and (workdir / link).is_file()

@@ -216,3 +216,68 @@ def test_read_slice_rejects_non_finite(tmp_path, bad):
     fastmri.read_slice(path, 2)
   with pytest.raises(fastmri.DataError, match=r"vol.h5: key 'kspace'.*\[0, 3\), found 3"):
     fastmri.read_slice(path, 3)
+
+
+def _rewrite_kspace(path, kspace):
+  with h5py.File(path, "r+") as f:
+    del f[fastmri.KSPACE]
+    f[fastmri.KSPACE] = kspace
+
+
+@pytest.mark.parametrize("axes, match", [
+    ((0, 1, 3, 2), r"a.h5: key 'kspace': expected \(slices, coils, H, W\) with \(H, W\) = "
+                   r"\(64, 36\).*found shape \(3, 4, 36, 64\): the last two axes look swapped"),
+    ((0, 2, 3, 1), r"a.h5: key 'kspace': .*found shape \(3, 64, 36, 4\): the coils look like the "
+                   r"last axis"),
+])
+def test_kspace_in_another_axis_order_than_its_header_says_is_refused(tmp_path, axes, match):
+  # Read as stored, such files gave rotated images or 64 "coils" of 36 x 4 images, silently.
+  kspace, rss = _random_volume(np.random.default_rng(0))
+  path = tmp_path / "a.h5"
+  fastmri.write_volume(path, kspace, rss)
+  with h5py.File(path) as f:
+    assert fastmri.encoded_matrix(f) == (64, 36)
+  _rewrite_kspace(path, kspace.transpose(axes))
+  for read in (fastmri.open_volume, lambda p: fastmri.read_slice(p, 0)):
+    with pytest.raises(fastmri.DataError, match=match):
+      read(path)
+
+
+def test_without_a_usable_header_only_impossible_layouts_are_refused(tmp_path, caplog):
+  kspace, rss = _random_volume(np.random.default_rng(0))
+  path = tmp_path / "a.h5"
+  fastmri.write_volume(path, kspace, rss)
+  _rewrite_kspace(path, kspace[..., :30])  # another width than the header's: a warning only
+  with caplog.at_level("WARNING"):
+    assert fastmri.open_volume(path).kspace_shape == (3, 4, 64, 30)
+  assert "encodedSpace matrix (64, 36) differs" in caplog.text
+  for header in (b"not xml", b"<ismrmrdHeader/>", None):
+    with h5py.File(path, "r+") as f:
+      del f[fastmri.HEADER]
+      if header is not None:
+        f[fastmri.HEADER] = np.bytes_(header)
+      assert fastmri.encoded_matrix(f) is None
+    assert fastmri.open_volume(path).kspace_shape == (3, 4, 64, 30)
+  _rewrite_kspace(path, kspace.transpose(0, 2, 3, 1))  # no header, coils last: still refused
+  with pytest.raises(fastmri.DataError, match=r"a.h5: key 'kspace': .*\(3, 64, 36, 4\): more "
+                                              r"coils than k-space rows or columns"):
+    fastmri.open_volume(path)
+
+
+def test_acquired_columns_read_as_fastmri_reads_them(tmp_path):
+  kspace, rss = _random_volume(np.random.default_rng(0), shape=(1, 2, 64, 36))
+  path = tmp_path / "a.h5"
+  fastmri.write_volume(path, kspace, rss)
+  assert fastmri.open_volume(path).acquired == (0, 36)  # every column
+  # As fastMRI knee files say it (W = 368, center 166, maximum 331: columns 18 .. 349), scaled.
+  fastmri.write_volume(path, kspace, rss, acquired=(4, 32))
+  with h5py.File(path) as f:
+    root = ET.fromstring(bytes(f[fastmri.HEADER][()]))
+  limits = root.find("m:encoding/m:encodingLimits/m:kspace_encoding_step_1", NS)
+  assert (limits.find("m:center", NS).text, limits.find("m:maximum", NS).text) == ("14", "27")
+  assert fastmri.open_volume(path).acquired == (4, 32)
+  with h5py.File(path, "r+") as f:  # limits that would start before column 0: not believed
+    xml = bytes(f[fastmri.HEADER][()]).replace(b"<center>14</center>", b"<center>40</center>")
+    del f[fastmri.HEADER]
+    f[fastmri.HEADER] = np.bytes_(xml)
+  assert fastmri.open_volume(path).acquired is None

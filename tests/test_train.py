@@ -1,6 +1,7 @@
 """The training loop: data parallelism, resumption, NaN handling, and the layer-wise driver."""
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -226,9 +227,13 @@ def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
 
   moved = tmp_path / "moved"
   (tmp_path / "run" / "data").rename(moved)
-  # Resumed from the moved data, held on disk this time (a setting a resumed run may change).
-  train.run(dataclasses.replace(tiny, data_dir=str(moved), host_data="disk"),
+  # Resumed from the moved data, held on disk this time (a setting a resumed run may change),
+  # named relative to the working directory: config.json names it absolutely, for evaluate.py.
+  relative = os.path.relpath(moved)
+  train.run(dataclasses.replace(tiny, data_dir=relative, host_data="disk"),
             mesh=train.make_mesh(1))
+  saved = config_lib.load(tmp_path / "run" / "config.json").data_dir
+  assert os.path.isabs(saved) and os.path.samefile(saved, moved)
 
   other = data_lib.make_synthetic_dataset(
       tmp_path / "other", train_subjects=1, val_subjects=1, slices=2, coils=2, size=16, seed=7)
@@ -288,3 +293,22 @@ def test_fista_takes_full_batch_steps_whatever_the_batch_size(tmp_path):
     assert report["rel_gap"] == pytest.approx(ref["rel_gap"], rel=1e-2, abs=1e-6), b
     for a, r in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
       np.testing.assert_allclose(a, r, rtol=1e-3, atol=1e-5 * np.abs(r).max())
+
+
+def test_a_bad_validation_split_fails_before_the_training_split_is_prepared(tmp_path):
+  # Preparing the training files (ESPIRiT) can take hours at paper scale: a missing val folder
+  # or a damaged val file must not be found only after that.
+  data_dir = data_lib.make_synthetic_dataset(tmp_path / "data", train_subjects=2, val_subjects=1,
+                                             slices=2, coils=4, size=32, seed=0)
+  cfg = dataclasses.replace(CFG, image_size=32, calib=8, maps="lowres", data_dir=str(data_dir),
+                            workdir=str(tmp_path / "run"))
+  (data_dir / "val" / "bad.h5").write_text("not hdf5")
+  with pytest.raises(data_lib.fastmri.DataError, match=r"val/bad.h5: expected an HDF5 file"):
+    train.load_data(cfg)
+  for f in (data_dir / "val").iterdir():
+    f.unlink()
+  (data_dir / "val").rmdir()
+  with pytest.raises(data_lib.fastmri.DataError, match=r"expected fastMRI multi-coil .h5 files "
+                                                       r"for split 'val'"):
+    train.load_data(cfg)
+  assert not list((tmp_path / "run" / "cache").glob("*.npz"))
