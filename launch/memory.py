@@ -52,9 +52,9 @@ def main(argv):
       print(f"--measure: {e}; reporting the compiled analysis only", file=sys.stderr)
   print(memory.format_table(rep))
   for m in rep.get("measured", []):
-    measured = f"{m['measured'] / 2**30:.2f}" if m["measured"] else "n/a (below an earlier peak)"
+    measured = f"{m['measured'] / 2**30:.3g}" if m["measured"] else "n/a (below an earlier peak)"
     print(f"measured {m['network']} at batch {m['batch']}: {measured} GiB "
-          f"(predicted {m['predicted'] / 2**30:.2f} GiB)")
+          f"(predicted {m['predicted'] / 2**30:.3g} GiB)")
   figure_dir = Path(_FIGURE_DIR.value or Path(cfg.workdir) / "figures")
   for method in config.LAYERWISE:
     if method in rep:

@@ -130,6 +130,12 @@ def espirit(kspace, *, calib=16, kernel=ESPIRIT_KERNEL, threshold=0.02,
   return maps.transpose(2, 0, 1).astype(np.complex64)
 
 
+# A calibration block below this side makes low-resolution maps so coarse that the SENSE-combined
+# target loses intensity: over the object of 8-coil 64x64 phantoms, the 5th percentile of
+# |sum_c conj(S_c) x_c| / RSS is 0.96 at 8x8, 0.92 at 16x6, 0.64 at 16x2 (0.99 at 16x16).
+LOWRES_GOOD_CALIB = 8
+
+
 def lowres(kspace, *, calib=16, floor=0.05) -> np.ndarray:
   """Low-resolution coil maps, (C, H, W) complex64.
 

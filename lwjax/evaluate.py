@@ -327,13 +327,14 @@ def draw_figures(cfg: Config, result: dict, columns: dict, records: list[dict],
                  figure_dir: Path) -> dict:
   """The run's figures; returns ``{title: path relative to report.md's folder}`` (the parent of
   ``figure_dir``)."""
-  ids = ", ".join(f"{result['slices'][s][0]}:{result['slices'][s][1]}" for s in result["examples"])
+  names = [f"{result['slices'][s][0]} slice {result['slices'][s][1]}" for s in result["examples"]]
   paths = {
       "metrics against depth": figures.metrics_vs_depth(result["mean"],
                                                        figure_dir / "metrics_vs_depth.png"),
       "example slices": figures.example_grid(
           columns, figure_dir / "examples.png",
-          title=f"{cfg.mask} x{cfg.accel:g}; slices {ids} (median, 10th percentile PSNR)"),
+          title=f"{cfg.mask} x{cfg.accel:g}: the median and 10th percentile PSNR slices",
+          row_labels=names),
       "training curves": figures.training_curves(records, figure_dir / "training_curves.png"),
   }
   return {name: str(Path(p).relative_to(figure_dir.parent)) for name, p in paths.items()}
@@ -375,7 +376,8 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
   dirs = [train.params_dir(cfg.workdir, m, d) for m, d in trained_networks(cfg)]
   missing = [str(p) for p in dirs if not p.exists()]
   if missing:
-    raise FileNotFoundError(f"no saved network at {', '.join(missing)}: is the run finished?")
+    raise FileNotFoundError(f"no saved network at {', '.join(missing)}: is the run finished? "
+                            "(its summary.json holds the metrics of the networks finished so far)")
   records = read_metrics_log(cfg.workdir)
   mesh = mesh or train.make_mesh()
   val = validation_split(cfg, log=log)

@@ -95,6 +95,7 @@ class VolumeInfo:
   attrs: dict[str, Any]
   # Columns [lo, hi) of W that the header says were acquired (``acquired_columns``), or None.
   acquired: Optional[tuple[int, int]] = None
+  recon: Optional[tuple[int, int]] = None  # the header's reconstruction grid (``recon_matrix``)
 
 
 def ismrmrd_header(kspace_shape, recon_shape, *, acquisition="CORPD_FBK",
@@ -169,8 +170,12 @@ def list_volumes(data_dir, split) -> list[Path]:
                       "split's volumes are %s/*.h5", full[0], len(ignored), ignored[0], full[0])
     return files
   found = [f"{d} ({'empty of .h5 files' if d.is_dir() else 'missing'})" for d in candidates]
+  hint = ""
+  if any(Path(data_dir).glob("*.h5")):  # Pointed at a split folder itself?
+    hint = (f" ({data_dir} holds .h5 files itself: --data_dir is the folder that holds the "
+            f"split folders, e.g. {Path(data_dir).absolute().parent}?)")
   raise DataError(f"{data_dir}: expected fastMRI multi-coil .h5 files for split '{split}' in "
-                  f"{' or '.join(str(d) for d in candidates)}; found {', '.join(found)}")
+                  f"{' or '.join(str(d) for d in candidates)}; found {', '.join(found)}{hint}")
 
 
 def _open(path) -> h5py.File:
@@ -251,6 +256,12 @@ def encoded_matrix(f: h5py.File) -> Optional[tuple[int, int]]:
   return _header_ints(_header_root(f), "encodedSpace", "matrixSize", ("x", "y"))
 
 
+def recon_matrix(f: h5py.File) -> Optional[tuple[int, int]]:
+  """The header's ``reconSpace`` matrix size (x, y): fastMRI's reconstruction grid (320 x 320
+  for knee and brain); None without it."""
+  return _header_ints(_header_root(f), "reconSpace", "matrixSize", ("x", "y"))
+
+
 def acquired_columns(f: h5py.File) -> Optional[tuple[int, int]]:
   """The columns [lo, hi) of the phase-encoding axis W that were acquired, as fastMRI's loaders
   read the header: ``lo = y // 2 - center``, ``hi = lo + maximum + 1`` from encodedSpace's y and
@@ -305,7 +316,8 @@ def open_volume(path) -> VolumeInfo:
     acquired = acquired_columns(f) if encoded_matrix(f) == tuple(ds.shape[2:]) else None
     return VolumeInfo(path=Path(path), num_slices=ds.shape[0], num_coils=ds.shape[1],
                       kspace_shape=tuple(ds.shape),
-                      attrs={k: _plain(v) for k, v in f.attrs.items()}, acquired=acquired)
+                      attrs={k: _plain(v) for k, v in f.attrs.items()}, acquired=acquired,
+                      recon=recon_matrix(f))
 
 
 def read_slice(path, index) -> np.ndarray:

@@ -75,7 +75,7 @@ def metrics_vs_depth(summary, path):
   return _save(fig, path)
 
 
-def example_grid(columns, path, *, error_scale=5.0, title=None):
+def example_grid(columns, path, *, error_scale=5.0, title=None, row_labels=None):
   """Reconstructions and their error maps, two rows per slice (paper figure 3).
 
   Args:
@@ -85,6 +85,7 @@ def example_grid(columns, path, *, error_scale=5.0, title=None):
     path: PNG file to write, ``PANEL * len(columns)`` x ``PANEL * 2 * n_slices`` inches.
     error_scale: magnification of the error maps.
     title: optional figure title.
+    row_labels: one label per slice (default "slice 0", "slice 1", ...).
   """
   if "target" not in columns:
     raise ValueError(f"columns must include 'target', got {list(columns)}")
@@ -116,7 +117,7 @@ def example_grid(columns, path, *, error_scale=5.0, title=None):
         error_ax.imshow(np.abs(ims[s] - target) * error_scale, **grey)
       if s == 0:
         image_ax.set_title(name)
-    axes[2 * s, 0].set_ylabel(f"slice {s}")
+    axes[2 * s, 0].set_ylabel(row_labels[s] if row_labels else f"slice {s}")
   for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])

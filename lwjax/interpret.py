@@ -224,8 +224,9 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   """``draw`` for a network of the run in ``workdir`` on one of its validation slices.
 
   Args:
-    method, depth: the network (default: the run's first method at its largest depth).
-    slice_index: index into the validation split (default: its middle slice). A 3D network sees
+    method, depth: the network (default: the run's first method at its largest trained depth).
+    slice_index: index into the validation split's kept slices (eval.json's "slices" order:
+      skipped empty slices are not counted; default: its middle slice). A 3D network sees
       the volume patch (``train.example_arrays``) that holds the slice, and the figures show it.
     pixel: (row, col) (default: the image centre).
     out_dir: default ``WORKDIR/figures/interpret/<method>_d<depth>``.
@@ -241,10 +242,14 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   method = method or cfg.methods[0]
   if method not in deepest:
     raise ValueError(f"--method={method!r}: the run trained {', '.join(deepest)}")
-  depth = depth or deepest[method]
-  if (method, depth) not in evaluate.trained_networks(cfg):
-    raise ValueError(f"--depth={depth}: the run has {method} networks of depth "
-                     f"{[d for m, d in evaluate.trained_networks(cfg) if m == method]}")
+  depths = [d for m, d in evaluate.trained_networks(cfg) if m == method]
+  saved = [d for d in depths if train.params_dir(cfg.workdir, method, d).exists()]
+  if not saved:
+    raise ValueError(f"--method={method}: no {method} network of {workdir} is trained yet")
+  depth = depth or max(saved)  # An unfinished run: its deepest network so far.
+  if depth not in saved:
+    raise ValueError(f"--depth={depth}: the run has {method} networks of depth {depths}, of which "
+                     f"{saved} are trained")
   params = evaluate.load_network(cfg, method, depth)
   val = evaluate.validation_split(cfg)
   arrays, slices = train.example_arrays(cfg, val, keys=("x",))

@@ -200,7 +200,7 @@ def report(cfg: Config, budget_bytes: int, *, coils: int = 15,
     out["config"]["coils"] = coils
   for network in networks(cfg, coils):
     entry = analyse(cfg, network, budget_bytes, batch_size=cfg.batch_size, mesh=mesh)
-    log(f"{network.label}: {entry['step_bytes'] / 2**30:.2f} GiB at batch {cfg.batch_size}, "
+    log(f"{network.label}: {entry['step_bytes'] / 2**30:.3g} GiB at batch {cfg.batch_size}, "
         f"max batch {entry['max_batch']}")
     if network.method == "e2e":
       out["e2e"] = entry
@@ -220,14 +220,14 @@ def format_table(rep: dict) -> str:
   e2e = rep["e2e"]["max_batch"]
   b = rep["batch_size"]
   lines = [f"One training step on one {rep['backend']} device (XLA's compiled memory analysis); "
-           f"budget {rep['budget_bytes'] / 2**30:.2f} GiB.",
+           f"budget {rep['budget_bytes'] / 2**30:.3g} GiB.",
            "",
            f"| network | depth | step at batch {b} (GiB) | fixed (MiB) | per example (MiB) | "
            "max batch | vs e2e |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for label, e in entries(rep):
     gain = f"{e['max_batch'] / e2e - 1:+.0%}" if e2e and e is not rep["e2e"] else ""
-    lines.append(f"| {label} | {e['depth']} | {e['step_bytes'] / 2**30:.2f} | "
+    lines.append(f"| {label} | {e['depth']} | {e['step_bytes'] / 2**30:.3g} | "
                  f"{e['fixed_bytes'] / 2**20:.1f} | {e['bytes_per_example'] / 2**20:.1f} | "
                  f"{e['max_batch']} | {gain} |")
   return "\n".join(lines)
@@ -281,6 +281,6 @@ def measure(cfg: Config, rep: dict, *, steps: int = 3, log: Callable[[str], None
     peak = memory_stats()["peak_bytes_in_use"]
     measured = peak - before["bytes_in_use"] if peak > before["peak_bytes_in_use"] else None
     out.append({"network": label, "batch": b, "predicted": predicted, "measured": measured})
-    log(f"{label} batch {b}: predicted {predicted / 2**30:.2f} GiB, measured "
-        + (f"{measured / 2**30:.2f} GiB" if measured else "no higher than the previous peak"))
+    log(f"{label} batch {b}: predicted {predicted / 2**30:.3g} GiB, measured "
+        + (f"{measured / 2**30:.3g} GiB" if measured else "no higher than the previous peak"))
   return out

@@ -586,3 +586,27 @@ def test_masks_sampling_zero_padded_columns_are_reported(tmp_path):
   assert split.mask[:, :lo].any() or split.mask[:, hi:].any()  # mask seed 0 puts lines there
   line, = [s for s in logged if "over the k-space columns the files acquired" in s]
   assert f"4.00 over the grid but {inner.size / inner.sum():.2f}-" in line
+
+
+def test_a_grid_smaller_than_the_files_reconstruction_grid_is_logged(tmp_path):
+  # --image_size below the header's reconSpace crops the field of view; that must be said.
+  rng = np.random.default_rng(2)
+  vol = synthetic.make_volume(rng, size=SIZE, coils=COILS, slices=1)
+  (tmp_path / "train").mkdir()
+  fastmri.write_volume(tmp_path / "train" / "a.h5", vol["kspace"], vol["rss"])
+  logged = []
+  small = dataclasses.replace(CFG, image_size=SIZE - 8, calib=12)
+  for cfg in (CFG, small):
+    data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache", log=logged.append)
+  crops = [s for s in logged if "a larger reconstruction grid" in s]
+  assert len(crops) == 1 and f"a.h5: {SIZE}x{SIZE} in its header" in crops[0]
+  assert f"cropped to the central {SIZE - 8}x{SIZE - 8} pixels" in crops[0]
+
+
+def test_coarse_lowres_maps_are_warned_about(caplog):
+  coarse = dataclasses.replace(CFG, mask="cartesian", center_fraction=0.04)  # 16 x 2 at 48
+  with caplog.at_level("WARNING"):
+    data.checked_mask(CFG)  # the Poisson disc's 16 x 16
+    assert "calibration block" not in caplog.text
+    data.checked_mask(coarse)
+  assert "--maps=lowres from a 16x2 calibration block" in caplog.text

@@ -107,6 +107,11 @@ def test_list_volumes(tmp_path):
   (tmp_path / "plain" / "train" / "._a.h5").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble
   assert [p.name for p in fastmri.list_volumes(tmp_path / "plain", "train")] == ["a.h5", "b.h5"]
   assert [p.name for p in fastmri.list_volumes(tmp_path / "fastmri", "val")] == ["file1000.h5"]
+  # Pointed at a split folder itself: the error says where --data_dir should point.
+  with pytest.raises(fastmri.DataError, match=r"multicoil_val holds .h5 files itself: --data_dir "
+                                               r"is the folder that holds the split folders, "
+                                               r"e.g. .*fastmri\?"):
+    fastmri.list_volumes(tmp_path / "fastmri" / "multicoil_val", "train")
 
   with pytest.raises(fastmri.DataError, match=r"plain.*split 'val'.*plain/val \(missing\)"):
     fastmri.list_volumes(tmp_path / "plain", "val")

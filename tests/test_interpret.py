@@ -152,7 +152,7 @@ def test_filter_tiles():
 TINY = config_lib.Config(
     image_size=32, calib=8, synth_train_subjects=1, synth_val_subjects=1, synth_slices=2,
     synth_coils=4, maps="lowres", depth=3, features=8, kernel_size=3, epochs=1, batch_size=2,
-    method="e2e", log_every=0)
+    method="e2e", e2e_depths="2,3", log_every=0)
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +190,24 @@ def test_run_draws_every_figure(workdir):
 def test_run_rejects_what_the_run_does_not_have(workdir):
   with pytest.raises(ValueError, match="--method='layerwise'"):
     interpret.run(workdir, method="layerwise")
-  with pytest.raises(ValueError, match="--depth=2"):
-    interpret.run(workdir, depth=2)
+  with pytest.raises(ValueError, match="--depth=4"):
+    interpret.run(workdir, depth=4)
   with pytest.raises(ValueError, match="--slice=5"):
     interpret.run(workdir, slice_index=5)
   with pytest.raises(ValueError, match="--pixel"):
     interpret.run(workdir, pixel=(40, 0))
+
+
+def test_an_unfinished_run_shows_its_deepest_trained_network(workdir, tmp_path):
+  d3 = train.params_dir(workdir, "e2e", 3)
+  d3.rename(tmp_path / "d3")  # as if the run were still training it
+  try:
+    assert interpret.run(workdir, out_dir=tmp_path / "out")["depth"] == 2
+    with pytest.raises(ValueError, match=r"--depth=3: the run has e2e networks of depth \[2, 3\], "
+                                         r"of which \[2\] are trained"):
+      interpret.run(workdir, depth=3)
+  finally:
+    (tmp_path / "d3").rename(d3)
 
 
 def test_launch_script(workdir, tmp_path):

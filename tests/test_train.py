@@ -138,6 +138,10 @@ def test_validate_rejects_bad_settings():
                        ({"beta": 0.0, "method": "e2e,layerwise_convex"}, "beta")]:
     with pytest.raises(ValueError, match=f"--{flag}="):
       config_lib.validate(dataclasses.replace(CFG, **change), num_devices=4)
+  # A flagfile's e2e depths beyond a smaller --depth would train networks nobody compares.
+  with pytest.raises(ValueError, match=r"--e2e_depths='2,3,4,5': deeper than --depth=3; .*"
+                                       r"\(e.g. --e2e_depths=2,3\)"):
+    config_lib.validate(dataclasses.replace(CFG, e2e_depths="2,3,4,5"), num_devices=4)
   config_lib.validate(CFG, num_devices=4)
   config_lib.validate(dataclasses.replace(CFG, beta=0.0, method="e2e"), num_devices=4)
 
