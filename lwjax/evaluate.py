@@ -266,7 +266,7 @@ def _accelerations(accel: dict) -> str:
   if accel["acquired"]:
     lo, hi = accel["acquired"]
     span = f"{lo:.2f}" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}"
-    text += f", {span} over the k-space columns the files acquired (encodingLimits)"
+    text += f", {span} over the k-space columns the files acquired, per their encodingLimits"
   return text
 
 
