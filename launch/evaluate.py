@@ -7,8 +7,9 @@ Reads the run's WORKDIR/config.json (--data_dir, --max_val_volumes (0: all files
 --eval_batch_size, when given, override it)
 and its saved networks, and writes WORKDIR/eval.json, WORKDIR/report.md and the figures in
 WORKDIR/figures/ (metrics against depth, example slices, training curves). Data other than the
-run's own validation data (--data_dir elsewhere) goes to WORKDIR/eval_<data_dir name>/ instead, so
-the run's own evaluation is kept; --out_dir chooses the folder.
+run's own validation data (--data_dir elsewhere, or another --max_val_volumes) goes to
+WORKDIR/eval_<data_dir name>[_first<n>]/ instead, so the run's own evaluation is kept; --out_dir
+chooses the folder.
 """
 import sys
 

@@ -18,9 +18,8 @@ from absl import logging
 
 from lwjax import config
 
-_SLICE = flags.DEFINE_integer("slice", None, "index of a validation slice in eval.json's "
-                              "\"slices\" order (skipped empty slices not counted; default: "
-                              "the middle one)")
+_SLICE = flags.DEFINE_integer("slice", None, "index of a validation slice, in file then slice "
+                              "order (skipped empty slices not counted; default: the middle one)")
 _PIXEL = flags.DEFINE_string("pixel", "", "row,col of the effective filter (default: the centre)")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "output folder")
 

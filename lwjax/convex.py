@@ -452,7 +452,7 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
       kernel_shape=nets.kernel_shape(kernel_size, ndim), beta=beta, rho=rho, solver=solver,
       gate_seed=gate_seed, refit_head=refit_head, fista_iters=fista_iters,
       steps_per_epoch=steps_per_epoch, relative_beta=relative_beta, power_iters=power_iters,
-      dtype=jnp.dtype(dtype))
+      dtype=None if dtype is None else jnp.dtype(dtype))
   # Adam's state does not depend on beta, so before ``prepare`` the stage already has its real
   # optimiser (the memory analysis compiles the step from it); FISTA's step needs the data.
   return _stage(program, tx if solver == "adam" else _needs_prepare(),
@@ -475,7 +475,7 @@ class Program:
   steps_per_epoch: int
   relative_beta: bool
   power_iters: int
-  dtype: Any  # of the V/Z conv
+  dtype: Any  # of the V/Z conv (None: that of h)
 
   def shape(self, c_in: int) -> tuple[int, ...]:
     """Shape of V and of Z: (*k, C_in, P, C_out)."""
@@ -483,8 +483,8 @@ class Program:
 
   def init(self, rng, h_shape):
     """``Stage.init``: zero V and Z (the program is convex: any start reaches the optimum)."""
-    del rng  # Two arrays: a state whose buffers are donated must not hold one twice.
-    shape = self.shape(h_shape[-1])
+    del rng
+    shape = self.shape(h_shape[-1])  # Two arrays: a donated state must not hold one twice.
     return {"v": jnp.zeros(shape, jnp.float32), "z": jnp.zeros(shape, jnp.float32)}
 
   def loss(self, variables, h, skip, y, weight=None):

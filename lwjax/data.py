@@ -23,7 +23,6 @@ import tempfile
 from typing import Callable, Iterator, Optional
 import zipfile
 
-from absl import logging
 import numpy as np
 
 from lwjax import coils, fastmri, masks, sense, synthetic
@@ -90,13 +89,35 @@ def grid_columns(acquired: tuple[int, int], width: int, size: int) -> tuple[int,
   return max(0, math.ceil(at(acquired[0]))), min(size, math.floor(at(acquired[1] - 1)) + 1)
 
 
-def acquired_acceleration(split: "Split") -> Optional[tuple[float, float]]:
+def acquired_acceleration(split: Split) -> Optional[tuple[float, float]]:
   """(min, max) over the split's files of the mask's acceleration over the grid columns each
   file acquired (``Split.acquired``), or None where no file's header says. fastMRI zero-pads
   k-space outside them (about 10% of the columns of its knee data), so a mask's samples there
-  measure nothing, and this is above the grid's ``masks.acceleration``."""
+  measure nothing; depending on how densely the mask samples the padded edges, this is above
+  or below the grid's ``masks.acceleration``."""
   accels = [masks.acceleration(split.mask[:, lo:hi]) for lo, hi in filter(None, split.acquired)]
   return (min(accels), max(accels)) if accels else None
+
+
+def samples_outside_acquired(split: Split) -> float:
+  """The largest share over the split's files of the mask's samples that fall outside the
+  columns the file acquired (0 where no header says)."""
+  total = split.mask.sum()
+  return max((1 - split.mask[:, lo:hi].sum() / total for lo, hi in filter(None, split.acquired)),
+             default=0.0)
+
+
+def calibration_warning(cfg: PrepConfig) -> Optional[str]:
+  """Why the coil maps of ``cfg`` will be poor though they can be made (None: they will not):
+  low-resolution maps from a calibration block smaller than ``coils.LOWRES_GOOD_CALIB``."""
+  calib = calib_size(mask_for(cfg), cfg.calib)
+  if cfg.maps != "lowres" or min(calib) >= coils.LOWRES_GOOD_CALIB:
+    return None
+  return (f"--maps=lowres from a {calib[0]}x{calib[1]} calibration block (--mask={cfg.mask}, "
+          f"--calib={cfg.calib}, --center_fraction={cfg.center_fraction:g}): maps this coarse "
+          "lose intensity in the target itself (8-coil phantoms: the 5th percentile of |target| "
+          "/ RSS over the object is 0.96 at 8x8, 0.92 at 16x6, 0.64 at 16x2); a block of at "
+          f"least {coils.LOWRES_GOOD_CALIB}x{coils.LOWRES_GOOD_CALIB} keeps it")
 
 
 def mask_for(cfg: PrepConfig) -> np.ndarray:
@@ -121,13 +142,6 @@ def checked_mask(cfg: PrepConfig) -> np.ndarray:
   ValueError naming the flags (before any file is read: no data file is to blame)."""
   mask = mask_for(cfg)
   calib = calib_size(mask, cfg.calib)
-  if cfg.maps == "lowres" and min(calib) < coils.LOWRES_GOOD_CALIB:
-    logging.warning(
-        "--maps=lowres from a %dx%d calibration block (--mask=%s, --calib=%d, --center_fraction="
-        "%g): maps this coarse lose intensity in the target itself (8-coil phantoms: the 5th "
-        "percentile of |target| / RSS over the object is 0.96 at 8x8, 0.92 at 16x6, 0.64 at "
-        "16x2); a block of at least %dx%d keeps it", calib[0], calib[1], cfg.mask, cfg.calib,
-        cfg.center_fraction, coils.LOWRES_GOOD_CALIB, coils.LOWRES_GOOD_CALIB)
   if cfg.maps == "espirit" and min(calib) < coils.ESPIRIT_MIN_CALIB:
     raise ValueError(
         f"--maps=espirit needs a fully sampled k-space centre of at least "
@@ -355,7 +369,7 @@ def _host_array(shape, dtype, storage: str, scratch_dir) -> np.ndarray:
     os.unlink(path)
 
 
-def split_volumes(data_dir, split, max_volumes=None, *, log=None) -> list[fastmri.VolumeInfo]:
+def volume_infos(data_dir, split, max_volumes=None, *, log=None) -> list[fastmri.VolumeInfo]:
   """The validated files of ``split`` (``fastmri.open_volume``, which reads no k-space), the
   first ``max_volumes`` of them in name order (None: all; a cut is logged)."""
   if max_volumes is not None and max_volumes < 1:
@@ -386,7 +400,7 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   a split left with none raises DataError. Any other bad slice raises DataError naming it.
   """
   mask = checked_mask(cfg)
-  infos = split_volumes(data_dir, split, max_volumes, log=log)
+  infos = volume_infos(data_dir, split, max_volumes, log=log)
   coil_counts = sorted({info.num_coils for info in infos})
   if log and (with_maps or with_kspace) and len(coil_counts) > 1:
     log(f"{split}: files with {coil_counts} coils; maps and k-space are padded with zero coils "
@@ -395,7 +409,7 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   if log and small:
     log(f"{split}: {len(small)} file(s) have k-space smaller than --image_size={cfg.image_size} "
         f"in H or W and are zero-padded in image space (e.g. {small[0]})")
-  cropped = [info for info in infos if info.recon and min(info.recon) > cfg.image_size]
+  cropped = [info for info in infos if info.recon and max(info.recon) > cfg.image_size]
   if log and cropped:
     log(f"{split}: {len(cropped)} file(s) have a larger reconstruction grid than --image_size="
         f"{cfg.image_size} (e.g. {cropped[0].path.name}: {cropped[0].recon[0]}x"
@@ -432,11 +446,13 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
               acquired=[info.acquired and grid_columns(info.acquired, info.kspace_shape[3],
                                                        cfg.image_size) for info in infos],
               **_compact(arrays, kept))
-  accel = acquired_acceleration(out)
-  if log and accel and accel[1] > 1.01 * masks.acceleration(mask):
-    log(f"{split}: the mask's acceleration is {masks.acceleration(mask):.2f} over the grid but "
-        f"{accel[0]:.2f}-{accel[1]:.2f} over the k-space columns the files acquired (their "
-        "headers' encodingLimits; the rest is zero-padded): some of its samples measure nothing")
+  outside = samples_outside_acquired(out)
+  if log and outside > 0.01:
+    accel = acquired_acceleration(out)
+    log(f"{split}: up to {outside:.1%} of the mask's samples fall on k-space columns the files "
+        "did not acquire (their headers' encodingLimits; zero-padded): its acceleration is "
+        f"{masks.acceleration(mask):.2f} over the grid, {accel[0]:.2f}-{accel[1]:.2f} over the "
+        "acquired columns")
   return out
 
 

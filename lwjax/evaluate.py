@@ -344,9 +344,10 @@ def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bo
   """Where an evaluation writes, and whether it is on the run's own validation data.
 
   The run's data (its data.json's validation record, wherever the files are now; a run without
-  data.json: its config.json's data folder): the workdir. Other data (``--data_dir`` elsewhere):
-  ``WORKDIR/eval_<data folder name>/``, so that it never overwrites the run's own evaluation.
-  ``out_dir`` wins when given.
+  data.json: its config.json's data folder and file count): the workdir. Other data
+  (``--data_dir`` elsewhere, or another ``--max_val_volumes`` of the run's files):
+  ``WORKDIR/eval_<data folder name>[_first<n>]/`` (n: the ``--max_val_volumes`` that cut it), so
+  that it never overwrites the run's own evaluation. ``out_dir`` wins when given.
   """
   workdir = Path(cfg.workdir)
   record = workdir / "data.json"
@@ -354,15 +355,19 @@ def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bo
     was = json.loads(record.read_text()).get("val")
     own = was is not None and data_lib.data_difference(was, data_lib.data_record(val)) is None
   else:
-    run_dir = config_lib.load(workdir / "config.json").data_dir
-    own = (not cfg.data_dir and not run_dir) or bool(
+    run_cfg = config_lib.load(workdir / "config.json")
+    run_dir = run_cfg.data_dir
+    same_dir = (not cfg.data_dir and not run_dir) or bool(
         cfg.data_dir and run_dir and Path(cfg.data_dir).resolve() == Path(run_dir).resolve())
+    own = same_dir and cfg.max_val_volumes == run_cfg.max_val_volumes
   if out_dir:
     return Path(out_dir).absolute(), own
   if own:
     return workdir, own
   name = Path(cfg.data_dir).resolve().name if cfg.data_dir else "synthetic"
-  return workdir / f"eval_{name}", own
+  # The first n files of a folder are other data than all of it (or than its first m).
+  first = f"_first{cfg.max_val_volumes}" if cfg.max_val_volumes else ""
+  return workdir / f"eval_{name}{first}", own
 
 
 def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_dir=None,
@@ -384,7 +389,8 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
   out, own = output_dir(cfg, val, out_dir)
   data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else ""
   if not own:
-    log(f"{data_dir}: not the run's validation data; writing to {out}")
+    log(f"{data_dir or 'the synthetic data'}: not (all of) the run's validation data; writing "
+        f"to {out}")
     previous = out / "eval.json"
     if previous.exists():
       other = json.loads(previous.read_text()).get("data_dir")

@@ -93,15 +93,15 @@ class VolumeInfo:
   num_coils: int
   kspace_shape: tuple[int, int, int, int]
   attrs: dict[str, Any]
-  # Columns [lo, hi) of W that the header says were acquired (``acquired_columns``), or None.
+  # From the header (``Header``): the acquired columns [lo, hi) of W, the reconstruction grid.
   acquired: Optional[tuple[int, int]] = None
-  recon: Optional[tuple[int, int]] = None  # the header's reconstruction grid (``recon_matrix``)
+  recon: Optional[tuple[int, int]] = None
 
 
 def ismrmrd_header(kspace_shape, recon_shape, *, acquisition="CORPD_FBK",
                    acquired=None) -> bytes:
   """The ISMRMRD XML header for k-space (S, C, H, W) reconstructed on an (h, w) grid, whose
-  columns [lo, hi) = ``acquired`` (default: all) were acquired (``acquired_columns``)."""
+  columns [lo, hi) = ``acquired`` (default: all) were acquired (``Header.acquired``)."""
   s, c, hh, ww = kspace_shape
   h, w = recon_shape
   lo, hi = acquired or (0, ww)
@@ -200,8 +200,8 @@ def _open(path) -> h5py.File:
                     f"({e})") from e
 
 
-def _kspace(f: h5py.File, path) -> h5py.Dataset:
-  """The validated ``kspace`` dataset of an open file."""
+def _kspace(f: h5py.File, path) -> tuple[h5py.Dataset, "Header"]:
+  """The validated ``kspace`` dataset of an open file, and its header."""
   if not isinstance(f.get(KSPACE), h5py.Dataset):
     raise DataError(f"{path}: expected a dataset '{KSPACE}', found keys {sorted(f.keys())}")
   ds = f[KSPACE]
@@ -214,33 +214,62 @@ def _kspace(f: h5py.File, path) -> h5py.Dataset:
     hint = " (a single-coil file? multi-coil data is expected)" if ds.ndim == 3 else ""
     raise DataError(f"{path}: key '{KSPACE}': expected a non-empty 4-D (slices, coils, H, W) "
                     f"array, found shape {ds.shape}{hint}")
-  _check_axes(ds.shape, encoded_matrix(f), path)
+  header = read_header(f)
+  _check_axes(ds.shape, header.encoded, path)
   marks = [m for m in UNDERSAMPLED_MARKS if m in f or m in f.attrs]
   if marks:
     where = ", ".join(f"key '{m}'" if m in f else f"attr '{m}'" for m in marks)
     raise DataError(f"{path}: {where}: a fastMRI test/challenge file (its k-space is already "
                     "undersampled and it has no fully sampled target); expected fully sampled "
                     "k-space (multicoil_train / multicoil_val files)")
-  return ds
+  return ds, header
 
 
-def _header_root(f: h5py.File) -> Optional[ElementTree.Element]:
-  """The parsed ISMRMRD header, or None when the file has none or it is not XML."""
+@dataclasses.dataclass(frozen=True)
+class Header:
+  """What the pipeline reads of a file's ISMRMRD header (None: absent or unreadable).
+
+  ``encoded``: encodedSpace's matrix size (x, y), the (H, W) k-space is stored with.
+  ``recon``: reconSpace's matrix size (x, y), fastMRI's reconstruction grid (320 x 320).
+  ``acquired``: the columns [lo, hi) of W that were acquired, as fastMRI's loaders read them:
+  ``lo = y // 2 - center``, ``hi = lo + maximum + 1`` from encodedSpace's y and encodingLimits'
+  kspace_encoding_step_1; fastMRI zero-pads k-space outside them. None also when they do not
+  fit inside the matrix.
+  ``parsed``: whether a header was there and parsed as XML.
+  """
+  encoded: Optional[tuple[int, int]] = None
+  recon: Optional[tuple[int, int]] = None
+  acquired: Optional[tuple[int, int]] = None
+  parsed: bool = False
+
+
+def read_header(f: h5py.File) -> Header:
+  """The :class:`Header` of an open file."""
   if not isinstance(f.get(HEADER), h5py.Dataset):
-    return None
+    return Header()
   try:
     raw = f[HEADER][()]
     raw = raw.item() if isinstance(raw, np.ndarray) and raw.size == 1 else raw
-    return ElementTree.fromstring(raw.encode() if isinstance(raw, str) else bytes(raw))
+    raw = raw.encode() if isinstance(raw, str) else bytes(raw)
+    root = ElementTree.fromstring(raw.strip(b"\0 \t\r\n"))  # Some writers pad with NULs.
   except (ElementTree.ParseError, TypeError, ValueError, OSError):
-    return None
+    return Header()
+  encoded = _header_ints(root, "encodedSpace", "matrixSize", ("x", "y"))
+  limits = _header_ints(root, "encodingLimits", "kspace_encoding_step_1", ("center", "maximum"))
+  acquired = None
+  if encoded and limits:
+    lo = encoded[1] // 2 - limits[0]
+    hi = lo + limits[1] + 1
+    acquired = (lo, hi) if 0 <= lo < hi <= encoded[1] else None
+  return Header(encoded=encoded, recon=_header_ints(root, "reconSpace", "matrixSize", ("x", "y")),
+                acquired=acquired, parsed=True)
 
 
 def _header_ints(root, outer: str, inner: str, keys) -> Optional[tuple[int, ...]]:
   """The integers ``keys`` of the header's first ``<outer><inner>`` element (namespace-free),
   e.g. encodedSpace/matrixSize (x, y); None when any is missing or not an integer."""
   tag = lambda el: el.tag.rsplit("}", 1)[-1]  # Without the ISMRMRD namespace.
-  for el in (() if root is None else root.iter()):
+  for el in root.iter():
     if tag(el) == outer:
       values = {tag(v): v.text for m in el if tag(m) == inner for v in m}
       try:
@@ -250,38 +279,11 @@ def _header_ints(root, outer: str, inner: str, keys) -> Optional[tuple[int, ...]
   return None
 
 
-def encoded_matrix(f: h5py.File) -> Optional[tuple[int, int]]:
-  """The ISMRMRD header's ``encodedSpace`` matrix size (x, y): the (H, W) that k-space is stored
-  with; None when the file has no readable header or the header lacks it."""
-  return _header_ints(_header_root(f), "encodedSpace", "matrixSize", ("x", "y"))
-
-
-def recon_matrix(f: h5py.File) -> Optional[tuple[int, int]]:
-  """The header's ``reconSpace`` matrix size (x, y): fastMRI's reconstruction grid (320 x 320
-  for knee and brain); None without it."""
-  return _header_ints(_header_root(f), "reconSpace", "matrixSize", ("x", "y"))
-
-
-def acquired_columns(f: h5py.File) -> Optional[tuple[int, int]]:
-  """The columns [lo, hi) of the phase-encoding axis W that were acquired, as fastMRI's loaders
-  read the header: ``lo = y // 2 - center``, ``hi = lo + maximum + 1`` from encodedSpace's y and
-  encodingLimits' kspace_encoding_step_1. fastMRI zero-pads k-space outside them. None without
-  those fields, or when they do not fit inside the matrix."""
-  root = _header_root(f)
-  matrix = _header_ints(root, "encodedSpace", "matrixSize", ("x", "y"))
-  limits = _header_ints(root, "encodingLimits", "kspace_encoding_step_1", ("center", "maximum"))
-  if matrix is None or limits is None:
-    return None
-  lo = matrix[1] // 2 - limits[0]
-  hi = lo + limits[1] + 1
-  return (lo, hi) if 0 <= lo < hi <= matrix[1] else None
-
-
 def _check_axes(shape, matrix, path) -> None:
   """Refuses k-space whose axes are in another order than (slices, coils, H, W) where the
   header's encodedSpace ``matrix`` (H, W) says so: stored transposed, or with the coils last
   (without a header: more coils than rows and columns). Read as it is, such data would train on
-  rotated or garbled images without any error."""
+  rotated or garbled images without any error. (``open_volume`` warns of other mismatches.)"""
   if matrix is None:  # No header to go by: only the one layout no real scan can have.
     if shape[1] > max(shape[2:]):
       raise DataError(f"{path}: key '{KSPACE}': expected (slices, coils, H, W), found shape "
@@ -297,9 +299,6 @@ def _check_axes(shape, matrix, path) -> None:
     raise DataError(f"{where}: the last two axes look swapped (store them as H, W)")
   if tuple(shape[1:3]) == matrix:
     raise DataError(f"{where}: the coils look like the last axis (store them as axis 1)")
-  logging.log_first_n(logging.WARNING, "%s: the header's encodedSpace matrix %s differs from the "
-                      "k-space's (H, W) %s; check the axis order (slices, coils, H, W)", 5,
-                      path, matrix, tuple(shape[2:]))
 
 
 def _plain(value):
@@ -310,20 +309,33 @@ def _plain(value):
 
 
 def open_volume(path) -> VolumeInfo:
-  """Validates a multi-coil volume file and returns its metadata (reads no k-space)."""
+  """Validates a multi-coil volume file and returns its metadata (reads no k-space).
+
+  Logs a warning when the file has a header that does not parse, or whose encodedSpace differs
+  from the k-space's (H, W) in a way no axis permutation explains (then its acquired columns are
+  not believed either)."""
   with _open(path) as f:
-    ds = _kspace(f, path)
-    acquired = acquired_columns(f) if encoded_matrix(f) == tuple(ds.shape[2:]) else None
-    return VolumeInfo(path=Path(path), num_slices=ds.shape[0], num_coils=ds.shape[1],
-                      kspace_shape=tuple(ds.shape),
-                      attrs={k: _plain(v) for k, v in f.attrs.items()}, acquired=acquired,
-                      recon=recon_matrix(f))
+    ds, header = _kspace(f, path)
+    shape = tuple(ds.shape)
+    attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    has_header = HEADER in f
+  if has_header and not header.parsed:
+    logging.warning("%s: key '%s': not an ISMRMRD XML header; the k-space axis order and its "
+                    "acquired columns cannot be checked", path, HEADER)
+  agrees = header.encoded == shape[2:]
+  if header.encoded and not agrees:
+    logging.warning("%s: the header's encodedSpace matrix %s differs from the k-space's (H, W) "
+                    "%s; check the axis order (slices, coils, H, W)", path, header.encoded,
+                    shape[2:])
+  return VolumeInfo(path=Path(path), num_slices=shape[0], num_coils=shape[1],
+                    kspace_shape=shape, attrs=attrs,
+                    acquired=header.acquired if agrees else None, recon=header.recon)
 
 
 def read_slice(path, index) -> np.ndarray:
   """The k-space of slice ``index``: (C, H, W) complex64, checked to be finite."""
   with _open(path) as f:
-    ds = _kspace(f, path)
+    ds, _ = _kspace(f, path)
     if not 0 <= index < ds.shape[0]:
       raise DataError(f"{path}: key '{KSPACE}': expected a slice index in [0, {ds.shape[0]}), "
                       f"found {index}")

@@ -225,12 +225,12 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
 
   Args:
     method, depth: the network (default: the run's first method at its largest trained depth).
-    slice_index: index into the validation split's kept slices (eval.json's "slices" order:
-      skipped empty slices are not counted; default: its middle slice). A 3D network sees
+    slice_index: index into the validation split's kept slices, in file then slice order
+      (skipped empty slices are not counted; default: its middle slice). A 3D network sees
       the volume patch (``train.example_arrays``) that holds the slice, and the figures show it.
     pixel: (row, col) (default: the image centre).
     out_dir: default ``WORKDIR/figures/interpret/<method>_d<depth>``.
-    overrides: ``evaluate.OVERRIDABLE`` settings (``data_dir``, ``eval_batch_size``).
+    overrides: ``evaluate.OVERRIDABLE`` settings.
 
   Writes ``interpret.json`` (``draw``'s numbers, the slice, the network) next to the figures.
   """

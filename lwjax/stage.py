@@ -19,7 +19,7 @@ Params = Any
 # (variables, h, skip, y, weight) -> (objective to minimise, dict of scalar diagnostics); weight
 # (N,) or None: per-example weights of the data term (``half_mse``).
 StageLoss = Callable[[Params, jax.Array, jax.Array, jax.Array, Optional[jax.Array]],
-                  tuple[jax.Array, dict]]
+                     tuple[jax.Array, dict]]
 # () -> iterable of (h, skip, y) batches covering the training set once
 FeatureBatches = Callable[[], Iterable[tuple[jax.Array, jax.Array, jax.Array]]]
 

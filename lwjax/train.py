@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lwjax import data as data_lib
 from lwjax import fastmri
+from lwjax import masks
 from lwjax import metrics as metrics_lib
 from lwjax import nets
 from lwjax import stage as stage_lib
@@ -770,6 +771,9 @@ def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Spli
   workdir = Path(cfg.workdir).absolute()
   prep = prep_config(cfg)
   data_lib.checked_mask(prep)  # Bad mask or map settings fail here, before any data is read.
+  warning = data_lib.calibration_warning(prep)
+  if warning:
+    logging.warning("%s", warning)
   data_dir = cfg.data_dir
   if not data_dir:
     data_dir = data_lib.make_synthetic_dataset(
@@ -778,7 +782,7 @@ def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Spli
         size=cfg.image_size, seed=cfg.synth_seed, noise_std=cfg.synth_noise)
   limits = {"train": cfg.max_train_volumes, "val": cfg.max_val_volumes}
   for split in splits[1:]:  # A missing or bad file fails now, not after preparing the others.
-    data_lib.split_volumes(data_dir, split, limits[split] or None)
+    data_lib.volume_infos(data_dir, split, limits[split] or None)
   dc = cfg.model == "unrolled"  # Data consistency needs the coil maps and the sampled k-space.
   return tuple(data_lib.load_split(data_dir, split, prep, cache_dir=workdir / "cache",
                                    max_volumes=limits[split] or None, with_maps=dc,
@@ -816,7 +820,7 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
   logging.info("data: %d training slices from %d files, %d validation slices from %d files, "
                "grid %s, mask %s x%.2f", len(train.x), len(set(train.volume_index.tolist())),
                len(val.x), len(set(val.volume_index.tolist())), train.x.shape[1:3], cfg.mask,
-               float(train.mask.size / train.mask.sum()))
+               masks.acceleration(train.mask))
   if cfg.ndim == 3:
     logging.info("3D: patches of %d slices hold %d of %d training and %d of %d validation slices "
                  "(slices that fill no patch, at a file's end or before a skipped slice, are "

@@ -289,14 +289,14 @@ def test_bad_files_name_file_and_slice(tmp_path, workers):
 
 def test_an_error_stops_the_workers_without_preparing_the_rest(tmp_path):
   # The first slice is bad; the 15 after it are fine. The error must not wait for them all.
-  # (96 x 96, 8 coils: ~0.1 s of ESPIRiT per good slice, so the 15 take longer than a busy
-  # machine may take to pass the first one's error on.)
+  # (128 x 128, 16 coils: ~0.3 s of single-threaded ESPIRiT per good slice, so 2 workers need
+  # over 2 s for the 15, much longer than a busy machine takes to pass the first error on.)
   (tmp_path / "train").mkdir()
   rng = np.random.default_rng(0)
-  vol = synthetic.make_volume(rng, size=96, coils=8, slices=16)
+  vol = synthetic.make_volume(rng, size=128, coils=16, slices=16)
   vol["kspace"][0, 0, 0, 0] = np.nan
   fastmri.write_volume(tmp_path / "train" / "a.h5", vol["kspace"], vol["rss"])
-  cfg = dataclasses.replace(CFG, image_size=96, maps="espirit")
+  cfg = dataclasses.replace(CFG, image_size=128, maps="espirit")
   with pytest.raises(fastmri.DataError, match=r"a.h5: key 'kspace', slice 0: expected finite"):
     data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache", workers=2)
   assert len(list((tmp_path / "cache").glob("*.npz"))) < 15
@@ -579,13 +579,17 @@ def test_masks_sampling_zero_padded_columns_are_reported(tmp_path):
   logged = []
   split = data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache",
                           log=logged.append)
-  lo, hi = split.acquired[0]
-  assert (lo, hi) == data.grid_columns((4, 36), 40, SIZE)
-  inner = split.mask[:, lo:hi]
-  assert data.acquired_acceleration(split) == (inner.size / inner.sum(),) * 2
-  assert split.mask[:, :lo].any() or split.mask[:, hi:].any()  # mask seed 0 puts lines there
-  line, = [s for s in logged if "over the k-space columns the files acquired" in s]
-  assert f"4.00 over the grid but {inner.size / inner.sum():.2f}-" in line
+  # Column k of 40 lands at 24 + (k - 20) * 48 / 40 on the grid: 4 -> 4.8, 35 -> 42.
+  assert split.acquired == [(5, 43)]
+  columns = split.mask[0]
+  outside = (columns[:5].sum() + columns[43:].sum()) / columns.sum()
+  assert outside > 0.01  # mask seed 0 puts lines there
+  assert data.samples_outside_acquired(split) == pytest.approx(outside)
+  accel = 38 / columns[5:43].sum()
+  assert data.acquired_acceleration(split) == pytest.approx((accel, accel))
+  line, = [s for s in logged if "did not acquire" in s]
+  assert f"up to {outside:.1%} of the mask's samples" in line
+  assert f"4.00 over the grid, {accel:.2f}-{accel:.2f} over the acquired columns" in line
 
 
 def test_a_grid_smaller_than_the_files_reconstruction_grid_is_logged(tmp_path):
@@ -593,20 +597,19 @@ def test_a_grid_smaller_than_the_files_reconstruction_grid_is_logged(tmp_path):
   rng = np.random.default_rng(2)
   vol = synthetic.make_volume(rng, size=SIZE, coils=COILS, slices=1)
   (tmp_path / "train").mkdir()
-  fastmri.write_volume(tmp_path / "train" / "a.h5", vol["kspace"], vol["rss"])
+  # A non-square reconstruction grid, larger than the run's grid in one direction only.
+  fastmri.write_volume(tmp_path / "train" / "a.h5", vol["kspace"], vol["rss"][:, :, :SIZE - 8])
   logged = []
-  small = dataclasses.replace(CFG, image_size=SIZE - 8, calib=12)
+  small = dataclasses.replace(CFG, image_size=SIZE - 4, calib=12)
   for cfg in (CFG, small):
     data.load_split(tmp_path, "train", cfg, cache_dir=tmp_path / "cache", log=logged.append)
   crops = [s for s in logged if "a larger reconstruction grid" in s]
-  assert len(crops) == 1 and f"a.h5: {SIZE}x{SIZE} in its header" in crops[0]
-  assert f"cropped to the central {SIZE - 8}x{SIZE - 8} pixels" in crops[0]
+  assert len(crops) == 1 and f"a.h5: {SIZE}x{SIZE - 8} in its header" in crops[0]
+  assert f"cropped to the central {SIZE - 4}x{SIZE - 4} pixels" in crops[0]
 
 
-def test_coarse_lowres_maps_are_warned_about(caplog):
+def test_coarse_lowres_maps_are_warned_about():
+  assert data.calibration_warning(CFG) is None  # the Poisson disc's 16 x 16
   coarse = dataclasses.replace(CFG, mask="cartesian", center_fraction=0.04)  # 16 x 2 at 48
-  with caplog.at_level("WARNING"):
-    data.checked_mask(CFG)  # the Poisson disc's 16 x 16
-    assert "calibration block" not in caplog.text
-    data.checked_mask(coarse)
-  assert "--maps=lowres from a 16x2 calibration block" in caplog.text
+  assert "--maps=lowres from a 16x2 calibration block" in data.calibration_warning(coarse)
+  assert data.calibration_warning(dataclasses.replace(coarse, maps="espirit")) is None

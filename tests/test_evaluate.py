@@ -147,6 +147,9 @@ def test_evaluation_can_take_another_number_of_files(finished_run, tmp_path):
   assert len(got["volumes"]) == 1
   assert any("val: using the first 1 of 2 files" in line for line in logged)
   assert len(evaluate.run(workdir, mesh=_mesh(), data_dir=str(other))["volumes"]) == 2
+  # Each in its own folder: neither evaluation writes over the other.
+  for folder, files in (("eval_brain_first1", 1), ("eval_brain", 2)):
+    assert len(json.loads((workdir / folder / "eval.json").read_text())["volumes"]) == files
 
 
 def test_volume_metrics_group_slices_by_file():

@@ -241,7 +241,7 @@ def test_kspace_in_another_axis_order_than_its_header_says_is_refused(tmp_path, 
   path = tmp_path / "a.h5"
   fastmri.write_volume(path, kspace, rss)
   with h5py.File(path) as f:
-    assert fastmri.encoded_matrix(f) == (64, 36)
+    assert fastmri.read_header(f).encoded == (64, 36)
   _rewrite_kspace(path, kspace.transpose(axes))
   for read in (fastmri.open_volume, lambda p: fastmri.read_slice(p, 0)):
     with pytest.raises(fastmri.DataError, match=match):
@@ -254,15 +254,23 @@ def test_without_a_usable_header_only_impossible_layouts_are_refused(tmp_path, c
   fastmri.write_volume(path, kspace, rss)
   _rewrite_kspace(path, kspace[..., :30])  # another width than the header's: a warning only
   with caplog.at_level("WARNING"):
-    assert fastmri.open_volume(path).kspace_shape == (3, 4, 64, 30)
+    info = fastmri.open_volume(path)
+  assert info.kspace_shape == (3, 4, 64, 30) and info.acquired is None  # its limits: unbelieved
   assert "encodedSpace matrix (64, 36) differs" in caplog.text
-  for header in (b"not xml", b"<ismrmrdHeader/>", None):
-    with h5py.File(path, "r+") as f:
-      del f[fastmri.HEADER]
-      if header is not None:
-        f[fastmri.HEADER] = np.bytes_(header)
-      assert fastmri.encoded_matrix(f) is None
-    assert fastmri.open_volume(path).kspace_shape == (3, 4, 64, 30)
+  with h5py.File(path, "r+") as f:  # padded with whitespace and NULs, as some writers store it
+    xml = b"\n " + bytes(f[fastmri.HEADER][()]) + b"\0\0"
+    del f[fastmri.HEADER]
+    f[fastmri.HEADER] = np.void(xml)
+    assert fastmri.read_header(f).encoded == (64, 36)
+  with caplog.at_level("WARNING"):
+    for header in (b"not xml", b"<ismrmrdHeader/>", None):
+      with h5py.File(path, "r+") as f:
+        del f[fastmri.HEADER]
+        if header is not None:
+          f[fastmri.HEADER] = np.bytes_(header)
+        assert fastmri.read_header(f).encoded is None
+      assert fastmri.open_volume(path).kspace_shape == (3, 4, 64, 30)
+  assert "key 'ismrmrd_header': not an ISMRMRD XML header" in caplog.text
   _rewrite_kspace(path, kspace.transpose(0, 2, 3, 1))  # no header, coils last: still refused
   with pytest.raises(fastmri.DataError, match=r"a.h5: key 'kspace': .*\(3, 64, 36, 4\): more "
                                               r"coils than k-space rows or columns"):

@@ -192,6 +192,9 @@ def test_validate_unrolled_and_3d_settings():
                        ({"ndim": 4}, "ndim"), ({"volume_depth": 0}, "volume_depth")]:
     with pytest.raises(ValueError, match=f"--{flag}="):
       config_lib.validate(dataclasses.replace(CFG, **change), num_devices=1)
+  # A flagfile's CNN depths give the unrolled model its own advice, not the CNN's.
+  with pytest.raises(ValueError, match="leave --e2e_depths empty"):
+    config_lib.validate(dataclasses.replace(CFG, e2e_depths="2,3,4,5"), num_devices=1)
   config_lib.validate(CFG, num_devices=1)
   config_lib.validate(dataclasses.replace(CFG, model="cnn", method="layerwise_convex", ndim=3),
                       num_devices=1)
