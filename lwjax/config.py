@@ -123,7 +123,8 @@ def validate(cfg: Config, num_devices: int) -> None:
     depths = ()
   need(depths and all(d >= 2 for d in depths), "e2e_depths",
        "expected comma-separated integers >= 2")
-  need(cfg.model == "unrolled" or all(d <= cfg.depth for d in depths), "e2e_depths",
+  need(cfg.model == "unrolled" or "e2e" not in cfg.methods or all(d <= cfg.depth for d in depths),
+       "e2e_depths",
        f"deeper than --depth={cfg.depth}; the comparison ends at --depth (e.g. --e2e_depths="
        f"{','.join(str(d) for d in depths if d <= cfg.depth) or cfg.depth})")
   need(cfg.features >= 1, "features", "must be >= 1")

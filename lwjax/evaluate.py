@@ -329,8 +329,9 @@ def draw_figures(cfg: Config, result: dict, columns: dict, records: list[dict],
   ``figure_dir``)."""
   names = [f"{result['slices'][s][0]} slice {result['slices'][s][1]}" for s in result["examples"]]
   paths = {
-      "metrics against depth": figures.metrics_vs_depth(result["mean"],
-                                                       figure_dir / "metrics_vs_depth.png"),
+      "metrics against depth": figures.metrics_vs_depth(
+          result["mean"], figure_dir / "metrics_vs_depth.png",
+          xlabel="unrolled iterations" if cfg.model == "unrolled" else "depth (conv layers)"),
       "example slices": figures.example_grid(
           columns, figure_dir / "examples.png",
           title=f"{cfg.mask} x{cfg.accel:g}: the median and 10th percentile PSNR slices",

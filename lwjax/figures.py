@@ -19,6 +19,7 @@ DPI = 100
 PANEL = 2.5  # inches per image panel in example_grid
 TILE = 1.25  # inches per tile in image_grid
 _METRIC_LABELS = {k: metrics.label(k) for k in ("psnr", "ssim")}  # The paper's figure 2 panels.
+_BASELINES = {"zero_filled": "zero-filled", "cg_sense": "CG-SENSE"}  # summary key -> legend
 
 
 def _save(fig, path):
@@ -49,26 +50,28 @@ def _depth_curves(summary):
   return curves
 
 
-def metrics_vs_depth(summary, path):
-  """PSNR and SSIM against depth, one line per method, zero-filled dashed (paper figure 2).
+def metrics_vs_depth(summary, path, *, xlabel="depth (conv layers)"):
+  """PSNR and SSIM against depth, one line per method, the baselines dashed (paper figure 2).
 
   Args:
     summary: ``{"zero_filled": {"psnr", "ssim", ...}, method: {"<depth>": {"psnr", "ssim", ...}}}``;
-      entries that do not map depths to metrics are ignored, "zero_filled" is optional.
+      entries that do not map depths to metrics are ignored; the baselines "zero_filled" and
+      "cg_sense" (the unrolled model's) are optional.
     path: PNG file to write, 10 x 4 inches.
+    xlabel: what the depths count (the unrolled model's are iterations).
   """
   curves = _depth_curves(summary)
-  zero_filled = summary.get("zero_filled")
-  if zero_filled is not None and not (isinstance(zero_filled, Mapping)
-                                      and _METRIC_LABELS.keys() <= zero_filled.keys()):
-    raise ValueError(f"summary['zero_filled'] needs 'psnr' and 'ssim', got {zero_filled!r}")
+  baselines = {name: summary[name] for name in _BASELINES if name in summary}
+  for name, entry in baselines.items():
+    if not (isinstance(entry, Mapping) and _METRIC_LABELS.keys() <= entry.keys()):
+      raise ValueError(f"summary[{name!r}] needs 'psnr' and 'ssim', got {entry!r}")
   fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
   for ax, (metric, label) in zip(fig.subplots(1, 2), _METRIC_LABELS.items()):
     for name, (depths, values) in curves.items():
       ax.plot(depths, values[metric], marker="o", label=name)
-    if zero_filled is not None:
-      ax.axhline(float(zero_filled[metric]), color="k", linestyle="--", label="zero-filled")
-    ax.set(xlabel="depth (conv layers)", ylabel=label)
+    for (name, entry), style in zip(baselines.items(), ("--", ":")):
+      ax.axhline(float(entry[metric]), color="k", linestyle=style, label=_BASELINES[name])
+    ax.set(xlabel=xlabel, ylabel=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
   ax.legend()

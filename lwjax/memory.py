@@ -228,7 +228,7 @@ def format_table(rep: dict) -> str:
   for label, e in entries(rep):
     gain = f"{e['max_batch'] / e2e - 1:+.0%}" if e2e and e is not rep["e2e"] else ""
     lines.append(f"| {label} | {e['depth']} | {e['step_bytes'] / 2**30:.3g} | "
-                 f"{e['fixed_bytes'] / 2**20:.1f} | {e['bytes_per_example'] / 2**20:.1f} | "
+                 f"{e['fixed_bytes'] / 2**20:.3g} | {e['bytes_per_example'] / 2**20:.3g} | "
                  f"{e['max_batch']} | {gain} |")
   return "\n".join(lines)
 

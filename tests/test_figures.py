@@ -48,6 +48,10 @@ def test_metrics_vs_depth_ignores_non_depth_keys_and_needs_a_method(tmp_path):
     figures.metrics_vs_depth({"zero_filled": summary["zero_filled"], "config": {}}, tmp_path / "x.png")
   with pytest.raises(ValueError, match="zero_filled"):
     figures.metrics_vs_depth({**summary, "zero_filled": {"psnr": 1.0}}, tmp_path / "x.png")
+  with pytest.raises(ValueError, match="cg_sense"):  # the unrolled model's baseline
+    figures.metrics_vs_depth({**summary, "cg_sense": {"psnr": 1.0}}, tmp_path / "x.png")
+  figures.metrics_vs_depth({**summary, "cg_sense": summary["zero_filled"]}, tmp_path / "x.png",
+                           xlabel="unrolled iterations")
 
 
 def test_example_grid(tmp_path):

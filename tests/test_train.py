@@ -142,6 +142,8 @@ def test_validate_rejects_bad_settings():
   with pytest.raises(ValueError, match=r"--e2e_depths='2,3,4,5': deeper than --depth=3; .*"
                                        r"\(e.g. --e2e_depths=2,3\)"):
     config_lib.validate(dataclasses.replace(CFG, e2e_depths="2,3,4,5"), num_devices=4)
+  config_lib.validate(dataclasses.replace(CFG, e2e_depths="2,3,4,5", method="layerwise"),
+                      num_devices=4)  # no e2e network is trained: nothing to refuse
   config_lib.validate(CFG, num_devices=4)
   config_lib.validate(dataclasses.replace(CFG, beta=0.0, method="e2e"), num_devices=4)
 
