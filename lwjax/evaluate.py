@@ -210,9 +210,7 @@ def mean_lines(means: dict) -> list[str]:
   lines = []
   for name, entry in means.items():
     for depth, m in ({"": entry} if _is_metrics(entry) else entry).items():
-      lines.append(f"{name:>18} {depth:>2}: " + "  ".join(
-          f"{n} {m[k]:{fmt}}{' ' + unit if unit else ''}"
-          for k, (n, unit, fmt) in metrics_lib.NAMES.items()))
+      lines.append(f"{name:>18} {depth:>2}: " + metrics_lib.format_means(m, sep="  "))
   return lines
 
 

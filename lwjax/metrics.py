@@ -30,6 +30,12 @@ def label(key: str, what: str = "") -> str:
   return f"{name} ({unit})" if unit else name
 
 
+def format_means(means: dict, sep: str = " ") -> str:
+  """``{key: value}`` of every metric as one line: "PSNR 25.02 dB SSIM 0.8349 NMSE 0.0203"."""
+  return sep.join(f"{name} {means[k]:{fmt}}{' ' + unit if unit else ''}"
+                  for k, (name, unit, fmt) in NAMES.items())
+
+
 def magnitude(x):
   """``(..., 2)`` real/imaginary channels -> ``(...)`` magnitude."""
   if x.shape[-1] != 2:

@@ -843,9 +843,8 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
                                       batch_size=cfg.eval_batch_size), val_arrays["y"])
     means = record_eval(summary, summary_path, log, method, depth, metrics_lib.means(per_slice),
                         report, stage=depth - 1, phase=f"{method}_d{depth}")
-    logging.info("%s depth %d: PSNR %.2f dB SSIM %.4f NMSE %.4g (zero-filled %.2f dB)", method,
-                 depth, means["psnr"], means["ssim"], means["nmse"],
-                 summary["zero_filled"]["psnr"])
+    logging.info("%s depth %d: %s (zero-filled %.2f dB)", method, depth,
+                 metrics_lib.format_means(means), summary["zero_filled"]["psnr"])
 
   write_json(summary_path, summary)
   for method in cfg.methods:

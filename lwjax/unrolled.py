@@ -336,9 +336,9 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
     means = train_lib.record_eval(
         summary, summary_path, log, method, iters, slice_means(pred),
         report if method == NAMES["layerwise"] else None, stage=iters, phase=f"{method}_k{iters}")
-    logging.info("%s, %d iterations: PSNR %.2f dB SSIM %.4f NMSE %.4g (zero-filled %.2f dB, "
-                 "CG-SENSE %.2f dB)", method, iters, means["psnr"], means["ssim"], means["nmse"],
-                 summary["zero_filled"]["psnr"], summary["cg_sense"]["psnr"])
+    logging.info("%s, %d iterations: %s (zero-filled %.2f dB, CG-SENSE %.2f dB)", method, iters,
+                 metrics.format_means(means), summary["zero_filled"]["psnr"],
+                 summary["cg_sense"]["psnr"])
 
   for method in cfg.methods:
     train_unrolled(cfg, method, train_arrays, mask, mesh=mesh, log=log,

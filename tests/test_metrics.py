@@ -151,3 +151,9 @@ def test_volume_metrics_match_fastmri_evaluate():
   assert abs(float(metrics.psnr(pred, target).mean()) - expected["psnr"]) > 0.1
   with pytest.raises(ValueError, match=r"one volume \(S, H, W\)"):
     metrics.volume_metrics(pred[0], target[0])
+
+
+def test_format_means_writes_every_metric_with_its_unit_and_format():
+  line = metrics.format_means({"psnr": 25.0234, "ssim": 0.834912, "nmse": 0.0203201})
+  assert line == "PSNR 25.02 dB SSIM 0.8349 NMSE 0.02032"
+  assert metrics.format_means({k: 1.0 for k in metrics.NAMES}, sep="  ").count("  ") == 2
