@@ -107,11 +107,14 @@ def samples_outside_acquired(split: Split) -> float:
              default=0.0)
 
 
-def calibration_warning(cfg: PrepConfig) -> Optional[str]:
-  """Why the coil maps of ``cfg`` will be poor though they can be made (None: they will not):
-  low-resolution maps from a calibration block smaller than ``coils.LOWRES_GOOD_CALIB``."""
-  calib = calib_size(mask_for(cfg), cfg.calib)
-  if cfg.maps != "lowres" or min(calib) >= coils.LOWRES_GOOD_CALIB:
+def calibration_warning(cfg: PrepConfig, mask: np.ndarray) -> Optional[str]:
+  """Why the coil maps of ``cfg`` with its ``mask`` (``checked_mask``) will be poor though they
+  can be made (None: they will not): low-resolution maps from a calibration block smaller than
+  ``coils.LOWRES_GOOD_CALIB``."""
+  if cfg.maps != "lowres":
+    return None
+  calib = calib_size(mask, cfg.calib)
+  if min(calib) >= coils.LOWRES_GOOD_CALIB:
     return None
   return (f"--maps=lowres from a {calib[0]}x{calib[1]} calibration block (--mask={cfg.mask}, "
           f"--calib={cfg.calib}, --center_fraction={cfg.center_fraction:g}): maps this coarse "

@@ -288,7 +288,7 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
                 + [metrics_lib.label(k, "gap") for k in METRICS]),
            _row(["---"] + ["---:"] * (1 + 2 * len(METRICS)))]
   blank = [""] * len(METRICS)
-  for name, label in (("zero_filled", "zero-filled"), ("cg_sense", "CG-SENSE")):
+  for name, label in figures.BASELINES.items():
     if name in per_slice:
       lines.append(_row([label, ""] + _cells(per_slice[name]) + blank))
   ref_method = unrolled.NAMES["e2e"] if cfg.model == "unrolled" else "e2e"
@@ -306,8 +306,8 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
             "", _row(["network", "depth"] + [metrics_lib.label(k) for k in METRICS]),
             _row(["---"] + ["---:"] * (1 + len(METRICS)))]
   per_volume = result["per_volume"]
-  rows = [(label, "", per_volume[name]) for name, label in
-          (("zero_filled", "zero-filled"), ("cg_sense", "CG-SENSE")) if name in per_volume]
+  rows = [(label, "", per_volume[name]) for name, label in figures.BASELINES.items()
+          if name in per_volume]
   rows += [(m, d, per_volume[m][str(d)]) for m, d in trained_networks(cfg)]
   lines += [_row([label, depth] + _cells(v)) for label, depth, v in rows]
   for method, reports in stages.items():

@@ -19,7 +19,8 @@ DPI = 100
 PANEL = 2.5  # inches per image panel in example_grid
 TILE = 1.25  # inches per tile in image_grid
 _METRIC_LABELS = {k: metrics.label(k) for k in ("psnr", "ssim")}  # The paper's figure 2 panels.
-_BASELINES = {"zero_filled": "zero-filled", "cg_sense": "CG-SENSE"}  # summary key -> legend
+# The baselines of a summary or eval.json (the unrolled model adds CG-SENSE): key -> label.
+BASELINES = {"zero_filled": "zero-filled", "cg_sense": "CG-SENSE"}
 
 
 def _save(fig, path):
@@ -61,7 +62,7 @@ def metrics_vs_depth(summary, path, *, xlabel="depth (conv layers)"):
     xlabel: what the depths count (the unrolled model's are iterations).
   """
   curves = _depth_curves(summary)
-  baselines = {name: summary[name] for name in _BASELINES if name in summary}
+  baselines = {name: summary[name] for name in BASELINES if name in summary}
   for name, entry in baselines.items():
     if not (isinstance(entry, Mapping) and _METRIC_LABELS.keys() <= entry.keys()):
       raise ValueError(f"summary[{name!r}] needs 'psnr' and 'ssim', got {entry!r}")
@@ -70,7 +71,7 @@ def metrics_vs_depth(summary, path, *, xlabel="depth (conv layers)"):
     for name, (depths, values) in curves.items():
       ax.plot(depths, values[metric], marker="o", label=name)
     for (name, entry), style in zip(baselines.items(), ("--", ":")):
-      ax.axhline(float(entry[metric]), color="k", linestyle=style, label=_BASELINES[name])
+      ax.axhline(float(entry[metric]), color="k", linestyle=style, label=BASELINES[name])
     ax.set(xlabel=xlabel, ylabel=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)

@@ -770,8 +770,8 @@ def prep_config(cfg: Config) -> data_lib.PrepConfig:
 def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Split, ...]:
   workdir = Path(cfg.workdir).absolute()
   prep = prep_config(cfg)
-  data_lib.checked_mask(prep)  # Bad mask or map settings fail here, before any data is read.
-  warning = data_lib.calibration_warning(prep)
+  mask = data_lib.checked_mask(prep)  # Bad mask or map settings fail before any data is read.
+  warning = data_lib.calibration_warning(prep, mask)
   if warning:
     logging.warning("%s", warning)
   data_dir = cfg.data_dir
@@ -840,7 +840,7 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
 
   def record(method, depth, params, report=None):
     per_slice = metrics_lib.per_slice(predict(net, params, val_arrays["x"], mesh=mesh,
-                                      batch_size=cfg.eval_batch_size), val_arrays["y"])
+                                              batch_size=cfg.eval_batch_size), val_arrays["y"])
     means = record_eval(summary, summary_path, log, method, depth, metrics_lib.means(per_slice),
                         report, stage=depth - 1, phase=f"{method}_d{depth}")
     logging.info("%s depth %d: %s (zero-filled %.2f dB)", method, depth,

@@ -609,7 +609,8 @@ def test_a_grid_smaller_than_the_files_reconstruction_grid_is_logged(tmp_path):
 
 
 def test_coarse_lowres_maps_are_warned_about():
-  assert data.calibration_warning(CFG) is None  # the Poisson disc's 16 x 16
+  warning = lambda cfg: data.calibration_warning(cfg, data.mask_for(cfg))
+  assert warning(CFG) is None  # the Poisson disc's 16 x 16
   coarse = dataclasses.replace(CFG, mask="cartesian", center_fraction=0.04)  # 16 x 2 at 48
-  assert "--maps=lowres from a 16x2 calibration block" in data.calibration_warning(coarse)
-  assert data.calibration_warning(dataclasses.replace(coarse, maps="espirit")) is None
+  assert "--maps=lowres from a 16x2 calibration block" in warning(coarse)
+  assert warning(dataclasses.replace(coarse, maps="espirit")) is None
