@@ -20,6 +20,7 @@ import bench_steps as bs  # noqa: E402  (its flags, timing and PyTorch set-up)
 
 FLAGS = bs.FLAGS
 LAYERS = ("first", "hidden", "head")
+bs.flags.DEFINE_list("layers", list(LAYERS), f"which layer kinds to time, of {LAYERS}")
 
 
 def shapes(kind: str) -> tuple:
@@ -87,6 +88,8 @@ def torch_layer(env, kind: str, batch: int, dtype: str, backward: bool):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if set(FLAGS.layers) - set(LAYERS):
+    raise app.UsageError(f"--layers: {sorted(set(FLAGS.layers) - set(LAYERS))} not in {LAYERS}")
   env = bs.Env()
   dtypes = [d.strip() for d in FLAGS.compute_dtype.split(",") if d.strip()]
   timing = dict(warmup=FLAGS.warmup, repeats=FLAGS.repeats, min_time_s=FLAGS.min_time_s)
@@ -98,7 +101,7 @@ def main(argv):
   rows = []
   for batch in (int(b) for b in FLAGS.batch_sizes.split(",") if b.strip()):
     for dtype in dtypes:
-      for kind in LAYERS:
+      for kind in FLAGS.layers:
         for backward in (False, True):
           row = {"layer": kind, "mode": "fwd+bwd" if backward else "fwd", "dtype": dtype,
                  "batch": batch, "tflop": flops(kind, batch, backward) / 1e12}

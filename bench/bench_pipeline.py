@@ -92,6 +92,7 @@ def main(argv):
   import numpy as np
   from lwjax import train
   train.quiet_library_logs()
+  train.configure_xla(FLAGS.conv_fusion)  # As launch/train.py does.
 
   runs = parse_runs(FLAGS.runs)
   base = config_lib.from_flags()

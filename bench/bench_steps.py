@@ -260,6 +260,7 @@ class Env:
       jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
     from lwjax import train
     self.train = train
+    train.configure_xla(FLAGS.conv_fusion)  # As launch/train.py does.
     self.mesh = train.make_mesh(FLAGS.num_devices or None)
     self.ndev = self.mesh.devices.size
     dev = jax.devices()[0]

@@ -6,10 +6,13 @@
 #   pipeline  the real training loop: steps/s and data wait, e2e and the convex stages, with the
 #             slices in host memory and with --data_on_device (+data), and with device-cached features
 #   b1        float32 steps at batch 1, lwjax only
+#   fusion    bfloat16 steps with XLA's convolution fusion back on (--conv_fusion), lwjax only:
+#             against bf16's rows, what turning it off (the default) gains on this machine
 #   layers    one conv layer at a time (first, hidden, head; fwd and fwd+bwd) against PyTorch,
 #             float32 and bfloat16 at batch 8: which layer a step's gap to PyTorch comes from
 # Run from the repository root; results land in $OUT (or ./gpu_out). SIZE overrides the
-# paper-scale size flags (CPU dry run: SIZE="--image_size=32 --features=8 --kernel_size=3").
+# paper-scale size flags (CPU dry run: SIZE="--image_size=32 --features=8 --kernel_size=3"),
+# PIPE_LIMIT and LAYERS_LIMIT the pipeline and layers parts' seconds (default 300, 260).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 PARTS=${PARTS:-"f32 bf16 pipeline"}
@@ -36,16 +39,18 @@ for part in $PARTS; do
            --time_budget_s=200 ;;
     bf16) bench bench_bf16 170 --compute_dtype=bfloat16 --batch_sizes=8 --check=false \
             --torch_cudnn_benchmark=false --time_budget_s=120 ;;
+    fusion) bench bench_fusion 150 --compute_dtype=bfloat16 --batch_sizes=8 --check=false \
+              --torch=false --conv_fusion=true --time_budget_s=110 ;;
     b1) bench bench_b1 90 --compute_dtype=float32 --batch_sizes=1 --torch=false \
           --steps=e2e,layerwise_convex_s4,layerwise_s4,eval --time_budget_s=60 ;;
     layers)
       # shellcheck disable=SC2086
-      timeout 200 python3 bench/bench_layers.py $SIZE --batch_sizes=8 \
-        --compute_dtype=float32,bfloat16 --torch_cudnn_benchmark=false \
+      timeout ${LAYERS_LIMIT:-260} python3 bench/bench_layers.py $SIZE --batch_sizes=8 \
+        --compute_dtype=bfloat16,float32 --torch_cudnn_benchmark=false \
         --json_out="$OUT/layers.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/layers.log" ;;
     pipeline)
       # shellcheck disable=SC2086
-      timeout 300 python3 bench/bench_pipeline.py $SIZE --depth=3 --batch_size=8 --slices=48 \
+      timeout ${PIPE_LIMIT:-300} python3 bench/bench_pipeline.py $SIZE --depth=3 --batch_size=8 --slices=48 \
         --epochs=3 --runs=${RUNS:-e2e,e2e+data,layerwise_convex:none,layerwise_convex:none+data,layerwise_convex:device+data} \
         --json_out="$OUT/pipeline.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/pipeline.log" ;;
     *) echo "unknown part $part" ;;

@@ -26,7 +26,8 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "", "output folder (default: WORKDIR f
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from lwjax import evaluate  # Imported after flag parsing so --help stays fast.
+  from lwjax import evaluate, train  # Imported after flag parsing so --help stays fast.
+  train.configure_xla(flags.FLAGS.conv_fusion)
   try:
     result = evaluate.run(flags.FLAGS.workdir, log=logging.info, out_dir=_OUT_DIR.value or None,
                           **evaluate.overrides_from_flags(flags.FLAGS))

@@ -27,8 +27,9 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "", "output folder")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from lwjax import evaluate, interpret  # Imported after flag parsing so --help stays fast.
+  from lwjax import evaluate, interpret, train  # Imported after flag parsing: --help stays fast.
   fv = flags.FLAGS
+  train.configure_xla(fv.conv_fusion)
   try:
     pixel = tuple(int(p) for p in _PIXEL.value.split(",")) if _PIXEL.value else None
   except ValueError:

@@ -36,8 +36,9 @@ _MEASURE = flags.DEFINE_bool("measure", False, "also run the steps on the accele
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from lwjax import figures, memory  # Imported after flag parsing so --help stays fast.
+  from lwjax import figures, memory, train  # Imported after flag parsing: --help stays fast.
   cfg = config.from_flags()
+  train.configure_xla(cfg.conv_fusion)
   try:
     config.validate(cfg, num_devices=1)
     rep = memory.report(cfg, int(_BUDGET_GB.value * 2**30), coils=_COILS.value,

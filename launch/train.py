@@ -22,6 +22,7 @@ def main(argv):
   from lwjax import train  # Imported after flag parsing so --help stays fast.
   train.quiet_library_logs()
   cfg = config.from_flags()
+  train.configure_xla(cfg.conv_fusion)
   cache = train.enable_compilation_cache(cfg.compilation_cache)
   logging.info("compilation cache: %s", cache or "off")
   try:

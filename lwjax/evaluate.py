@@ -81,7 +81,7 @@ def overrides_from_flags(flag_values, *, used=()) -> dict:
   flagfile's, say), apart from ``--workdir`` and the names in ``used``, are ignored with a warning.
   """
   given = [f.name for f in dataclasses.fields(Config) if flag_values[f.name].present]
-  ignored = sorted(set(given) - set(OVERRIDABLE) - {"workdir", *used})
+  ignored = sorted(set(given) - set(OVERRIDABLE) - {"workdir", "conv_fusion", *used})
   if ignored:
     logging.warning("ignoring %s: a run is evaluated with its own config.json",
                     ", ".join(f"--{name}" for name in ignored))

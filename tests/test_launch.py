@@ -136,3 +136,32 @@ def test_two_hosts_train_the_same_networks_as_one(tmp_path):
   epochs = [(r["phase"], r["epoch"]) for r in records if "epoch_s" in r]
   assert len(epochs) == len(set(epochs)) == 3 * 2  # e2e_d3 + 2 stages, 2 epochs, once each
   assert not (two / "features").exists()
+
+
+def test_configure_xla_disables_conv_fusion_and_keeps_the_users_flags():
+  script = """if True:
+    import json, os
+    from lwjax import train
+    out = {}
+    os.environ["XLA_FLAGS"] = "--xla_disable_hlo_passes=foo"
+    out["users_passes"] = train.configure_xla(False)
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    out["fusion_on"] = train.configure_xla(True)
+    out["set"] = train.configure_xla(False)
+    import jax
+    out["devices"] = jax.device_count()  # XLA accepted the combined flags.
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    out["started"] = train.configure_xla(False)
+    print(json.dumps(out))
+  """
+  result = run([sys.executable, "-c", script])
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  from lwjax import train
+  assert out["users_passes"] == "--xla_disable_hlo_passes=foo"
+  assert out["fusion_on"] == "--xla_force_host_platform_device_count=2"
+  assert out["set"].split() == ["--xla_force_host_platform_device_count=2",
+                                f"--xla_disable_hlo_passes={train.CONV_FUSION_PASS}"]
+  assert out["devices"] == 2
+  assert out["started"] == "--xla_force_host_platform_device_count=2"  # Too late: left alone.
+  assert "already started" in result.stderr
