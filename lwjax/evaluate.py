@@ -78,7 +78,8 @@ def overrides_from_flags(flag_values, *, used=()) -> dict:
   """The ``OVERRIDABLE`` settings given on the command line, for ``load_config``.
 
   A run is evaluated with its own config.json: other ``Config`` flags given explicitly (a
-  flagfile's, say), apart from ``--workdir`` and the names in ``used``, are ignored with a warning.
+  flagfile's, say), apart from ``--workdir``, ``--conv_fusion`` (a setting of this process, see
+  ``train.configure_xla``) and the names in ``used``, are ignored with a warning.
   """
   given = [f.name for f in dataclasses.fields(Config) if flag_values[f.name].present]
   ignored = sorted(set(given) - set(OVERRIDABLE) - {"workdir", "conv_fusion", *used})
