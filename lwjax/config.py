@@ -74,7 +74,7 @@ class Config:
   cache_features: str = "none"  # keep a finished stage's output features: none, host (memory), disk (memory-mapped file) or device (accelerator memory, every device a full copy)
   distributed: str = ""  # multi-host runs (every host runs the same command): auto (jax.distributed.initialize() detects TPU pods, SLURM, Open MPI, Kubernetes) or ADDRESS:PORT,NUM_PROCESSES,PROCESS_ID; empty: one host
   compilation_cache: str = "~/.cache/lwjax/jax"  # JAX's persistent cache of compiled steps, XLA's convolution autotuning included (on a GPU ~30 s per new 7x7x256 step: a rerun or resumed run skips it); empty: off; JAX_COMPILATION_CACHE_DIR, when set, wins
-  conv_fusion: bool = False  # GPU: let XLA fuse each convolution with its bias and ReLU into one cuDNN call; off by default: on an H200 the plain convolution plus XLA's own bias+ReLU fusion made the bfloat16 steps 11-22% faster (evaluation 43.0 -> 33.7 ms; BUILD_NOTES)
+  conv_fusion: bool = False  # GPU: let XLA fuse each convolution with its bias and ReLU into one cuDNN call; off by default: on an H200 the plain convolution plus XLA's own bias+ReLU fusion cut the bfloat16 steps' time by 11-22% (evaluation 43.0 -> 33.7 ms; BUILD_NOTES)
   log_every: int = 50  # console log every this many steps (and at every epoch end)
   # Unrolled model and 3D.
   model: str = "cnn"  # cnn (the deep net) or unrolled (MoDL-style: --unroll_iters x [CNN_k, then CG-SENSE data consistency]; --method=e2e trains all iterations jointly, layerwise one iteration per stage)
