@@ -12,10 +12,13 @@ WORKDIR/eval_<data_dir name>[_first<n>]/ instead, so the run's own evaluation is
 chooses the folder.
 """
 import sys
+from pathlib import Path
 
 from absl import app
 from absl import flags
 from absl import logging
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This checkout's lwjax, first.
 
 from lwjax import config
 

@@ -11,10 +11,13 @@ produced pixel --pixel (the network is piecewise linear: the Jacobian row at the
 """
 import json
 import sys
+from pathlib import Path
 
 from absl import app
 from absl import flags
 from absl import logging
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This checkout's lwjax, first.
 
 from lwjax import config
 

@@ -5,8 +5,13 @@ r"""Write a synthetic multi-coil dataset in the fastMRI layout (train/ and val/ 
 
 A finished dataset made with the same flags is reused; otherwise its synth_*.h5 files are rewritten.
 """
+import sys
+from pathlib import Path
+
 from absl import app
 from absl import flags
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This checkout's lwjax, first.
 
 from lwjax import data, fastmri
 

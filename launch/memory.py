@@ -22,6 +22,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This checkout's lwjax, first.
+
 from lwjax import config
 
 _BUDGET_GB = flags.DEFINE_float("budget_gb", 12.0, "memory budget of one device, GiB (2**30 bytes)")

@@ -8,10 +8,13 @@ Every flag is a field of ``lwjax.config.Config`` (``--helpfull`` lists them). Ou
 Run it again with the same flags to resume a killed run.
 """
 import sys
+from pathlib import Path
 
 from absl import app
 from absl import flags
 from absl import logging
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This checkout's lwjax, first.
 
 from lwjax import config
 

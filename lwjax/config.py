@@ -138,6 +138,10 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
   need(cfg.epochs >= 1, "epochs", "must be >= 1")
   need(cfg.lr > 0, "lr", "must be > 0")
+  need(0 < cfg.lr_decay <= 1, "lr_decay", "expected a factor in (0, 1]")
+  need(cfg.lr_decay_every >= 1, "lr_decay_every", "must be >= 1 (epochs)")
+  need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+  need(cfg.fista_iters >= 1, "fista_iters", "must be >= 1")
   need(cfg.mask in MASKS, "mask", f"expected one of {', '.join(MASKS)}")
   need(cfg.accel > 1, "accel", "acceleration must be > 1")
   need(cfg.maps in MAPS, "maps", f"expected one of {', '.join(MAPS)}")
@@ -147,6 +151,9 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.beta >= 0 and cfg.rho >= 0, "beta", "beta and rho must be >= 0")
   need(cfg.beta > 0 or "layerwise_convex" not in cfg.methods, "beta",
        "the convex stage needs beta > 0 (its group lasso)")
+  need(not (cfg.beta_relative and cfg.beta >= 1) or "layerwise_convex" not in cfg.methods,
+       "beta", "with --beta_relative, --beta is a fraction of beta_max (the beta that zeroes "
+       "every group): expected < 1, else the stage's layer is empty")
   need("layerwise_convex" not in cfg.methods or cfg.features % 4 == 0, "features",
        "the convex stage needs features divisible by 4 (2 * P arrangements * 2 output channels)")
   need(cfg.compute_dtype in DTYPES, "compute_dtype", f"expected one of {', '.join(DTYPES)}")

@@ -79,7 +79,13 @@ def conv(h, kernel, dtype=None):
 
 
 def gates(h, u):
-  """``D = 1[conv(h, U) >= 0]``: (N, *spatial, P) float32 0/1. Always computed in float32."""
+  """``D = 1[conv(h, U) >= 0]``: (N, *spatial, P) float32 0/1, from float32 operands.
+
+  At the matmul precision in effect: the default in the training steps (TF32 on NVIDIA GPUs),
+  "highest" in ``prepare`` and ``finalize``. On a GPU a gate whose pre-activation lies within
+  TF32's rounding of 0 can differ between the two (~1e-4 of the gates of a 7x7x256 gate conv,
+  emulated on the CPU), so the certificate is that of the float32-exact program. (HIGHEST in the
+  training step too would cost several times this conv's TF32 time.)"""
   return (conv(h.astype(jnp.float32), u) >= 0).astype(jnp.float32)
 
 
@@ -521,6 +527,11 @@ def _prepare(program: Program, tx, feature_batches, h_shape) -> tuple[stage.Stag
   with jax.default_matmul_precision("highest"):
     if program.relative_beta:
       report["beta_max"] = _beta_max(feature_batches, shape, program.gate_seed)
+      if not report["beta_max"] > 0:  # Else beta = 0 would pass unchecked and divide later.
+        raise ValueError(f"convex stage: beta_max = {report['beta_max']} over the training set: "
+                         f"its gated features are zero everywhere (an empty previous layer: "
+                         f"every group pruned, --beta too large?) or the target equals the skip; "
+                         f"there is nothing to fit")
       report["beta"] = program.beta * report["beta_max"]
       program = dataclasses.replace(program, beta=report["beta"], relative_beta=False)
     if program.solver == "fista":
@@ -551,6 +562,10 @@ def _lipschitz(feature_batches, shape, gate_seed, iters):
   lipschitz = 0.0
   for _ in range(iters):
     norm = optax.tree_utils.tree_norm(w)
+    if not norm > 0:  # A^T A w = 0 for a random w: no features (an empty previous layer).
+      raise ValueError("convex stage: FISTA's power iteration found A^T A = 0: the stage's gated "
+                       "features are zero everywhere (an empty previous layer: every group "
+                       "pruned, --beta too large?); there is nothing to fit")
     w = jax.tree.map(lambda a: a / norm, w)
     acc, elements = None, 0
     for h, skip, _ in feature_batches():

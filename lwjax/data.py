@@ -28,7 +28,7 @@ import numpy as np
 from lwjax import coils, fastmri, masks, sense, synthetic
 from lwjax.fft import center_slices
 
-CACHE_VERSION = 3  # bump when preparation changes what a cached slice holds (3: skipped slices)
+CACHE_VERSION = 4  # bump when preparation changes what a cached slice holds (4: ESPIRiT settled)
 # Per-slice scales of one file compare within this relative tolerance: a cache rebuilt elsewhere
 # (another machine, BLAS, worker count) may differ in the last float32 bits.
 SCALE_RTOL = 1e-3
@@ -82,7 +82,7 @@ class Split:
 
 def grid_columns(acquired: tuple[int, int], width: int, size: int) -> tuple[int, int]:
   """The columns [lo, hi) of ``size``-wide grid k-space that lie inside the acquired columns
-  ``acquired`` of ``width``-wide k-space (``fastmri.acquired_columns``). ``fastmri.to_grid``
+  ``acquired`` of ``width``-wide k-space (``fastmri.Header.acquired``). ``fastmri.to_grid``
   crops or pads in image space, which keeps k-space's extent and scales its column spacing by
   width / size: column k lands at ``size // 2 + (k - width // 2) * size / width``."""
   at = lambda k: size // 2 + (k - width // 2) * size / width

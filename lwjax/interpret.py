@@ -229,7 +229,8 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
       (skipped empty slices are not counted; default: its middle slice). A 3D network sees
       the volume patch (``train.example_arrays``) that holds the slice, and the figures show it.
     pixel: (row, col) (default: the image centre).
-    out_dir: default ``WORKDIR/figures/interpret/<method>_d<depth>``.
+    out_dir: default ``WORKDIR/figures/interpret/<method>_d<depth>``; for other data than the
+      run's, under the evaluation's folder (``evaluate.output_dir``), never over the run's own.
     overrides: ``evaluate.OVERRIDABLE`` settings.
 
   Writes ``interpret.json`` (``draw``'s numbers, the slice, the network) next to the figures.
@@ -241,7 +242,9 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   deepest = dict(evaluate.final_networks(cfg))
   method = method or cfg.methods[0]
   if method not in deepest:
-    raise ValueError(f"--method={method!r}: the run trained {', '.join(deepest)}")
+    one = " (one of them)" if "," in method else ""
+    raise ValueError(f"--method={method!r}: expected one method the run trained{one}: "
+                     f"{', '.join(deepest)}")
   depths = [d for m, d in evaluate.trained_networks(cfg) if m == method]
   saved = [d for d in depths if train.params_dir(cfg.workdir, method, d).exists()]
   if not saved:
@@ -271,8 +274,10 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
     pixel = (plane,) + pixel
   else:
     example = slice_index
-  out_dir = Path(out_dir or Path(cfg.workdir) / "figures" / "interpret" / f"{method}_d{depth}")
+  base, own = evaluate.output_dir(cfg, val)  # Other data: beside the run's figures, not over.
+  out_dir = Path(out_dir or base / "figures" / "interpret" / f"{method}_d{depth}")
   result = {"method": method, "depth": depth, "slice": list(val.ids[slice_index]),
+            "data_dir": cfg.data_dir, "own_data": own,  # as in eval.json
             **draw(train.network_template(cfg), params, arrays["x"][example], pixel, out_dir)}
   (out_dir / "interpret.json").write_text(json.dumps(result, indent=1))
   return result

@@ -151,10 +151,27 @@ def volume_metrics(pred, target):
 # ----------------------------------------------------------------------------------------------
 # On host arrays, as the trainer and the evaluation report them.
 
-def per_slice(pred, target) -> dict[str, np.ndarray]:
-  """``slice_metrics`` of host arrays: ``{name: (S,) float64}``, S slices (N, or N * D)."""
-  return {k: np.asarray(v, np.float64)
-          for k, v in slice_metrics(jnp.asarray(pred), jnp.asarray(target)).items()}
+def per_slice(pred, target, *, chunk_slices=64) -> dict[str, np.ndarray]:
+  """``slice_metrics`` of host arrays: ``{name: (S,) float64}``, S slices (N, or N * D).
+
+  Runs on ``chunk_slices`` 2D slices at a time (the last chunk padded with copies of its last
+  row, whose values are dropped: one compiled shape): SSIM's intermediates take ~5 MB per
+  320 x 320 slice, so a whole validation set at once (fastMRI knee's: ~7,000 slices) would not
+  fit a GPU."""
+  pred, target = np.asarray(pred), np.asarray(target)
+  if pred.shape != target.shape or pred.ndim not in (4, 5):
+    raise ValueError(f"expected (N, H, W, 2) or (N, D, H, W, 2) images of one shape, got "
+                     f"{pred.shape} and {target.shape}")
+  n = len(pred)
+  rows = max(1, min(n, chunk_slices // (pred.shape[1] if pred.ndim == 5 else 1)))
+  out = {k: [] for k in NAMES}
+  for start in range(0, n, rows):
+    take = np.minimum(np.arange(start, start + rows), n - 1)
+    values = slice_metrics(jnp.asarray(pred[take]), jnp.asarray(target[take]))
+    kept = min(rows, n - start) * (pred.shape[1] if pred.ndim == 5 else 1)
+    for k in NAMES:
+      out[k].append(np.asarray(values[k], np.float64)[:kept])
+  return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def per_file(pred, target, volumes) -> dict[str, np.ndarray]:
@@ -163,8 +180,9 @@ def per_file(pred, target, volumes) -> dict[str, np.ndarray]:
   ``pred``, ``target``: (N, H, W, 2) slices at their true relative intensities (not each scaled
   by its own maximum); ``volumes`` (N,) their files. Returns ``{name: (V,) float64}``, files in
   ``np.unique(volumes)`` order."""
-  p, t = (np.asarray(magnitude(jnp.asarray(a))) for a in (pred, target))
-  rows = [volume_metrics(p[volumes == v], t[volumes == v]) for v in np.unique(volumes)]
+  pred, target, volumes = np.asarray(pred), np.asarray(target), np.asarray(volumes)
+  mag = lambda a, v: magnitude(jnp.asarray(a[volumes == v]))  # One file on the device at a time.
+  rows = [volume_metrics(mag(pred, v), mag(target, v)) for v in np.unique(volumes)]
   return {k: np.asarray([float(r[k]) for r in rows]) for k in NAMES}
 
 

@@ -306,47 +306,55 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
   host = {k: v for k, v in arrays.items() if k not in resident}
   take = take_batch(mesh) if resident else None
   t_phase = time.time()
-  for epoch in range(start, epochs):
-    t0 = time.time()
-    losses, last = [], {}
-    order = data_lib.batch_order(n, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                 num_devices=num_devices, full_pass=full_pass)
-    batches = device_batches((data_lib.gather(host, idx, full_pass_of=n if full_pass else None)
-                              for idx in order), mesh)
-    data_s = 0.0
-    for i in range(spe):
-      t_data = time.perf_counter()
-      batch = next(batches)
-      if take is not None:
-        batch = {**batch, **take(resident, np.maximum(order[i], 0))}
-      data_s += time.perf_counter() - t_data
-      state, last = step_fn(state, frozen, batch)
-      losses.append(last["loss"])
-      if cfg.log_every and (i + 1) % cfg.log_every == 0 and i + 1 < spe:
-        rate = (i + 1) / (time.time() - t0)
-        remaining = (epochs - epoch) * spe - (i + 1)
-        logging.info("%s epoch %d/%d step %d/%d loss %.4e %.2f steps/s eta %s", phase, epoch + 1,
-                     epochs, i + 1, spe, float(last["loss"]), rate, _format_eta(remaining / rate))
-    losses = np.asarray(jax.device_get(losses), np.float64)
-    if not np.all(np.isfinite(losses)):
-      bad = int(np.argmin(np.isfinite(losses)))
-      raise FloatingPointError(
-          f"{phase}: non-finite loss {losses[bad]} at epoch {epoch + 1}, step {bad + 1}; the run "
-          f"stopped and kept the last good checkpoint (epoch {manager.latest_step() or 0}) in "
-          f"{ckpt_dir}. Lower --lr or check the data.")
-    manager.save(epoch + 1, args=ocp.args.StandardSave(state))
-    dt = time.time() - t0
-    done = epoch + 1 - start
-    eta = (time.time() - t_phase) / done * (epochs - epoch - 1)
-    record = {"phase": phase, "epoch": epoch + 1, "step": int(state["step"]),
-              "loss": float(losses.mean()), "steps_per_s": spe / dt, "epoch_s": dt,
-              "data_wait_frac": data_s / dt,
-              **{k: float(v) for k, v in jax.device_get(last).items() if k != "loss"}}
-    log.write(record)
-    logging.info("%s epoch %d/%d loss %.4e (%.2f steps/s, %.1f s/epoch) eta %s", phase,
-                 epoch + 1, epochs, record["loss"], record["steps_per_s"], dt, _format_eta(eta))
-  manager.wait_until_finished()
-  manager.close()
+  try:
+    for epoch in range(start, epochs):
+      t0 = time.time()
+      losses, last = [], {}
+      order = data_lib.batch_order(n, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                   num_devices=num_devices, full_pass=full_pass)
+      batches = device_batches((data_lib.gather(host, idx, full_pass_of=n if full_pass else None)
+                                for idx in order), mesh)
+      data_s = 0.0
+      for i in range(spe):
+        t_data = time.perf_counter()
+        batch = next(batches)
+        if take is not None:
+          batch = {**batch, **take(resident, np.maximum(order[i], 0))}
+        data_s += time.perf_counter() - t_data
+        state, last = step_fn(state, frozen, batch)
+        losses.append(last["loss"])
+        if cfg.log_every and (i + 1) % cfg.log_every == 0 and i + 1 < spe:
+          rate = (i + 1) / (time.time() - t0)
+          remaining = (epochs - epoch) * spe - (i + 1)
+          logging.info("%s epoch %d/%d step %d/%d loss %.4e %.2f steps/s eta %s", phase, epoch + 1,
+                       epochs, i + 1, spe, float(last["loss"]), rate, _format_eta(remaining / rate))
+      losses = np.asarray(jax.device_get(losses), np.float64)
+      last = jax.device_get(last)
+      # The loss of a step is that of the parameters before its update: the norms after the
+      # epoch's last update are checked too, so a diverged state is never saved.
+      bad = ([f"loss {x} at step {i + 1}" for i, x in enumerate(losses) if not np.isfinite(x)][:1]
+             or [f"{k} {float(last[k])} after its last step" for k in ("param_norm", "grad_norm")
+                 if not np.isfinite(last[k])])
+      if bad:
+        manager.wait_until_finished()  # The previous epoch's save is the one kept: commit it.
+        raise FloatingPointError(
+            f"{phase}: non-finite {bad[0]} in epoch {epoch + 1}; the run stopped and kept the "
+            f"last good checkpoint (epoch {manager.latest_step() or 0}) in {ckpt_dir}. Lower "
+            f"--lr or check the data.")
+      manager.save(epoch + 1, args=ocp.args.StandardSave(state))
+      dt = time.time() - t0
+      done = epoch + 1 - start
+      eta = (time.time() - t_phase) / done * (epochs - epoch - 1)
+      record = {"phase": phase, "epoch": epoch + 1, "step": int(state["step"]),
+                "loss": float(losses.mean()), "steps_per_s": spe / dt, "epoch_s": dt,
+                "data_wait_frac": data_s / dt,
+                **{k: float(v) for k, v in last.items() if k != "loss"}}
+      log.write(record)
+      logging.info("%s epoch %d/%d loss %.4e (%.2f steps/s, %.1f s/epoch) eta %s", phase,
+                   epoch + 1, epochs, record["loss"], record["steps_per_s"], dt, _format_eta(eta))
+  finally:  # Also when the loop raises: a save still in flight is committed, not dropped.
+    manager.wait_until_finished()
+    manager.close()
   return FitResult(state=state, resumed_from=start)
 
 

@@ -227,6 +227,18 @@ def test_relative_beta_is_a_fraction_of_beta_max():
     assert np.sum(np.asarray(convex.group_norms(x)) > 0) == moving
 
 
+@pytest.mark.parametrize("solver", ["adam", "fista"])
+def test_a_stage_on_zero_features_is_refused(solver):
+  # An empty previous layer (every group pruned) feeds zeros: beta_max = 0 would make beta 0
+  # and the certificate NaN, and FISTA's power iteration would divide by zero.
+  h, skip, y = _data(4)
+  st = convex.convex_stage(beta=0.5, features=FEATURES, kernel_size=K, rho=0.0,
+                           relative_beta=solver == "adam", solver=solver,
+                           tx=optax.adam(1e-3) if solver == "adam" else None)
+  with pytest.raises(ValueError, match="zero everywhere"):
+    st.prepare(_batches(jnp.zeros_like(h), skip, y, 2), h.shape)
+
+
 def test_planted_relu_net_is_recovered():
   """y = skip + a ReLU net whose hidden units follow the gates (a solution in the model class)."""
   h, skip, _ = _data(5)

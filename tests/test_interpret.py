@@ -13,6 +13,7 @@ import pytest
 from matplotlib.image import imread
 
 from lwjax import config as config_lib
+from lwjax import data as data_lib
 from lwjax import evaluate
 from lwjax import figures
 from lwjax import interpret
@@ -190,6 +191,8 @@ def test_run_draws_every_figure(workdir):
 def test_run_rejects_what_the_run_does_not_have(workdir):
   with pytest.raises(ValueError, match="--method='layerwise'"):
     interpret.run(workdir, method="layerwise")
+  with pytest.raises(ValueError, match=r"expected one method the run trained \(one of them\)"):
+    interpret.run(workdir, method="e2e,layerwise")  # a training flagfile's --method
   with pytest.raises(ValueError, match="--depth=4"):
     interpret.run(workdir, depth=4)
   with pytest.raises(ValueError, match="--slice=5"):
@@ -208,6 +211,19 @@ def test_an_unfinished_run_shows_its_deepest_trained_network(workdir, tmp_path):
       interpret.run(workdir, depth=3)
   finally:
     (tmp_path / "d3").rename(d3)
+
+
+def test_other_data_is_drawn_beside_the_runs_figures(workdir, tmp_path):
+  own = interpret.run(workdir)
+  other = data_lib.make_synthetic_dataset(
+      tmp_path / "knee", train_subjects=1, val_subjects=1, slices=2, coils=TINY.synth_coils,
+      size=TINY.image_size, seed=TINY.synth_seed + 1)
+  got = interpret.run(workdir, data_dir=str(other))
+  assert (own["own_data"], got["own_data"], got["data_dir"]) == (True, False, str(other))
+  out = workdir / "eval_knee" / "figures" / "interpret" / "e2e_d3"
+  assert json.loads((out / "interpret.json").read_text()) == got
+  mine = workdir / "figures" / "interpret" / "e2e_d3" / "interpret.json"
+  assert json.loads(mine.read_text()) == own
 
 
 def test_launch_script(workdir, tmp_path):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from matplotlib.image import imread
 
@@ -74,6 +76,21 @@ def test_layerwise_stages_need_less_than_e2e(analysed):
   table = memory.format_table(rep)
   assert "| e2e | 4 |" in table and "| layerwise_convex stage 3 | 4 |" in table
   assert f"{analysed['layerwise']['max_batch'] / e2e['max_batch'] - 1:+.0%}" in table
+
+
+@pytest.mark.parametrize("cache", ["host", "disk"])
+def test_a_cached_stage_takes_its_features_with_the_batch(cache):
+  # The trainer's cached step runs no prefix: its arguments hold h (batch x pixels x features,
+  # float32) in place of the frozen layers.
+  network = memory.Network("layerwise", 3)
+  plain = memory.abstract_step(CFG, network, 2)
+  cached = memory.abstract_step(dataclasses.replace(CFG, cache_features=cache), network, 2)
+  assert set(plain[3]) == {"convs_0"} and cached[3] == {}
+  assert cached[4]["h"].shape == (2, 32, 32, 8) and cached[4]["h"].dtype == np.float32
+  frozen = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(plain[3]))
+  args = [memory.step_memory(dataclasses.replace(CFG, cache_features=c), network, 2)["argument"]
+          for c in ("none", cache)]
+  assert args[1] - args[0] == 2 * 32 * 32 * 8 * 4 - frozen
 
 
 @pytest.mark.parametrize("true", [0, 1, 2, 7, 13, 40])

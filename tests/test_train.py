@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lwjax import config as config_lib
@@ -81,6 +82,24 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert ckpts == ["1"]
 
 
+def test_a_diverged_last_update_is_never_saved(tmp_path):
+  # Every loss is finite (a step's loss is that of the parameters before its update), but the
+  # last update of epoch 2 makes the parameters infinite: the run stops there, and epoch 1's
+  # checkpoint, whose save was still in flight, is committed.
+  cfg = dataclasses.replace(CFG, workdir=str(tmp_path))
+  arrays = toy_arrays()
+  net = train.network_template(cfg)
+  params = nets.init(jax.random.key(0), (1,) + arrays["x"].shape[1:], depth=cfg.depth,
+                     features=cfg.features, kernel_size=cfg.kernel_size)
+  blow_up = optax.scale_by_schedule(lambda count: jnp.where(count == 3, jnp.inf, 1.0))
+  tx = optax.chain(optax.sgd(1e-3), blow_up)  # 2 steps per epoch: update 3 ends epoch 2
+  with pytest.raises(FloatingPointError, match=r"non-finite param_norm inf .* epoch 2.*epoch 1"):
+    train.fit("e2e_test", train.e2e_loss(net), tx, params, {}, arrays, cfg=cfg,
+              mesh=train.make_mesh(1), epochs=3, log=train.MetricsLog(cfg.workdir))
+  ckpts = sorted(p.name for p in (tmp_path / "checkpoints" / "e2e_test").iterdir())
+  assert ckpts == ["1"]
+
+
 def test_layerwise_freezes_the_prefix_and_ends_as_a_deep_net(tmp_path):
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path), method="layerwise", epochs=2)
   arrays = toy_arrays()
@@ -135,7 +154,12 @@ def test_validate_rejects_bad_settings():
                        ({"features": 6, "method": "layerwise_convex"}, "features"),
                        ({"kernel_size": 4}, "kernel_size"),
                        ({"ndim": 3, "kernel_depth": 2}, "kernel_depth"),
-                       ({"beta": 0.0, "method": "e2e,layerwise_convex"}, "beta")]:
+                       ({"beta": 0.0, "method": "e2e,layerwise_convex"}, "beta"),
+                       ({"beta": 1.0, "method": "layerwise_convex"}, "beta"),
+                       ({"lr_decay": -1.0}, "lr_decay"), ({"lr_decay": 1.5}, "lr_decay"),
+                       ({"lr_decay_every": 0}, "lr_decay_every"),
+                       ({"weight_decay": -1.0}, "weight_decay"),
+                       ({"fista_iters": 0}, "fista_iters")]:
     with pytest.raises(ValueError, match=f"--{flag}="):
       config_lib.validate(dataclasses.replace(CFG, **change), num_devices=4)
   # A flagfile's e2e depths beyond a smaller --depth would train networks nobody compares.
@@ -146,6 +170,8 @@ def test_validate_rejects_bad_settings():
                       num_devices=4)  # no e2e network is trained: nothing to refuse
   config_lib.validate(CFG, num_devices=4)
   config_lib.validate(dataclasses.replace(CFG, beta=0.0, method="e2e"), num_devices=4)
+  config_lib.validate(dataclasses.replace(CFG, beta=1.0, beta_relative=False,
+                                          method="layerwise_convex"), num_devices=4)
 
 
 @pytest.mark.parametrize("cache", ["host", "disk", "device"])
