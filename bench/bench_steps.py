@@ -92,6 +92,9 @@ flags.DEFINE_bool("torch_cudnn_benchmark", True,
                   "PyTorch: let cuDNN time its algorithms per shape (cudnn.benchmark); false: "
                   "its heuristic choice (cuDNN's bf16 7x7 search at 320x320 took minutes on an "
                   "H200)")
+flags.DEFINE_integer("torch_cudnn_benchmark_limit", -1,
+                     "PyTorch benchmark mode: the most cuDNN algorithms it times per shape "
+                     "(torch.backends.cudnn.benchmark_limit; 0: all); -1: PyTorch's default")
 flags.DEFINE_bool("check", True, "first compare lwjax and PyTorch losses and gradients on a small "
                   "input (same parameters, highest precision)")
 flags.DEFINE_string("json_out", "", "write all results here as JSON (rewritten after each row)")
@@ -137,11 +140,13 @@ def short_error(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------
 # Timing.
 
-def time_interleaved(fns: list, *, warmup: int, repeats: int, min_time_s: float) -> list:
+def time_interleaved(fns: list, *, warmup: int, repeats: int, min_time_s: float,
+                     after_warmup=None) -> list:
   """Median seconds per call of each ``(run, block)`` in ``fns`` (``block(out)`` waits for the
-  device). All are warmed up first; then the timed runs alternate between them, so that a
-  busy moment on a shared machine hits each alike. Each timed run repeats the call until it
-  lasts about ``min_time_s`` and then waits once."""
+  device). All are warmed up first (then ``after_warmup()``, e.g. a reset of peak-memory
+  counters); then the timed runs alternate between them, so that a busy moment on a shared
+  machine hits each alike. Each timed run repeats the call until it lasts about ``min_time_s``
+  and then waits once."""
   inners = []
   for run, block in fns:
     for _ in range(max(warmup, 1)):
@@ -150,6 +155,8 @@ def time_interleaved(fns: list, *, warmup: int, repeats: int, min_time_s: float)
     block(run())
     first = time.perf_counter() - t0
     inners.append(int(min(100, max(1, math.ceil(min_time_s / max(first, 1e-9))))))
+  if after_warmup is not None:
+    after_warmup()
   times = [[] for _ in fns]
   for _ in range(repeats):
     for (run, block), inner, ts in zip(fns, inners, times):
@@ -167,8 +174,8 @@ def time_interleaved(fns: list, *, warmup: int, repeats: int, min_time_s: float)
   return out
 
 
-def time_steps(run, block, *, warmup: int, repeats: int, min_time_s: float) -> dict:
-  return time_interleaved([(run, block)], warmup=warmup, repeats=repeats, min_time_s=min_time_s)[0]
+def time_steps(run, block, **timing) -> dict:
+  return time_interleaved([(run, block)], **timing)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +306,7 @@ class Env:
           raise RuntimeError("PyTorch cannot see the GPU")
         self.torch_settings = torch_ref.setup(
             self.tdev, cudnn_benchmark=FLAGS.torch_cudnn_benchmark,
+            benchmark_limit=FLAGS.torch_cudnn_benchmark_limit,
             tf32_conv=self.jax_tf32["conv"], tf32_matmul=self.jax_tf32["matmul"])
       except Exception as e:  # The benchmark still runs without the reference.
         self.torch, self.torch_error = None, short_error(e)
@@ -746,6 +754,10 @@ def measure(env, cfg, step: str, batch: int, peak: dict) -> dict:
   if env.platform == "cpu":  # Other processes on the cores make CPU timings noisy: keep a trace.
     r["load_avg_1min"] = os.getloadavg()[0]
   timing = dict(warmup=FLAGS.warmup, repeats=FLAGS.repeats, min_time_s=FLAGS.min_time_s)
+  if env.torch is not None and env.tdev == "cuda":
+    # "torch GB" is the peak of the timed steps: cuDNN's algorithm search in the warm-up (its
+    # workspace comes from PyTorch's allocator) is no part of a training step's memory.
+    timing["after_warmup"] = env.torch.cuda.reset_peak_memory_stats
   interleave = env.interleave and env.torch is not None
   m = tm = None
 

@@ -2,7 +2,11 @@
 # The GPU check of issue 6 (about 14 minutes on an H100/H200 in all; PARTS picks some):
 #   f32       float32 steps against PyTorch (cuDNN benchmark mode), batch 8, 1, 32
 #   bf16      bfloat16 steps against PyTorch (cuDNN's heuristic algorithms: its benchmark search
-#             for the 7x7 bf16 convolutions ran for over two minutes), batch 8
+#             for the 7x7 bf16 convolutions ran for over two minutes), batch 8; XLA autotunes, so
+#             these ratios flatter lwjax: the next two parts are the like-for-like ones
+#   bf16s     bf16 e2e and evaluation against PyTorch with cuDNN's search (benchmark mode;
+#             TORCH_BENCH_LIMIT: algorithms it times per shape, default PyTorch's; SEARCH_LIMIT s)
+#   bf16h     bf16 steps with both frameworks on cuDNN's heuristics (XLA's autotuning off)
 #   pipeline  the real training loop: steps/s and data wait, e2e and the convex stages, with the
 #             slices in host memory and with --data_on_device (+data), and with device-cached features
 #   b1        float32 steps at batch 1, lwjax only
@@ -39,6 +43,12 @@ for part in $PARTS; do
            --time_budget_s=200 ;;
     bf16) bench bench_bf16 170 --compute_dtype=bfloat16 --batch_sizes=8 --check=false \
             --torch_cudnn_benchmark=false --time_budget_s=120 ;;
+    bf16s) bench bench_bf16s "${SEARCH_LIMIT:-300}" --compute_dtype=bfloat16 --batch_sizes=8 \
+             --check=false --steps=e2e,eval --torch_cudnn_benchmark=true \
+             --torch_cudnn_benchmark_limit="${TORCH_BENCH_LIMIT:--1}" --time_budget_s=200 ;;
+    bf16h) XLA_FLAGS="--xla_gpu_autotune_level=0 ${XLA_FLAGS:-}" bench bench_bf16h 170 \
+             --compute_dtype=bfloat16 --batch_sizes=8 --check=false --torch_cudnn_benchmark=false \
+             --time_budget_s=120 ;;
     fusion) bench bench_fusion 150 --compute_dtype=bfloat16 --batch_sizes=8 --check=false \
               --torch=false --conv_fusion=true --time_budget_s=110 ;;
     b1) bench bench_b1 90 --compute_dtype=float32 --batch_sizes=1 --torch=false \

@@ -30,21 +30,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def setup(device: str, tf32_conv: bool, tf32_matmul: bool, cudnn_benchmark: bool = True) -> dict:
+def setup(device: str, tf32_conv: bool, tf32_matmul: bool, cudnn_benchmark: bool = True,
+          benchmark_limit: int = -1) -> dict:
   """Global PyTorch settings for a fair comparison; returns them for the report.
 
   cuDNN picks its fastest algorithm per shape (``benchmark``), as XLA autotunes at compile time
-  (``cudnn_benchmark=False``: its heuristic choice; cuDNN's bfloat16 7x7 search at 320x320 ran
-  for over two minutes on an H200).
+  (``cudnn_benchmark=False``: its heuristic choice, which can only be as fast or slower, so a
+  ratio against it flatters lwjax; cuDNN's bfloat16 7x7 search at 320x320 ran for over two
+  minutes on an H200). ``benchmark_limit`` >= 0 sets how many algorithms that search times
+  (``torch.backends.cudnn.benchmark_limit``, 0: all; -1 leaves PyTorch's default).
   ``tf32_*`` should match what JAX does with float32 convs and matmuls on the same device (JAX's
   default precision may use TF32 on Ampere and newer GPUs; the benchmark measures it).
   """
   torch.backends.cudnn.benchmark = cudnn_benchmark and device.startswith("cuda")
+  if benchmark_limit >= 0 and hasattr(torch.backends.cudnn, "benchmark_limit"):
+    torch.backends.cudnn.benchmark_limit = benchmark_limit
   torch.backends.cudnn.allow_tf32 = tf32_conv  # Both have no effect on a CPU.
   torch.backends.cuda.matmul.allow_tf32 = tf32_matmul
   return {"torch": torch.__version__,
           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+          "cudnn_benchmark_limit": getattr(torch.backends.cudnn, "benchmark_limit", None),
           "allow_tf32": {"cudnn": bool(torch.backends.cudnn.allow_tf32),
                          "matmul": bool(torch.backends.cuda.matmul.allow_tf32)},
           "threads": torch.get_num_threads()}
