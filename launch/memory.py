@@ -12,8 +12,10 @@ through --unroll_iters iterations and one stage (every stage trains one iteratio
 with --coils coils. Writes the bar chart
 memory_<method>.png per layer-wise method to --figure_dir and, with --json_out, the report
 as JSON. --measure runs the steps on an accelerator and prints the measured peak next to the
-prediction. See lwjax/memory.py for what is counted.
+prediction. See lwjax/memory.py for what is counted. With --workdir=W of a run (W/config.json),
+the run's settings are analysed, and the flags given replace them.
 """
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -40,6 +42,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from lwjax import figures, memory, train  # Imported after flag parsing: --help stays fast.
   cfg = config.from_flags()
+  run = Path(cfg.workdir) / "config.json"
+  if run.exists():  # A run's workdir: analyse that run, with the flags given replacing settings.
+    cfg = config.from_flags(base=config.load(run))
+    given = sorted(f.name for f in dataclasses.fields(cfg) if flags.FLAGS[f.name].present)
+    logging.info("the settings of %s, with %s from the flags", run, ", ".join(given) or "none")
   train.configure_xla(cfg.conv_fusion)
   try:
     config.validate(cfg, num_devices=1)

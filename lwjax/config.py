@@ -7,6 +7,7 @@ configuration as ``WORKDIR/config.json`` (``save``/``load``).
 import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
 # Plain tuples, so that importing this module (every launch script's --help) does not load JAX;
 # tests check them against ``train.STAGES``, ``masks.KINDS`` and ``coils.METHODS``.
@@ -34,7 +35,8 @@ class Config:
   mask_seed: int = 0  # seed of the (fixed) sampling mask
   maps: str = "espirit"  # coil-map estimation from the calibration region: espirit or lowres
   min_map_coverage: float = 0.01  # skip (and log) a slice whose coil maps are non-zero on less than this fraction of the grid (ESPIRiT's maps are empty on most noise-only edge slices of 15-coil data; with few coils or lowres maps noise is covered and kept); all-zero slices are skipped too; applied on loading, changing it prepares nothing again
-  host_data: str = "memory"  # where the prepared slices live on the host: memory, or disk (a memory-mapped scratch file in WORKDIR/cache, deleted as soon as it is mapped: host memory then does not grow with the dataset; batches are read from the page cache or the disk; 2D networks: a 3D run's volume patches are built in memory)
+  cache_dir: str = ""  # folder of the prepared-slice cache; empty: WORKDIR/cache. Entries are keyed by file (path, size, mtime, norm/max attrs), slice, mask bits and preparation settings, so runs on the same data can share one folder and skip ESPIRiT
+  host_data: str = "memory"  # where the prepared slices live on the host: memory, or disk (a memory-mapped scratch file in the slice cache's folder, deleted as soon as it is mapped: host memory then does not grow with the dataset; batches are read from the page cache or the disk; 2D networks: a 3D run's volume patches are built in memory)
   prep_workers: int = 0  # processes preparing slices that are not cached yet (ESPIRiT is the slow part); 0: one per CPU core
   max_train_volumes: int = 0  # use at most this many training files (subjects); 0: all
   max_val_volumes: int = 0  # use at most this many validation files (subjects); 0: all
@@ -198,9 +200,15 @@ def define_flags() -> None:
     define(f.name, f.default, helps)
 
 
-def from_flags() -> Config:
+def from_flags(base: Optional[Config] = None) -> Config:
+  """The parsed flags as a Config; with ``base``, its values where no flag was given (on the
+  command line or in a flagfile)."""
   from absl import flags
   values = flags.FLAGS
+  if base is not None:
+    return dataclasses.replace(base, **{f.name: getattr(values, f.name)
+                                        for f in dataclasses.fields(Config)
+                                        if values[f.name].present})
   return Config(**{f.name: getattr(values, f.name) for f in dataclasses.fields(Config)})
 
 

@@ -99,6 +99,12 @@ def acquired_acceleration(split: Split) -> Optional[tuple[float, float]]:
   return (min(accels), max(accels)) if accels else None
 
 
+def format_span(span: tuple[float, float]) -> str:
+  """A (min, max) of accelerations as text: "3.49", or "3.49-3.95" where they differ."""
+  lo, hi = span
+  return f"{lo:.2f}" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}"
+
+
 def samples_outside_acquired(split: Split) -> float:
   """The largest share over the split's files of the mask's samples that fall outside the
   columns the file acquired (0 where no header says)."""
@@ -454,7 +460,7 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
     accel = acquired_acceleration(out)
     log(f"{split}: up to {outside:.1%} of the mask's samples fall on k-space columns the files "
         "did not acquire (their headers' encodingLimits; zero-padded): its acceleration is "
-        f"{masks.acceleration(mask):.2f} over the grid, {accel[0]:.2f}-{accel[1]:.2f} over the "
+        f"{masks.acceleration(mask):.2f} over the grid, {format_span(accel)} over the "
         "acquired columns")
   return out
 

@@ -49,7 +49,7 @@ from lwjax.config import Config
 
 # Settings a run may be evaluated with other than its own: where the data is, how many of its
 # files (0: all), how much at once.
-OVERRIDABLE = ("data_dir", "max_val_volumes", "eval_batch_size")
+OVERRIDABLE = ("data_dir", "max_val_volumes", "eval_batch_size", "cache_dir")
 # Representative slices of examples.png: the median and the 10th percentile of the reference
 # network's PSNR, a typical and a hard slice (the very worst is often an all-noise edge slice).
 EXAMPLE_QUANTILES = (0.5, 0.1)
@@ -263,9 +263,8 @@ def _accelerations(accel: dict) -> str:
   """eval.json's "acceleration" in words."""
   text = f"{accel['grid']:.2f} on the grid"
   if accel["acquired"]:
-    lo, hi = accel["acquired"]
-    span = f"{lo:.2f}" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}"
-    text += f", {span} over the k-space columns the files acquired, per their encodingLimits"
+    text += (f", {data_lib.format_span(accel['acquired'])} over the k-space columns the files "
+             "acquired, per their encodingLimits")
   return text
 
 
@@ -365,8 +364,11 @@ def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bo
   if own:
     return workdir, own
   name = Path(cfg.data_dir).resolve().name if cfg.data_dir else "synthetic"
-  # The first n files of a folder are other data than all of it (or than its first m).
-  first = f"_first{cfg.max_val_volumes}" if cfg.max_val_volumes else ""
+  # The first n files of a folder are other data than all of it (or than its first m); a
+  # folder of n files or fewer is all of it (a run's --max_val_volumes=6 carries over).
+  n = cfg.max_val_volumes
+  cut = n and (not cfg.data_dir or len(data_lib.fastmri.list_volumes(cfg.data_dir, "val")) > n)
+  first = f"_first{n}" if cut else ""
   return workdir / f"eval_{name}{first}", own
 
 

@@ -18,6 +18,7 @@ from lwjax import metrics
 DPI = 100
 PANEL = 2.5  # inches per image panel in example_grid
 TILE = 1.25  # inches per tile in image_grid
+TITLE = 0.25  # inches above each row of an image_grid with titles
 _METRIC_LABELS = {k: metrics.label(k) for k in ("psnr", "ssim")}  # The paper's figure 2 panels.
 # The baselines of a summary or eval.json (the unrolled model adds CG-SENSE): key -> label.
 BASELINES = {"zero_filled": "zero-filled", "cg_sense": "CG-SENSE"}
@@ -199,12 +200,19 @@ def image_grid(images, path, *, ncols=8, cmap="gray", symmetric=False, titles=No
 
   Args:
     images: sequence of ``(H, W)`` arrays (or one ``(n, H, W)`` array).
-    path: PNG file to write, ``TILE * min(ncols, n)`` x ``TILE * ceil(n / ncols)`` inches.
+    path: PNG file to write, ``TILE * min(ncols, n)`` x ``(TILE + t) * ceil(n / ncols)`` inches,
+      ``t = TITLE`` with titles, else 0.
     ncols: tiles per row.
     cmap: matplotlib colour map.
     symmetric: centre each colour scale at 0, ``[-max|x|, max|x|]`` (for filters).
     titles: optional label per image.
   """
+  return _save(_grid_figure(images, ncols=ncols, cmap=cmap, symmetric=symmetric, titles=titles),
+               path)
+
+
+def _grid_figure(images, *, ncols, cmap, symmetric, titles) -> Figure:
+  """``image_grid``'s figure."""
   images = [np.asarray(im, dtype=float) for im in images]
   if not images or any(im.ndim != 2 for im in images):
     raise ValueError(f"expected a non-empty sequence of 2-D arrays, got shapes "
@@ -215,16 +223,21 @@ def image_grid(images, path, *, ncols=8, cmap="gray", symmetric=False, titles=No
     raise ValueError(f"ncols must be >= 1, got {ncols}")
   cols = min(ncols, len(images))
   rows = -(-len(images) // cols)
-  fig = Figure(figsize=(TILE * cols, TILE * rows), dpi=DPI)
-  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99 if titles is None else 0.93,
-                      wspace=0.05, hspace=0.05 if titles is None else 0.3)
+  if titles is None:
+    fig = Figure(figsize=(TILE * cols, TILE * rows), dpi=DPI)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99, wspace=0.05, hspace=0.05)
+  else:  # A band of TITLE inches above every row (a fraction of the tile clipped the titles).
+    height = (TILE + TITLE) * rows
+    fig = Figure(figsize=(TILE * cols, height), dpi=DPI)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - TITLE / height,
+                        wspace=0.05, hspace=TITLE / TILE)
   axes = fig.subplots(rows, cols, squeeze=False).flat
   for i, (ax, im) in enumerate(zip(axes, images)):
     # An all-zero image (a pruned filter) still needs a non-empty colour range.
     lim = (np.abs(im).max() or 1.0) if symmetric else None
     ax.imshow(im, cmap=cmap, vmin=None if lim is None else -lim, vmax=lim)
     if titles is not None:
-      ax.set_title(titles[i], fontsize="small")
+      ax.set_title(titles[i], fontsize="x-small", pad=3)
   for ax in fig.axes:
     ax.axis("off")
-  return _save(fig, path)
+  return fig

@@ -746,9 +746,9 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
 # A whole run: data, every method at every depth, summary.json.
 
 # Fields that may change when a run is resumed; any other change would mix two experiments.
-_RESUMABLE_FIELDS = {"log_every", "eval_batch_size", "workdir", "data_dir", "cache_features",
-                     "data_on_device", "compilation_cache", "conv_fusion", "host_data",
-                     "distributed", "prep_workers"}
+_RESUMABLE_FIELDS = {"log_every", "eval_batch_size", "workdir", "data_dir", "cache_dir",
+                     "cache_features", "data_on_device", "compilation_cache", "conv_fusion",
+                     "host_data", "distributed", "prep_workers"}
 
 
 def _check_resume(cfg: Config, workdir: Path) -> None:
@@ -821,7 +821,8 @@ def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Spli
   for split in splits[1:]:  # A missing or bad file fails now, not after preparing the others.
     data_lib.volume_infos(data_dir, split, limits[split] or None)
   dc = cfg.model == "unrolled"  # Data consistency needs the coil maps and the sampled k-space.
-  return tuple(data_lib.load_split(data_dir, split, prep, cache_dir=workdir / "cache",
+  cache_dir = Path(cfg.cache_dir).expanduser().absolute() if cfg.cache_dir else workdir / "cache"
+  return tuple(data_lib.load_split(data_dir, split, prep, cache_dir=cache_dir,
                                    max_volumes=limits[split] or None, with_maps=dc,
                                    with_kspace=dc, workers=cfg.prep_workers,
                                    storage=cfg.host_data, log=log)

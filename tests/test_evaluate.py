@@ -150,6 +150,10 @@ def test_evaluation_can_take_another_number_of_files(finished_run, tmp_path):
   # Each in its own folder: neither evaluation writes over the other.
   for folder, files in (("eval_brain_first1", 1), ("eval_brain", 2)):
     assert len(json.loads((workdir / folder / "eval.json").read_text())["volumes"]) == files
+  # A limit the folder does not reach (a run's --max_val_volumes=6 carrying over) cuts nothing.
+  cfg = evaluate.load_config(workdir, data_dir=str(other), max_val_volumes=6)
+  assert evaluate.output_dir(cfg, evaluate.validation_split(cfg)) == (workdir / "eval_brain",
+                                                                      False)
 
 
 def test_volume_metrics_group_slices_by_file():

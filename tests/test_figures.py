@@ -107,7 +107,23 @@ def test_image_grid(tmp_path, n, ncols, symmetric, titles):
   path = figures.image_grid(filters, tmp_path / "filters.png", ncols=ncols, cmap="RdBu_r",
                             symmetric=symmetric, titles=titles)
   cols = min(ncols, n)
-  _check_png(path, figures.TILE * cols, figures.TILE * -(-n // cols))
+  row = figures.TILE + (figures.TITLE if titles else 0)
+  _check_png(path, figures.TILE * cols, row * -(-n // cols))
+
+
+def test_image_grid_titles_lie_inside_the_figure():
+  # interpret.py's longest titles, on one row and on two: none may be clipped by the edges.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  titles = ["|input|", "|output|", "|filter| of (160, 140)", "layer 4: 100% active"]
+  for ncols in (4, 2):
+    fig = figures._grid_figure([np.ones((7, 7))] * 4, ncols=ncols, cmap="gray", symmetric=False,
+                               titles=titles)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    box = fig.bbox
+    for ax in fig.axes:
+      extent = ax.title.get_window_extent(renderer)
+      assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and extent.y1 <= box.y1, ax.title
+      assert extent.y0 >= ax.get_window_extent(renderer).y1  # above its own image
 
 
 def test_image_grid_rejects_malformed(tmp_path):

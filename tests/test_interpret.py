@@ -164,8 +164,8 @@ def workdir(tmp_path_factory):
 
 
 def _check_png(path, tiles_wide, tiles_high):
-  img = imread(path)
-  assert img.shape[:2] == (round(tiles_high * figures.TILE * figures.DPI),
+  img = imread(path)  # Every grid here has titles: a band of TITLE inches above each row.
+  assert img.shape[:2] == (round(tiles_high * (figures.TILE + figures.TITLE) * figures.DPI),
                            round(tiles_wide * figures.TILE * figures.DPI))
   assert img.min() >= 0 and img.max() <= 1 and img[..., :3].std() > 0.01
 

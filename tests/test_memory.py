@@ -152,3 +152,17 @@ def test_launch_script(tmp_path):
   assert "needs an accelerator" in done.stderr
   img = imread(tmp_path / "memory_layerwise.png")
   assert img.shape[:2] == (4 * figures.DPI, 10 * figures.DPI) and img[..., :3].std() > 0.01
+  # A run's workdir: its settings, with the flags given replacing them (here the batch size).
+  run = dataclasses.replace(CFG, workdir=str(tmp_path / "run"), depth=3, method="e2e")
+  (tmp_path / "run").mkdir()
+  config_lib.save(run, tmp_path / "run" / "config.json")
+  done = subprocess.run(
+      [sys.executable, str(ROOT / "launch" / "memory.py"), f"--workdir={run.workdir}",
+       "--batch_size=4", f"--budget_gb={BUDGET / 2**30}", f"--json_out={out}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  rep = json.loads(out.read_text())
+  assert (rep["e2e"]["depth"], rep["batch_size"]) == (3, 4)
+  assert [e["stage"] for e in rep["layerwise"]] == [1, 2]
+  assert rep["config"]["image_size"] == 32 and rep["config"]["features"] == 8
+  assert (tmp_path / "run" / "figures" / "memory_layerwise.png").is_file()

@@ -280,6 +280,26 @@ def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
     train.run(dataclasses.replace(tiny, data_dir=str(other)), mesh=train.make_mesh(1))
 
 
+def test_runs_share_a_slice_cache_folder(tmp_path):
+  # --cache_dir: a second run (another workdir) on the same data prepares nothing again.
+  data_dir = data_lib.make_synthetic_dataset(tmp_path / "data", train_subjects=1, val_subjects=1,
+                                             slices=2, coils=2, size=16, seed=0)
+  logs = {}
+  for run in ("a", "b"):
+    cfg = dataclasses.replace(CFG, image_size=16, calib=4, maps="lowres", data_dir=str(data_dir),
+                              workdir=str(tmp_path / run), cache_dir=str(tmp_path / "shared"),
+                              prep_workers=1)
+    logs[run] = []
+    train.load_data(cfg, log=logs[run].append)
+  done = lambda run: [m for m in logs[run] if "prepared 2/2" in m]
+  assert done("a") == ["train: prepared 2/2 slices (0 from cache)",
+                       "val: prepared 2/2 slices (0 from cache)"]
+  assert done("b") == ["train: prepared 2/2 slices (2 from cache)",
+                       "val: prepared 2/2 slices (2 from cache)"]
+  assert len(list((tmp_path / "shared").glob("*.npz"))) == 4
+  assert not (tmp_path / "a" / "cache").exists()
+
+
 def test_settings_refused_by_the_data_leave_the_workdir_free(tmp_path):
   # A command refused on its data (batch larger than the data, 3D patches deeper than the files)
   # writes no config.json, so the corrected command runs in the same workdir.
