@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6 (about 14 minutes on an H100/H200 in all; PARTS picks some):
+# The GPU check of issue 6 (PARTS picks some; the default ones take about 14 minutes on an H200):
 #   f32       float32 steps against PyTorch (cuDNN benchmark mode), batch 8, 1, 32
-#   bf16      bfloat16 steps against PyTorch (cuDNN's heuristic algorithms: its benchmark search
-#             for the 7x7 bf16 convolutions ran for over two minutes), batch 8; XLA autotunes, so
-#             these ratios flatter lwjax: the next two parts are the like-for-like ones
-#   bf16s     bf16 e2e and evaluation against PyTorch with cuDNN's search (benchmark mode;
-#             TORCH_BENCH_LIMIT: algorithms it times per shape, default PyTorch's; SEARCH_LIMIT s)
-#   bf16h     bf16 steps with both frameworks on cuDNN's heuristics (XLA's autotuning off)
+#   bf16      bfloat16 steps against PyTorch on cuDNN's heuristic algorithms, batch 8
+#   bf16s     bfloat16 steps against PyTorch with cuDNN's search (benchmark mode), batch 8;
+#             TORCH_BENCH_LIMIT: algorithms it times per shape, default 3 (PyTorch's own
+#             default, 10, did not finish the 7x7x256 bf16 search in over two minutes, three times)
 #   pipeline  the real training loop: steps/s and data wait, e2e and the convex stages, with the
 #             slices in host memory and with --data_on_device (+data), and with device-cached features
 #   b1        float32 steps at batch 1, lwjax only
@@ -16,10 +14,11 @@
 #             float32 and bfloat16 at batch 8: which layer a step's gap to PyTorch comes from
 # Run from the repository root; results land in $OUT (or ./gpu_out). SIZE overrides the
 # paper-scale size flags (CPU dry run: SIZE="--image_size=32 --features=8 --kernel_size=3"),
-# PIPE_LIMIT and LAYERS_LIMIT the pipeline and layers parts' seconds (default 300, 260).
+# PIPE_LIMIT, LAYERS_LIMIT, F32_LIMIT and SEARCH_LIMIT the parts' seconds (default 300, 260,
+# 300, 300), F32_BATCHES the f32 part's batch sizes (default 8,1,32).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-PARTS=${PARTS:-"f32 bf16 pipeline"}
+PARTS=${PARTS:-"f32 bf16s pipeline"}
 SIZE=${SIZE:-"--image_size=320 --features=256 --kernel_size=7"}
 STEPS=e2e,layerwise_s4,layerwise_convex_s4,layerwise_cached,eval
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -39,16 +38,13 @@ bench() {  # name, timeout, flags...: progress lines (stderr) show where a cut-s
 }
 for part in $PARTS; do
   case $part in
-    f32) bench bench_f32 300 --compute_dtype=float32 --batch_sizes=8,1,32 --check=false \
-           --time_budget_s=200 ;;
+    f32) bench bench_f32 "${F32_LIMIT:-300}" --compute_dtype=float32 \
+           --batch_sizes="${F32_BATCHES:-8,1,32}" --check=false --time_budget_s=200 ;;
     bf16) bench bench_bf16 170 --compute_dtype=bfloat16 --batch_sizes=8 --check=false \
             --torch_cudnn_benchmark=false --time_budget_s=120 ;;
     bf16s) bench bench_bf16s "${SEARCH_LIMIT:-300}" --compute_dtype=bfloat16 --batch_sizes=8 \
-             --check=false --steps=e2e,eval --torch_cudnn_benchmark=true \
-             --torch_cudnn_benchmark_limit="${TORCH_BENCH_LIMIT:--1}" --time_budget_s=200 ;;
-    bf16h) XLA_FLAGS="--xla_gpu_autotune_level=0 ${XLA_FLAGS:-}" bench bench_bf16h 170 \
-             --compute_dtype=bfloat16 --batch_sizes=8 --check=false --torch_cudnn_benchmark=false \
-             --time_budget_s=120 ;;
+             --check=false --torch_cudnn_benchmark=true \
+             --torch_cudnn_benchmark_limit="${TORCH_BENCH_LIMIT:-3}" --time_budget_s=200 ;;
     fusion) bench bench_fusion 150 --compute_dtype=bfloat16 --batch_sizes=8 --check=false \
               --torch=false --conv_fusion=true --time_budget_s=110 ;;
     b1) bench bench_b1 90 --compute_dtype=float32 --batch_sizes=1 --torch=false \

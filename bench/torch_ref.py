@@ -35,10 +35,10 @@ def setup(device: str, tf32_conv: bool, tf32_matmul: bool, cudnn_benchmark: bool
   """Global PyTorch settings for a fair comparison; returns them for the report.
 
   cuDNN picks its fastest algorithm per shape (``benchmark``), as XLA autotunes at compile time
-  (``cudnn_benchmark=False``: its heuristic choice, which can only be as fast or slower, so a
-  ratio against it flatters lwjax; cuDNN's bfloat16 7x7 search at 320x320 ran for over two
-  minutes on an H200). ``benchmark_limit`` >= 0 sets how many algorithms that search times
-  (``torch.backends.cudnn.benchmark_limit``, 0: all; -1 leaves PyTorch's default).
+  (``cudnn_benchmark=False``: its heuristic choice, which can only be as fast or slower; on an
+  H200 it matched a search of 3 algorithms within 1%). ``benchmark_limit`` >= 0 sets how many
+  algorithms that search times (``torch.backends.cudnn.benchmark_limit``, 0: all; -1 leaves
+  PyTorch's default, whose bfloat16 7x7 search at 320x320 ran for over two minutes there).
   ``tf32_*`` should match what JAX does with float32 convs and matmuls on the same device (JAX's
   default precision may use TF32 on Ampere and newer GPUs; the benchmark measures it).
   """
