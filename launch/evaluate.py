@@ -3,13 +3,13 @@ r"""Evaluate a finished training run: per-slice metrics, report and figures.
   python launch/evaluate.py --workdir=runs/poisson
   python launch/evaluate.py --workdir=runs/poisson --data_dir=/data/fastmri/knee
 
-Reads the run's WORKDIR/config.json (--data_dir, --max_val_volumes (0: all files) and
---eval_batch_size, when given, override it)
-and its saved networks, and writes WORKDIR/eval.json, WORKDIR/report.md and the figures in
-WORKDIR/figures/ (metrics against depth, example slices, training curves). Data other than the
-run's own validation data (--data_dir elsewhere, or another --max_val_volumes) goes to
-WORKDIR/eval_<data_dir name>[_first<n>]/ instead, so the run's own evaluation is kept; --out_dir
-chooses the folder.
+Reads the run's WORKDIR/config.json (--data_dir, --max_val_volumes (0: all files),
+--eval_batch_size and --cache_dir, when given, override it) and its saved networks, and writes
+WORKDIR/eval.json, WORKDIR/report.md and the figures in WORKDIR/figures/ (metrics against depth,
+example slices, training curves). Data other than the run's own validation data (--data_dir
+elsewhere, or another --max_val_volumes) goes to WORKDIR/eval_<data_dir name>[_first<n>]/
+instead (_first<n> when --max_val_volumes=n leaves files out), so the run's own evaluation is
+kept; --out_dir chooses the folder.
 """
 import sys
 from pathlib import Path

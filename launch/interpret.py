@@ -7,7 +7,9 @@ r"""Look inside a trained network: filters, active units, the effective filter a
 run's other settings come from WORKDIR/config.json. Draws, for validation slice --slice, each
 hidden layer's filters, the share of active ReLU units per layer, and the linear filter that
 produced pixel --pixel (the network is piecewise linear: the Jacobian row at the pixel), into
---out_dir (default WORKDIR/figures/interpret/<method>_d<depth>) with interpret.json.
+--out_dir (default WORKDIR/figures/interpret/<method>_d<depth>; for other data than the run's,
+--data_dir elsewhere, the same under WORKDIR/eval_<data_dir name>[_first<n>]/) with
+interpret.json.
 """
 import json
 import sys

@@ -13,7 +13,8 @@ with --coils coils. Writes the bar chart
 memory_<method>.png per layer-wise method to --figure_dir and, with --json_out, the report
 as JSON. --measure runs the steps on an accelerator and prints the measured peak next to the
 prediction. See lwjax/memory.py for what is counted. With --workdir=W of a run (W/config.json),
-the run's settings are analysed, and the flags given replace them.
+given on the command line or in a flagfile, the run's settings are analysed, and the flags given
+replace them.
 """
 import dataclasses
 import json
@@ -43,7 +44,9 @@ def main(argv):
   from lwjax import figures, memory, train  # Imported after flag parsing: --help stays fast.
   cfg = config.from_flags()
   run = Path(cfg.workdir) / "config.json"
-  if run.exists():  # A run's workdir: analyse that run, with the flags given replacing settings.
+  # A run's workdir, named (the default "workdir" may hold an unrelated run): analyse that run,
+  # with the flags given replacing its settings.
+  if flags.FLAGS["workdir"].present and run.exists():
     cfg = config.from_flags(base=config.load(run))
     given = sorted(f.name for f in dataclasses.fields(cfg) if flags.FLAGS[f.name].present)
     logging.info("the settings of %s, with %s from the flags", run, ", ".join(given) or "none")

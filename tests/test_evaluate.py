@@ -110,6 +110,11 @@ def test_other_data_is_evaluated_beside_the_run_not_over_it(finished_run, tmp_pa
     assert evaluate.output_dir(cfg, evaluate.validation_split(cfg)) == (workdir, True)
     cfg = evaluate.load_config(workdir, data_dir=str(moved))
     assert evaluate.output_dir(cfg, None) == (workdir / "eval_moved", False)
+    # Another file limit than the run's, on its synthetic files: _first<n> only if n cuts them.
+    files = len(data_lib.fastmri.list_volumes(workdir / "data", "val"))
+    for n in (files, files + 5):
+      cfg = evaluate.load_config(workdir, max_val_volumes=n)
+      assert evaluate.output_dir(cfg, None) == (workdir / "eval_synthetic", False)
   finally:
     (tmp_path / "data.json").rename(workdir / "data.json")
   # Other data (another seed): its own folder; the run's evaluation stays as it was.

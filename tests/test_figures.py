@@ -118,7 +118,9 @@ def test_image_grid_titles_lie_inside_the_figure():
   for ncols in (4, 2):
     fig = figures._grid_figure([np.ones((7, 7))] * 4, ncols=ncols, cmap="gray", symmetric=False,
                                titles=titles)
-    renderer = FigureCanvasAgg(fig).get_renderer()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # Lays out as saving does (the image axes take their aspect when drawn).
+    renderer = canvas.get_renderer()
     box = fig.bbox
     for ax in fig.axes:
       extent = ax.title.get_window_extent(renderer)

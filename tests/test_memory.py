@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from matplotlib.image import imread
@@ -78,19 +79,23 @@ def test_layerwise_stages_need_less_than_e2e(analysed):
   assert f"{analysed['layerwise']['max_batch'] / e2e['max_batch'] - 1:+.0%}" in table
 
 
-@pytest.mark.parametrize("cache", ["host", "disk"])
-def test_a_cached_stage_takes_its_features_with_the_batch(cache):
-  # The trainer's cached step runs no prefix: its arguments hold h (batch x pixels x features,
-  # float32) in place of the frozen layers.
+@pytest.mark.parametrize("cache,dtype,h_dtype", [
+    ("host", "float32", np.float32), ("disk", "float32", np.float32),
+    ("device", "bfloat16", jnp.bfloat16), ("host", "bfloat16", jnp.bfloat16),
+    ("disk", "bfloat16", np.float32)])  # A disk cache holds float32 whatever the compute dtype.
+def test_a_cached_stage_takes_its_features_with_the_batch(cache, dtype, h_dtype):
+  # The trainer's cached step runs no prefix: its arguments hold h (batch x pixels x features)
+  # in place of the frozen layers.
+  cfg = dataclasses.replace(CFG, compute_dtype=dtype)
   network = memory.Network("layerwise", 3)
-  plain = memory.abstract_step(CFG, network, 2)
-  cached = memory.abstract_step(dataclasses.replace(CFG, cache_features=cache), network, 2)
+  plain = memory.abstract_step(cfg, network, 2)
+  cached = memory.abstract_step(dataclasses.replace(cfg, cache_features=cache), network, 2)
   assert set(plain[3]) == {"convs_0"} and cached[3] == {}
-  assert cached[4]["h"].shape == (2, 32, 32, 8) and cached[4]["h"].dtype == np.float32
+  assert cached[4]["h"].shape == (2, 32, 32, 8) and cached[4]["h"].dtype == h_dtype
   frozen = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(plain[3]))
-  args = [memory.step_memory(dataclasses.replace(CFG, cache_features=c), network, 2)["argument"]
+  args = [memory.step_memory(dataclasses.replace(cfg, cache_features=c), network, 2)["argument"]
           for c in ("none", cache)]
-  assert args[1] - args[0] == 2 * 32 * 32 * 8 * 4 - frozen
+  assert args[1] - args[0] == 2 * 32 * 32 * 8 * np.dtype(h_dtype).itemsize - frozen
 
 
 @pytest.mark.parametrize("true", [0, 1, 2, 7, 13, 40])
@@ -135,14 +140,19 @@ def test_unrolled_steps_and_report(monkeypatch):
 def test_launch_script(tmp_path):
   out = tmp_path / "mem.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # A run in the default workdir of the folder it starts in is not analysed unless named.
+  other = dataclasses.replace(CFG, workdir=str(tmp_path / "workdir"), compute_dtype="bfloat16")
+  (tmp_path / "workdir").mkdir()
+  config_lib.save(other, tmp_path / "workdir" / "config.json")
   done = subprocess.run(
       [sys.executable, str(ROOT / "launch" / "memory.py"), "--image_size=32", "--depth=2",
        "--features=8", "--kernel_size=3", "--batch_size=2", "--method=layerwise,e2e",
        f"--budget_gb={BUDGET / 2**30}", f"--json_out={out}", f"--figure_dir={tmp_path}",
-       "--measure"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+       "--measure"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   rep = json.loads(out.read_text())
   assert rep["budget_bytes"] == BUDGET and "layerwise_convex" not in rep
+  assert rep["config"]["compute_dtype"] == CFG.compute_dtype == "float32"
   assert {"max_batch", "bytes_per_example"} <= set(rep["e2e"])
   assert [e["stage"] for e in rep["layerwise"]] == [1]
   # At depth 2 the e2e net is the two-layer net a stage trains: the same memory.

@@ -114,9 +114,11 @@ def test_slice_metrics(shape):
   mag = lambda x: np.abs(x[..., 0].astype(np.float64) + 1j * x[..., 1]).reshape(-1, *shape[-2:])
   ref = _reference(mag(pred), mag(target))
   n = int(np.prod(shape[:-2]))
-  # per_slice runs a few slices at a time (the last chunk padded): the same values.
+  # per_slice runs a few slices at a time, the last chunk padded (chunk_slices=6 of the 3D
+  # input: 2 volumes of 3 slices, the second chunk one volume and a copy): the same values.
   for got in (metrics.slice_metrics(pred, target), metrics.per_slice(pred, target),
-              metrics.per_slice(pred, target, chunk_slices=4)):
+              metrics.per_slice(pred, target, chunk_slices=4),
+              metrics.per_slice(pred, target, chunk_slices=6)):
     for key, tol in (("psnr", PSNR_TOL), ("ssim", SSIM_TOL), ("nmse", 1e-6)):
       assert got[key].shape == (n,)
       np.testing.assert_allclose(got[key], ref[key], atol=tol)
