@@ -366,11 +366,8 @@ def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bo
   name = Path(cfg.data_dir).resolve().name if cfg.data_dir else "synthetic"
   # The first n files of a folder are other data than all of it (or than its first m); a
   # folder of n files or fewer is all of it (a run's --max_val_volumes=6 carries over).
-  n, folder = cfg.max_val_volumes, cfg.data_dir or workdir / "data"  # (synthetic: the run's)
-  try:
-    cut = n and len(data_lib.fastmri.list_volumes(folder, "val")) > n
-  except data_lib.fastmri.DataError:  # Synthetic data not generated (yet): say what was asked.
-    cut = bool(n)
+  n = cfg.max_val_volumes
+  cut = n and len(data_lib.fastmri.list_volumes(train.data_folder(cfg), "val")) > n
   first = f"_first{n}" if cut else ""
   return workdir / f"eval_{name}{first}", own
 

@@ -798,6 +798,11 @@ def _check_same_data(workdir: Path, splits: dict[str, data_lib.Split]) -> None:
                        "use another --workdir, or the data it was trained on")
 
 
+def data_folder(cfg: Config) -> Path:
+  """The run's data: ``cfg.data_dir``, or without it the synthetic dataset in WORKDIR/data."""
+  return Path(cfg.data_dir) if cfg.data_dir else Path(cfg.workdir).absolute() / "data"
+
+
 def prep_config(cfg: Config) -> data_lib.PrepConfig:
   """The data-preparation settings of ``cfg`` (``PrepConfig``'s fields are ``Config`` fields)."""
   return data_lib.PrepConfig(**{f.name: getattr(cfg, f.name)
@@ -814,7 +819,7 @@ def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Spli
   data_dir = cfg.data_dir
   if not data_dir:
     data_dir = data_lib.make_synthetic_dataset(
-        workdir / "data", train_subjects=cfg.synth_train_subjects,
+        data_folder(cfg), train_subjects=cfg.synth_train_subjects,
         val_subjects=cfg.synth_val_subjects, slices=cfg.synth_slices, coils=cfg.synth_coils,
         size=cfg.image_size, seed=cfg.synth_seed, noise_std=cfg.synth_noise)
   limits = {"train": cfg.max_train_volumes, "val": cfg.max_val_volumes}
