@@ -10,8 +10,8 @@ import numpy as np
 from lwjax.fft import center_slices
 
 KINDS = ("poisson", "cartesian", "equispaced")
-DENSITY_SLOPE = 1.0  # Poisson-disc radius growth: r = scale * (1 + DENSITY_SLOPE * rho)
-MAX_RADIUS = 8  # pixels: the sampler's memory grows as radius^2 (~0.5 GB on 320 x 320)
+ATTEMPTS = 30  # Bridson's candidates per active sample before it retires (sigpy's max_attempts)
+SEED_SPACING = 32  # pixels between the initial samples the fronts grow from
 
 
 def acceleration(mask) -> float:
@@ -25,63 +25,165 @@ def _check_accel(accel):
     raise ValueError(f"accel: expected an acceleration > 1, found {accel}")
 
 
-def _conflict_pairs(radius, candidates):
-  """Pairs (i, j) of candidate pixels (flat indices, both orders) closer than their mean radius."""
-  h, w = radius.shape
-  r = int(math.ceil(radius[candidates].max()))
-  iy, ix = (a.astype(np.int32) for a in np.nonzero(candidates))
-  flat = iy * w + ix
-  pairs = []
-  for dy in range(0, r + 1):
-    for dx in range(-r, r + 1):
-      if (dy, dx) <= (0, 0) or dy * dy + dx * dx >= r * r:
-        continue
-      jy, jx = iy + dy, ix + dx
-      ok = (jy < h) & (jx >= 0) & (jx < w)
-      i, j = flat[ok], jy[ok] * w + jx[ok]
-      ok = candidates.flat[j]
-      i, j = i[ok], j[ok]
-      near = 2 * math.sqrt(dy * dy + dx * dx) < radius.flat[i] + radius.flat[j]
-      pairs.append(np.stack([i[near], j[near]]))
-  pairs = np.concatenate(pairs, axis=1) if pairs else np.zeros((2, 0), np.int32)
-  return np.concatenate([pairs, pairs[::-1]], axis=1)
+def calib_distance(shape, calib) -> np.ndarray:
+  """``|k|``, (H, W): distance from the ``calib`` block (``center_slices``), 0 inside it.
 
-
-def _greedy_disc(radius, candidates, priority):
-  """Poisson-disc sample: greedy over candidate pixels in ``priority`` order (highest first).
-
-  A pixel is kept unless a kept pixel of higher priority lies closer than the mean of their radii.
-  Computed in parallel rounds (Luby): a live pixel that beats all its live conflicting neighbours
-  is kept and its neighbours die. This gives exactly the sequential greedy result, vectorised.
+  Per axis, the pixel distance to the block's nearest row / column divided by its largest value
+  on the grid (1 at the grid's farthest edge); ``|k|`` is the hypot of the two.
   """
-  i, j = _conflict_pairs(radius, candidates)
-  live = candidates.ravel().copy()
-  kept = np.zeros_like(live)
-  prio = priority.ravel()
-  while live.any():
-    both = live[i] & live[j]
-    i, j = i[both], j[both]
-    beaten = np.zeros_like(live)
-    beaten[i[prio[j] > prio[i]]] = True
-    winners = live & ~beaten
-    kept |= winners
-    live &= ~winners
-    live[j[winners[i]]] = False
-  return kept.reshape(radius.shape)
+  axes = []
+  for n, c in zip(shape, calib):
+    lo = n // 2 - c // 2
+    d = np.maximum(np.maximum(lo - np.arange(n), np.arange(n) - (lo + c - 1)), 0)
+    axes.append(d / max(d.max(), 1))
+  return np.hypot(axes[0][:, None], axes[1][None, :])
 
 
-def poisson_disc(shape, accel, *, calib=(16, 16), seed=0, tol=0.05, crop_corner=True) -> np.ndarray:
-  """Variable-density 2D Poisson-disc mask with a fully sampled centre, (H, W) bool.
+def _radii(k, slope, shape):
+  """Exclusion radii (ry, rx) in pixels, each shaped as ``k``: ``1 + slope * |k|`` scaled by
+  ``n / max(H, W)`` per axis of the (H, W) ``shape`` (isotropic in normalised k-space, as sigpy),
+  at least 1."""
+  h, w = shape
+  r = 1 + slope * k
+  return np.maximum(r * h / max(h, w), 1), np.maximum(r * w / max(h, w), 1)
 
-  Grid points are visited in a random order (from ``seed``) and kept unless a kept point lies
-  closer than their mean radius ``r = scale * (1 + DENSITY_SLOPE * rho)`` pixels, ``rho`` the
-  normalised distance from the k-space centre (1 at the edge midpoints). Where ``r <= 1`` every
-  point is kept, so the density falls from fully sampled at the centre to about ``1 / r^2``
-  outside. ``scale`` is bisected until the acceleration ``H * W / samples`` is within ``tol``
-  (relative) of ``accel``; the visiting order is the same at every step, so the mask is a
-  deterministic function of the arguments. The ``calib`` block is always sampled. As SigPy's
-  ``mri.poisson`` (used for the paper's masks), ``crop_corner`` leaves k-space outside the
-  inscribed ellipse (``rho >= 1``) unsampled.
+
+class _Grid:
+  """A (H, W) grid padded by ``pad`` on each side, flattened: neighbours are constant offsets."""
+
+  def __init__(self, shape, pad):
+    self.shape, self.pad = shape, pad
+    self.width = shape[1] + 2 * pad
+    self.size = (shape[0] + 2 * pad) * self.width
+
+  def flat(self, iy, ix):
+    return (iy + self.pad) * self.width + ix + self.pad
+
+  def padded(self, a, fill):
+    return np.pad(a, self.pad, constant_values=fill).ravel()
+
+
+def _conflicts(grid, taken, ry, rx, qy, qx, reach):
+  """(n,) bool: points (qy, qx) lying inside the exclusion ellipse of a ``taken`` pixel.
+
+  ``taken``, ``ry``, ``rx``: padded flat grids; ``reach`` = ceil of the largest radius.
+  """
+  cy, cx = np.floor(qy).astype(np.int64), np.floor(qx).astype(np.int64)
+  base = grid.flat(cy, cx)
+  uy, ux = qy - cy, qx - cx
+  hit = np.zeros(qy.shape, bool)
+  todo = np.arange(qy.size)
+  # Nearest pixels first, dropping each point at its first hit: most points are decided early.
+  offsets = sorted(((dy, dx) for dy in range(1 - reach, reach + 1)
+                    for dx in range(1 - reach, reach + 1)),
+                   key=lambda d: (d[0] - 0.5)**2 + (d[1] - 0.5)**2)
+  for dy, dx in offsets:
+    p = base[todo] + dy * grid.width + dx
+    near = taken[p]
+    i, p = todo[near], p[near]
+    inside = np.square((uy[i] - dy) / ry[p]) + np.square((ux[i] - dx) / rx[p]) < 1
+    hit[i[inside]] = True
+    todo = todo[~hit[todo]]
+  return hit
+
+
+def _first_free(grid, taken, ry, rx, ay, ax, reach, rng, first_try=4):
+  """Each active sample's first free candidate among ``ATTEMPTS``: (n,) found, its (qy, qx).
+
+  Candidates are uniform over the annulus of 1 to 2 radii around (ay, ax); ``first_try`` of them
+  are drawn first, the rest only for the samples that found none (most that will find one do).
+  """
+  h, w = grid.shape
+  found = np.zeros(ay.size, bool)
+  qy, qx = np.zeros(ay.size), np.zeros(ay.size)
+  rows = np.arange(ay.size)
+  for tries in (first_try, ATTEMPTS - first_try):
+    cell = grid.flat(ay[rows], ax[rows])
+    v = np.sqrt(1 + 3 * rng.random((rows.size, tries)))
+    t = 2 * np.pi * rng.random((rows.size, tries))
+    cy = ay[rows, None] + v * ry[cell][:, None] * np.sin(t)
+    cx = ax[rows, None] + v * rx[cell][:, None] * np.cos(t)
+    ok = (cy >= 0) & (cy < h) & (cx >= 0) & (cx < w)
+    ok[ok] = ~_conflicts(grid, taken, ry, rx, cy[ok], cx[ok], reach)
+    hit = ok.any(axis=1)
+    first = ok.argmax(axis=1)[hit]
+    found[rows[hit]] = True
+    qy[rows[hit]], qx[rows[hit]] = cy[hit, first], cx[hit, first]
+    rows = rows[~hit]
+  return found, qy[found], qx[found]
+
+
+def _bridson(k, slope, rng):
+  """Bridson's Poisson-disc sampling with radii ``_radii(k, slope)``, (H, W) bool.
+
+  As sigpy's: an active sample draws up to ``ATTEMPTS`` candidates uniformly over the annulus of
+  1 to 2 radii around it and keeps the first whose pixel (its position rounded down onto the
+  grid) lies outside every sample's exclusion ellipse; a sample that finds none retires. Here
+  every active sample draws in the same round, the fronts start from a jittered lattice of seeds,
+  and candidates of one round that exclude one another keep the one of highest random priority
+  (the others retry next round).
+  """
+  h, w = k.shape
+  ry, rx = _radii(k, slope, k.shape)
+  reach = int(math.ceil(max(ry.max(), rx.max())))
+  grid = _Grid((h, w), reach + 1)
+  ryp, rxp = grid.padded(ry, 1.0), grid.padded(rx, 1.0)
+  taken = np.zeros(grid.size, bool)
+  owner = np.full(grid.size, -1, np.int64)
+
+  def accept(qy, qx):
+    """Keeps the candidates (n,) that exclude no candidate of higher priority; returns (n,) bool."""
+    order = rng.permutation(qy.size)
+    cells = grid.flat(np.floor(qy).astype(np.int64), np.floor(qx).astype(np.int64))
+    owner[cells[order]] = order  # One candidate per pixel: the last written, a random one.
+    keep = owner[cells] == np.arange(qy.size)
+    rank = np.empty(qy.size, np.int64)
+    rank[order] = np.arange(qy.size)
+    cy, cx = np.floor(qy).astype(np.int64), np.floor(qx).astype(np.int64)
+    uy, ux = qy - cy, qx - cx
+    for dy in range(-reach, reach + 1):
+      for dx in range(-reach, reach + 1):
+        if dy == dx == 0:
+          continue
+        p = cells + dy * grid.width + dx
+        j = owner[p]
+        other = (j >= 0) & keep
+        jj = np.where(other, j, 0)
+        # Either candidate inside the other's pixel's ellipse: the earlier one in ``order`` yields.
+        inside = ((np.square((uy - dy) / ryp[p]) + np.square((ux - dx) / rxp[p]) < 1)
+                  | (np.square((uy[jj] + dy) / ryp[cells]) + np.square((ux[jj] + dx) / rxp[cells])
+                     < 1))
+        keep &= ~(other & inside & keep[jj] & (rank[jj] > rank))
+    owner[cells] = -1
+    taken[cells[keep]] = True
+    return keep
+
+  # Seeds: one per SEED_SPACING square, at a random position in it.
+  sy, sx = np.meshgrid(np.arange(0, h, SEED_SPACING), np.arange(0, w, SEED_SPACING), indexing="ij")
+  qy = np.minimum(sy.ravel() + rng.random(sy.size) * SEED_SPACING, h - 1e-6)
+  qx = np.minimum(sx.ravel() + rng.random(sx.size) * SEED_SPACING, w - 1e-6)
+  keep = accept(qy, qx)
+  ay, ax = np.floor(qy[keep]).astype(np.int64), np.floor(qx[keep]).astype(np.int64)
+  while ay.size:
+    found, qy, qx = _first_free(grid, taken, ryp, rxp, ay, ax, reach, rng)
+    keep = accept(qy, qx)
+    new_y, new_x = np.floor(qy[keep]).astype(np.int64), np.floor(qx[keep]).astype(np.int64)
+    ay, ax = np.concatenate([ay[found], new_y]), np.concatenate([ax[found], new_x])
+  return taken.reshape(h + 2 * grid.pad, -1)[grid.pad:-grid.pad, grid.pad:-grid.pad]
+
+
+def poisson_disc(shape, accel, *, calib=(16, 16), seed=0, tol=0.01, crop_corner=True) -> np.ndarray:
+  """Variable-density 2D Poisson-disc mask with a fully sampled centre, (H, W) bool, as
+  ``sigpy.mri.poisson`` draws it.
+
+  Samples are drawn by ``_bridson`` with an exclusion radius of ``1 + s * |k|`` pixels around
+  each, ``|k|`` the normalised distance from the ``calib`` block (``calib_distance``), so the
+  density falls as about ``1 / (1 + s * |k|)^2`` from the block's edge. The ``calib`` block is then
+  fully sampled and, with ``crop_corner``, the corners ``|k| >= 1`` are left unsampled. The slope
+  ``s`` is searched (bracketed, each try proposed by a packing model refitted to the tries) until
+  ``H * W / samples`` is within ``tol`` (relative; at least 1.5 samples) of ``accel``; each try
+  restarts the random stream from ``seed``, so the mask is a deterministic function of the
+  arguments.
   """
   _check_accel(accel)
   h, w = shape
@@ -91,42 +193,45 @@ def poisson_disc(shape, accel, *, calib=(16, 16), seed=0, tol=0.05, crop_corner=
   if math.prod(calib) * accel >= h * w:
     raise ValueError(f"accel: {accel} is out of reach, the {calib} calibration region alone "
                      f"samples more than 1/{accel} of the {shape} grid")
-  ky, kx = np.meshgrid((np.arange(h) - h // 2) / (h / 2), (np.arange(w) - w // 2) / (w / 2),
-                       indexing="ij")
-  rho = np.hypot(ky, kx)
-  candidates = rho < 1 if crop_corner else np.ones(shape, bool)
+  k = calib_distance(shape, calib)
+  support = k < 1 if crop_corner else np.ones(shape, bool)
   calib_mask = np.zeros(shape, bool)
   calib_mask[center_slices(shape, calib)] = True
-  densest = acceleration(candidates | calib_mask)
-  if accel < densest * (1 - tol):
-    raise ValueError(f"accel: {accel} is out of reach, a {'corner-cropped ' * crop_corner}mask "
-                     f"sampling every pixel has acceleration {densest:.3f}")
-  priority = np.random.default_rng(seed).permutation(h * w).reshape(shape)
 
-  def sample(scale):
-    return _greedy_disc(scale * (1 + DENSITY_SLOPE * rho), candidates & ~calib_mask,
-                        priority) | calib_mask
+  def sample(slope):
+    return (_bridson(k, slope, np.random.default_rng(seed)) & support) | calib_mask
 
-  # Bracket the scale by doubling from 1, then bisect: a needlessly large scale means large radii,
-  # hence many conflict pairs.
-  scale_max = MAX_RADIUS / (1 + DENSITY_SLOPE * rho[candidates].max())
-  scale, lo, hi, best = 1.0, 0.0, None, None
-  for _ in range(64):
-    mask = sample(scale)
-    error = acceleration(mask) / accel - 1
+  # A model of the sample count, ``c / (ry * rx)`` per pixel (a disc packing), proposes each slope;
+  # ``c`` is refitted to every sample drawn, and the tries keep a bracket on the slope.
+  free = support & ~calib_mask
+  ky = k[free]
+  model = lambda slope, c: calib_mask.sum() + np.minimum(c / np.prod(_radii(ky, slope, shape), 0),
+                                                          1).sum()
+  target = h * w / accel
+  tol = max(tol, 1.5 / target)  # A tiny grid's counts step by more than tol: 1.5 samples will do.
+  lo, hi, c, best = 0.0, float(max(shape)), 0.7, None
+  if model(0.0, c) < target and acceleration(densest := sample(0.0)) > accel * (1 + tol):
+    raise ValueError(f"accel: {accel} is out of reach, the densest Poisson disc on a {shape} grid "
+                     f"has acceleration {acceleration(densest):.3f}")
+  for _ in range(32):
+    a, b = lo, hi
+    for _ in range(48):  # Bisect the model within the bracket.
+      mid = (a + b) / 2
+      a, b = (mid, b) if model(mid, c) > target else (a, mid)
+    slope = (a + b) / 2 if lo < a and b < hi else (lo + hi) / 2
+    mask = sample(slope)
+    count = mask.sum()
+    error = math.log(h * w / count / accel)
     if best is None or abs(error) < abs(best[0]):
       best = (error, mask)
-    if abs(error) <= tol / 2:
+    if abs(error) <= math.log1p(tol):
+      return mask
+    lo, hi = (slope, hi) if error < 0 else (lo, slope)
+    c *= max(count - calib_mask.sum(), 1) / (model(slope, c) - calib_mask.sum())
+    if hi - lo < 1e-6 * max(shape):
       break
-    if error < 0 and scale >= scale_max:
-      raise ValueError(f"accel: {accel} on a {shape} grid needs Poisson-disc radii above "
-                       f"MAX_RADIUS={MAX_RADIUS} pixels")
-    lo, hi = (scale, hi) if error < 0 else (lo, scale)
-    scale = min(2 * scale, scale_max) if hi is None else (lo + hi) / 2
-  if abs(best[0]) > tol:
-    raise ValueError(f"accel: {accel} not reached within tol={tol} on a {shape} grid "
-                     f"(best {acceleration(best[1]):.3f})")
-  return best[1]
+  raise ValueError(f"accel: {accel} not reached within tol={tol} on a {shape} grid "
+                   f"(best {acceleration(best[1]):.3f})")
 
 
 def cartesian(shape, accel, *, center_fraction=0.04, seed=0, equispaced=False) -> np.ndarray:
@@ -161,13 +266,15 @@ def cartesian(shape, accel, *, center_fraction=0.04, seed=0, equispaced=False) -
 
 
 def _lattice(center, total, offset):
-  """Columns ``round((offset + k) * s)``, the spacing ``s`` bisected so ``center | lattice`` has
-  ``total`` columns (or the nearest count reached)."""
+  """Columns ``round((offset + k) * s)`` inside ``[0, W)``, the spacing ``s`` bisected so
+  ``center | lattice`` has ``total`` columns (or the nearest count reached). Columns past the edge
+  are dropped, not wrapped round: a wrapped one could land next to another."""
   w = center.size
 
   def columns(s):
     picked = np.zeros(w, bool)
-    picked[np.round((offset + np.arange(math.ceil(w / s))) * s).astype(int) % w] = True
+    at = np.round((offset + np.arange(math.ceil(w / s) + 1)) * s).astype(int)
+    picked[at[at < w]] = True
     return picked
 
   lo, hi = 1.0, float(w)

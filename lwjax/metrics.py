@@ -11,6 +11,10 @@ The metric functions are pure and jitted (inside a caller's jit they are simply 
 over any leading axes, and computed in the inputs' floating dtype (float32 unless x64 is enabled).
 ``NAMES`` lists what ``slice_metrics`` and ``volume_metrics`` return: reports, tables and printed
 lines are built from it, so a new metric is one function, one entry there and one key in each.
+
+Every metric function takes its images as keyword-only arguments, ``pred=`` and ``target=``:
+scikit-image and fastMRI take (target, prediction), the reverse order, and PSNR, SSIM and NMSE all
+change (silently) when the two are swapped, so a positional call is an error.
 """
 import functools
 
@@ -60,7 +64,7 @@ def _data_range(target, data_range):
 
 
 @jax.jit
-def psnr(pred, target, data_range=None):
+def psnr(*, pred, target, data_range=None):
   """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)``: ``(..., H, W) -> (...)``.
 
   ``data_range`` (scalar or ``(...)``) defaults to each target image's maximum.
@@ -71,7 +75,7 @@ def psnr(pred, target, data_range=None):
 
 
 @jax.jit
-def nmse(pred, target):
+def nmse(*, pred, target):
   """Normalised squared error ``||pred - target||^2 / ||target||^2``: ``(..., H, W) -> (...)``."""
   pred, target = _as_float_pair(pred, target)
   return (jnp.sum(jnp.square(pred - target), axis=(-2, -1))
@@ -88,7 +92,7 @@ def _box_mean(x, size):
 
 
 @functools.partial(jax.jit, static_argnames=("win_size", "k1", "k2"))
-def ssim(pred, target, data_range=None, *, win_size=7, k1=0.01, k2=0.03):
+def ssim(*, pred, target, data_range=None, win_size=7, k1=0.01, k2=0.03):
   """Mean structural similarity, as scikit-image's defaults: ``(..., H, W) -> (...)``.
 
   Uniform ``win_size`` window, sample covariance, averaged over the windows that lie inside the image
@@ -117,7 +121,7 @@ def ssim(pred, target, data_range=None, *, win_size=7, k1=0.01, k2=0.03):
 
 
 @jax.jit
-def slice_metrics(pred, target):
+def slice_metrics(*, pred, target):
   """PSNR (dB), SSIM and NMSE of every 2D slice of complex 2-channel images.
 
   Args:
@@ -131,11 +135,12 @@ def slice_metrics(pred, target):
     raise ValueError(f"expected (N, H, W, 2) or (N, D, H, W, 2) images of one shape, got "
                      f"{pred.shape} and {target.shape}")
   pred, target = (magnitude(a).reshape(-1, *a.shape[-3:-1]) for a in (pred, target))
-  return {"psnr": psnr(pred, target), "ssim": ssim(pred, target), "nmse": nmse(pred, target)}
+  return {"psnr": psnr(pred=pred, target=target), "ssim": ssim(pred=pred, target=target),
+          "nmse": nmse(pred=pred, target=target)}
 
 
 @jax.jit
-def volume_metrics(pred, target):
+def volume_metrics(*, pred, target):
   """fastMRI's volume-wise metrics of one volume of magnitude slices ``(S, H, W)``, as its
   ``evaluate.py`` computes them: data range the volume's maximum; PSNR and NMSE over the whole
   volume; SSIM the mean over the slices. Returns ``{"psnr", "ssim", "nmse"}`` scalars."""
@@ -144,14 +149,15 @@ def volume_metrics(pred, target):
     raise ValueError(f"expected one volume (S, H, W), got shape {target.shape}")
   # A volume as one (S * H, W) image: the mean over its pixels is the volume's mean.
   flat = lambda a: a.reshape(-1, a.shape[-1])
-  return {"psnr": psnr(flat(pred), flat(target)), "ssim": ssim(pred, target, target.max()).mean(),
-          "nmse": nmse(flat(pred), flat(target))}
+  return {"psnr": psnr(pred=flat(pred), target=flat(target)),
+          "ssim": ssim(pred=pred, target=target, data_range=target.max()).mean(),
+          "nmse": nmse(pred=flat(pred), target=flat(target))}
 
 
 # ----------------------------------------------------------------------------------------------
 # On host arrays, as the trainer and the evaluation report them.
 
-def per_slice(pred, target, *, chunk_slices=64) -> dict[str, np.ndarray]:
+def per_slice(*, pred, target, chunk_slices=64) -> dict[str, np.ndarray]:
   """``slice_metrics`` of host arrays: ``{name: (S,) float64}``, S slices (N, or N * D).
 
   Runs on ``chunk_slices`` 2D slices at a time (the last chunk padded with copies of its last
@@ -167,14 +173,14 @@ def per_slice(pred, target, *, chunk_slices=64) -> dict[str, np.ndarray]:
   out = {k: [] for k in NAMES}
   for start in range(0, n, rows):
     take = np.minimum(np.arange(start, start + rows), n - 1)
-    values = slice_metrics(jnp.asarray(pred[take]), jnp.asarray(target[take]))
+    values = slice_metrics(pred=jnp.asarray(pred[take]), target=jnp.asarray(target[take]))
     kept = min(rows, n - start) * (pred.shape[1] if pred.ndim == 5 else 1)
     for k in NAMES:
       out[k].append(np.asarray(values[k], np.float64)[:kept])
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def per_file(pred, target, volumes) -> dict[str, np.ndarray]:
+def per_file(*, pred, target, volumes) -> dict[str, np.ndarray]:
   """fastMRI's volume-wise metrics (``volume_metrics``) of each file's slices.
 
   ``pred``, ``target``: (N, H, W, 2) slices at their true relative intensities (not each scaled
@@ -182,7 +188,7 @@ def per_file(pred, target, volumes) -> dict[str, np.ndarray]:
   ``np.unique(volumes)`` order."""
   pred, target, volumes = np.asarray(pred), np.asarray(target), np.asarray(volumes)
   mag = lambda a, v: magnitude(jnp.asarray(a[volumes == v]))  # One file on the device at a time.
-  rows = [volume_metrics(mag(pred, v), mag(target, v)) for v in np.unique(volumes)]
+  rows = [volume_metrics(pred=mag(pred, v), target=mag(target, v)) for v in np.unique(volumes)]
   return {k: np.asarray([float(r[k]) for r in rows]) for k in NAMES}
 
 

@@ -57,14 +57,15 @@ CASES = [  # kind, n, h, w, scale, data_range
 def test_matches_scikit_image(kind, n, h, w, scale, data_range):
   pred, target = _pairs(kind, n, h, w, scale)
   ref = _reference(pred, target, data_range)
-  np.testing.assert_allclose(metrics.psnr(pred, target, data_range), ref["psnr"], atol=PSNR_TOL)
-  np.testing.assert_allclose(metrics.ssim(pred, target, data_range), ref["ssim"], atol=SSIM_TOL)
-  np.testing.assert_allclose(metrics.nmse(pred, target), ref["nmse"], rtol=1e-5)
+  np.testing.assert_allclose(metrics.psnr(pred=pred, target=target, data_range=data_range), ref["psnr"], atol=PSNR_TOL)
+  np.testing.assert_allclose(metrics.ssim(pred=pred, target=target, data_range=data_range), ref["ssim"], atol=SSIM_TOL)
+  np.testing.assert_allclose(metrics.nmse(pred=pred, target=target), ref["nmse"], rtol=1e-5)
 
 
 def test_ssim_options_match_scikit_image():
   pred, target = _pairs("structured", 2, 30, 30, 1.0)
-  got = metrics.ssim(pred, target, 1.0, win_size=5, k1=0.02, k2=0.05)
+  got = metrics.ssim(pred=pred, target=target, data_range=1.0, win_size=5, k1=0.02,
+                     k2=0.05)
   ref = [structural_similarity(t.astype(np.float64), p.astype(np.float64), data_range=1.0,
                                win_size=5, K1=0.02, K2=0.05) for p, t in zip(pred, target)]
   np.testing.assert_allclose(got, ref, atol=SSIM_TOL)
@@ -73,21 +74,41 @@ def test_ssim_options_match_scikit_image():
 def test_batched_equals_one_by_one_and_jit_equals_eager():
   pred, target = _pairs("structured", 4, 32, 40, 1.0)
   for fn in (metrics.psnr, metrics.ssim, metrics.nmse):
-    batched = fn(pred, target)
-    single = np.array([fn(p, t) for p, t in zip(pred, target)])
+    batched = fn(pred=pred, target=target)
+    single = np.array([fn(pred=p, target=t) for p, t in zip(pred, target)])
     np.testing.assert_allclose(batched, single, rtol=1e-6)
     with jax.disable_jit():
-      np.testing.assert_allclose(fn(pred, target), batched, rtol=1e-6)
+      np.testing.assert_allclose(fn(pred=pred, target=target), batched, rtol=1e-6)
   # Any leading axes are batch axes.
-  np.testing.assert_allclose(metrics.ssim(pred.reshape(2, 2, 32, 40), target.reshape(2, 2, 32, 40)),
-                             metrics.ssim(pred, target).reshape(2, 2), rtol=1e-6)
+  np.testing.assert_allclose(
+      metrics.ssim(pred=pred.reshape(2, 2, 32, 40), target=target.reshape(2, 2, 32, 40)),
+      metrics.ssim(pred=pred, target=target).reshape(2, 2), rtol=1e-6)
 
 
 def test_perfect_prediction():
   _, target = _pairs("structured", 2, 32, 32, 1.0)
-  np.testing.assert_allclose(metrics.ssim(target, target), 1.0, atol=1e-6)
-  np.testing.assert_array_equal(metrics.nmse(target, target), 0.0)
-  assert np.all(np.isposinf(metrics.psnr(target, target)))
+  np.testing.assert_allclose(metrics.ssim(pred=target, target=target), 1.0, atol=1e-6)
+  np.testing.assert_array_equal(metrics.nmse(pred=target, target=target), 0.0)
+  assert np.all(np.isposinf(metrics.psnr(pred=target, target=target)))
+
+
+def test_images_are_keyword_only():
+  """scikit-image and fastMRI take (target, prediction): a positional call is refused, so a call
+  written in their order cannot silently swap the two (PSNR, SSIM and NMSE all change)."""
+  pred, target = _pairs("structured", 2, 32, 32, 1.0)
+  rng = np.random.default_rng(0)
+  pred4, target4 = (rng.random((2, 16, 16, 2)).astype(np.float32) for _ in range(2))
+  calls = [(metrics.psnr, pred, target), (metrics.ssim, pred, target), (metrics.nmse, pred, target),
+           (metrics.slice_metrics, pred4, target4), (metrics.per_slice, pred4, target4),
+           (metrics.volume_metrics, pred, target)]
+  for fn, p, t in calls:
+    with pytest.raises(TypeError):
+      fn(p, t)
+  with pytest.raises(TypeError):
+    metrics.per_file(pred4, target4, np.zeros(2))
+  # The swap matters: the metrics are not symmetric in their images.
+  assert abs(float(metrics.psnr(pred=pred, target=target).mean())
+             - float(metrics.psnr(pred=target, target=pred).mean())) > 0.01
 
 
 def test_magnitude():
@@ -116,9 +137,10 @@ def test_slice_metrics(shape):
   n = int(np.prod(shape[:-2]))
   # per_slice runs a few slices at a time, the last chunk padded (chunk_slices=6 of the 3D
   # input: 2 volumes of 3 slices, the second chunk one volume and a copy): the same values.
-  for got in (metrics.slice_metrics(pred, target), metrics.per_slice(pred, target),
-              metrics.per_slice(pred, target, chunk_slices=4),
-              metrics.per_slice(pred, target, chunk_slices=6)):
+  for got in (metrics.slice_metrics(pred=pred, target=target),
+              metrics.per_slice(pred=pred, target=target),
+              metrics.per_slice(pred=pred, target=target, chunk_slices=4),
+              metrics.per_slice(pred=pred, target=target, chunk_slices=6)):
     for key, tol in (("psnr", PSNR_TOL), ("ssim", SSIM_TOL), ("nmse", 1e-6)):
       assert got[key].shape == (n,)
       np.testing.assert_allclose(got[key], ref[key], atol=tol)
@@ -127,13 +149,13 @@ def test_slice_metrics(shape):
 def test_invalid_inputs():
   pred, target = _pairs("random", 2, 16, 16, 1.0)
   with pytest.raises(ValueError, match="one shape"):
-    metrics.psnr(pred, target[:, :8])
+    metrics.psnr(pred=pred, target=target[:, :8])
   with pytest.raises(ValueError, match="win_size"):
-    metrics.ssim(pred, target, win_size=6)
+    metrics.ssim(pred=pred, target=target, win_size=6)
   with pytest.raises(ValueError, match="win_size"):
-    metrics.ssim(pred[:, :5], target[:, :5])
+    metrics.ssim(pred=pred[:, :5], target=target[:, :5])
   with pytest.raises(ValueError, match="N, H, W, 2"):
-    metrics.slice_metrics(pred[0], target[0])
+    metrics.slice_metrics(pred=pred[0], target=target[0])
 
 
 def test_volume_metrics_match_fastmri_evaluate():
@@ -147,14 +169,14 @@ def test_volume_metrics_match_fastmri_evaluate():
       "psnr": peak_signal_noise_ratio(t, p, data_range=peak),
       "ssim": np.mean([structural_similarity(t[i], p[i], data_range=peak) for i in range(5)]),
       "nmse": np.linalg.norm(t - p) ** 2 / np.linalg.norm(t) ** 2}
-  got = metrics.volume_metrics(pred, target)
+  got = metrics.volume_metrics(pred=pred, target=target)
   assert float(got["psnr"]) == pytest.approx(expected["psnr"], abs=PSNR_TOL)
   assert float(got["ssim"]) == pytest.approx(expected["ssim"], abs=SSIM_TOL)
   assert float(got["nmse"]) == pytest.approx(expected["nmse"], rel=1e-4)
   # Not the slice-based means (the volume's maximum and pooled errors differ from each slice's).
-  assert abs(float(metrics.psnr(pred, target).mean()) - expected["psnr"]) > 0.1
+  assert abs(float(metrics.psnr(pred=pred, target=target).mean()) - expected["psnr"]) > 0.1
   with pytest.raises(ValueError, match=r"one volume \(S, H, W\)"):
-    metrics.volume_metrics(pred[0], target[0])
+    metrics.volume_metrics(pred=pred[0], target=target[0])
 
 
 def test_format_means_writes_every_metric_with_its_unit_and_format():
