@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from lwjax import nets
+from lwjax import precond
 from lwjax import stage
 
 Params = Any
@@ -108,6 +109,16 @@ def _gated_sum(out, d):
   return jnp.sum(d[..., None] * (out[..., 0, :, :] - out[..., 1, :, :]), axis=-2)
 
 
+def gated(w, h, d, dtype=None):
+  """``sum_p D_p conv(h, W_p)``: (N, *spatial, C_out) for W (*k, C_in, P, C_out) and gates ``d``
+  (N, *spatial, P). The gated program sees only W = V - Z: one conv of P * C_out channels, and
+  its gradient in W one transposed conv of h with the gated residual (nothing of 2 * P * C_out
+  channels is kept for the backward pass)."""
+  p, c = w.shape[-2:]
+  out = conv(h, w.reshape(w.shape[:-2] + (p * c,)), dtype)
+  return jnp.sum(d[..., None] * out.reshape(out.shape[:-1] + (p, c)), axis=-2)
+
+
 def _cone_violation(out, d):
   """``relu(-(2 D_p - 1) * conv(h, W_pc))`` per element, W = V, Z: how far each branch of
   ``branches`` lies outside its ReLU cone; (N, *spatial, 2, P, C_out), 0 on the cones."""
@@ -125,7 +136,8 @@ def predict(variables, h, skip, u, dtype=None):
 
   ``u``: the gate filters (``gate_filters``), (*k, C_in, P).
   """
-  return skip + _gated_sum(branches(variables, h, dtype), gates(h, u)).astype(skip.dtype)
+  w = variables["v"] - variables["z"]
+  return skip + gated(w, h, gates(h, u), dtype).astype(skip.dtype)
 
 
 def group_norms(variables):
@@ -257,7 +269,7 @@ def duality_gap(variables, neg_grad, *, data, beta):
 def _gate_filters_of(variables, gate_seed):
   """The gate filters that belong to ``variables``: their kernel extent per spatial dimension
   (anisotropic 3D kernels too), C_in and P. The one place every pass derives the gates from."""
-  v = variables["v"]
+  v = variables["w" if "w" in variables else "v"]
   spatial = v.shape[:-3]
   return gate_filters(gate_seed, spatial, len(spatial), v.shape[-3], v.shape[-2])
 
@@ -294,6 +306,32 @@ def _batch_sums(variables, h, skip, y, *, gate_seed, refit):
     sums["gram"] = f.T @ f
     sums["cross"] = f.T @ r.reshape(f.shape[0], -1)
   return sums
+
+
+@functools.partial(jax.jit, static_argnames="gate_seed")
+def _gap_sums(variables, h, skip, y, *, gate_seed):
+  """Sums over one batch for ``certificate``: the squared error and ``A^T e`` (one conv and one
+  transposed conv of W = V - Z)."""
+  u = _gate_filters_of(variables, gate_seed)
+  pred, transpose = jax.vjp(lambda w: predict(w, h, skip, u, jnp.float32), variables)
+  e = y - pred
+  return {"elements": y.size, "sq_err": jnp.sum(jnp.square(e)), "at_e": transpose(e)[0]}
+
+
+def certificate(variables, feature_batches, *, beta, gate_seed) -> dict:
+  """How far a solution ``{"v", "z"}`` of the gated (rho = 0) program is from its optimum, over
+  the training set in one pass: {"objective", "mse", "rel_gap", "kkt_violation"}
+  (``duality_gap``)."""
+  vz = {"v": variables["v"], "z": variables["z"]}
+  with jax.default_matmul_precision("highest"):
+    total = None
+    for h, skip, y in feature_batches():
+      total = _accumulate(total, _gap_sums(vz, h, skip, y, gate_seed=gate_seed))
+  mse = total["sq_err"] / total["elements"]
+  cert = duality_gap(vz, jax.tree.map(lambda g: g / total["elements"], total["at_e"]),
+                     data=mse / 2, beta=beta)
+  return {"objective": float(cert["objective"]), "mse": float(mse),
+          "rel_gap": float(cert["rel_gap"]), "kkt_violation": float(cert["kkt_violation"])}
 
 
 @jax.jit
@@ -401,9 +439,13 @@ def _needs_prepare() -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------------------------
 # The stage.
 
+SOLVERS = ("pfista", "fista", "adam")
+
+
 def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=None, gate_seed=0,
                  out_channels=2, refit_head=False, fista_iters=None, steps_per_epoch=1,
-                 relative_beta=False, power_iters=20, dtype=jnp.float32) -> stage.Stage:
+                 relative_beta=False, power_iters=None, metric_samples=64, metric_floor=1e-6,
+                 init="zeros", dtype=jnp.float32) -> stage.Stage:
   """The convex layer-wise stage ("layerwise_convex") behind the ``stage.Stage`` interface.
 
   Args:
@@ -413,32 +455,40 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     beta: group-lasso weight (> 0), relative to the 0.5 * mean squared-error data term; with
       ``relative_beta`` a fraction of ``beta_max`` (the beta that zeroes every group).
     rho: ReLU-cone penalty (>= 0); 0 is the gated-ReLU relaxation.
-    solver: "adam" (the objective minimised by ``tx``, any rho) or "fista" (rho = 0: accelerated
-      proximal gradient, one iteration per epoch on the full-batch gradient).
-    tx: the Adam transformation with the run's schedule (required for "adam", unused by "fista",
-      which builds its own in ``prepare``).
+    solver: "pfista" (rho = 0: FISTA in the metric of the stage input's patch covariance,
+      ``precond``), "fista" (rho = 0: plain accelerated proximal gradient) or "adam" (the
+      objective minimised by ``tx``, any rho). Both FISTAs take one iteration per epoch on the
+      full-batch gradient.
+    tx: the Adam transformation with the run's schedule (required for "adam", unused by the
+      FISTAs, which build their own in ``prepare``).
     gate_seed: seed of the fixed gate filters (give each stage its own).
     refit_head: let ``finalize`` refit the 1x1 head on the ReLU features by least squares.
-    fista_iters: FISTA iterations (= the stage's epochs); None: the run's epochs.
+    fista_iters: FISTA iterations (= the stage's epochs, at most); None: the run's epochs.
     steps_per_epoch: minibatches per epoch, accumulated into one FISTA gradient: with FISTA the
       stage is ``full_pass``, so ``data.steps_per_epoch(n, batch_size, full_pass=True)``.
     relative_beta: scale ``beta`` by this stage's ``beta_max``, found in ``prepare`` (one pass):
       the features of each stage have their own scale, so an absolute beta means something
       different at every stage.
-    power_iters: passes of the power iteration for FISTA's Lipschitz constant.
+    power_iters: passes of the power iteration for the FISTAs' Lipschitz constant; None: 20 for
+      fista, 10 for pfista (whose Rayleigh quotient converges faster than fista's norm ratio).
+    metric_samples: pfista: patches per patch dimension d sampled for the covariance (spread
+      evenly over the examples); 0: every patch.
+    metric_floor: pfista: the covariance's eigenvalues are clipped below at this fraction of the
+      largest.
+    init: "zeros" or "random" (a seeded normal point): a convex stage ends at the same optimum.
     dtype: compute dtype of the V/Z conv (the gates, certificate and refit use float32).
 
   Returns:
-    The stage. With FISTA its ``tx`` only works after ``prepare``; with ``relative_beta`` the
-    objective's beta is set there. ``prepare``
-    returns the stage to train and a report ({"lipschitz"}, {"beta_max", "beta"}).
-    ``finalize`` reports over the training set: "objective", "mse" (the convex model),
-    "rel_gap" and "kkt_violation" (rho = 0 only, see ``duality_gap``), "constraint_violation"
-    (sum of cone violations / sum of |conv(h, V_pc)|), "relu_mismatch"
-    (|pred_relu - pred| / |pred - skip| with pred_relu the +-1 mapped ReLU net: 0 where the ReLU
-    layer predicts exactly what the convex model does; it can exceed 1), "mse_relu",
-    "beta_max", "active_groups" and, with ``refit_head``, "mse_refit" (the returned variables
-    then carry the refit head, which ``to_layer`` uses).
+    The stage. With a FISTA its ``tx`` only works after ``prepare``; with ``relative_beta`` the
+    objective's beta is set there. ``prepare`` returns the stage to train and a report
+    ({"beta_max", "beta"}, {"lipschitz"}, {"metric_rows", "metric_clipped"}). ``certificate``
+    (rho = 0) gives the duality gap of a solution in one pass. ``finalize`` reports over the
+    training set: "objective", "mse" (the convex model), "rel_gap" and "kkt_violation" (rho = 0
+    only, see ``duality_gap``), "constraint_violation" (sum of cone violations / sum of
+    |conv(h, V_pc)|), "relu_mismatch" (|pred_relu - pred| / |pred - skip| with pred_relu the +-1
+    mapped ReLU net: 0 where the ReLU layer predicts exactly what the convex model does; it can
+    exceed 1), "mse_relu", "beta_max", "active_groups" and, with ``refit_head``, "mse_refit"
+    (the returned variables then carry the refit head, which ``to_layer`` uses).
   """
   if features % (2 * out_channels):
     raise ValueError(f"features ({features}) must be divisible by 2 * out_channels "
@@ -447,22 +497,26 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     raise ValueError(f"beta must be > 0, got {beta}")
   if rho < 0:
     raise ValueError(f"rho must be >= 0, got {rho}")
-  if solver not in ("adam", "fista"):
-    raise ValueError(f"solver must be 'adam' or 'fista', got {solver!r}")
-  if solver == "fista" and rho != 0:
-    raise ValueError(f"FISTA solves the gated relaxation (rho = 0) only, got rho = {rho}")
+  if solver not in SOLVERS:
+    raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+  if solver != "adam" and rho != 0:
+    raise ValueError(f"{solver} solves the gated relaxation (rho = 0) only, got rho = {rho}")
   if solver == "adam" and tx is None:
     raise ValueError("solver='adam' needs tx (Adam with the run's schedule)")
+  if init not in ("zeros", "random"):
+    raise ValueError(f"init must be 'zeros' or 'random', got {init!r}")
   program = Program(
       num=features // (2 * out_channels), out_channels=out_channels,
       kernel_shape=nets.kernel_shape(kernel_size, ndim), beta=beta, rho=rho, solver=solver,
       gate_seed=gate_seed, refit_head=refit_head, fista_iters=fista_iters,
-      steps_per_epoch=steps_per_epoch, relative_beta=relative_beta, power_iters=power_iters,
+      steps_per_epoch=steps_per_epoch, relative_beta=relative_beta,
+      power_iters=power_iters or (10 if solver == "pfista" else 20),
+      metric_samples=metric_samples, metric_floor=metric_floor, init_kind=init,
       dtype=None if dtype is None else jnp.dtype(dtype))
   # Adam's state does not depend on beta, so before ``prepare`` the stage already has its real
-  # optimiser (the memory analysis compiles the step from it); FISTA's step needs the data.
+  # optimiser (the memory analysis compiles the step from it); the FISTAs' steps need the data.
   return _stage(program, tx if solver == "adam" else _needs_prepare(),
-                prepared=not (solver == "fista" or relative_beta))
+                prepared=solver == "adam" and not relative_beta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,32 +528,48 @@ class Program:
   kernel_shape: tuple[int, ...]  # (*k)
   beta: float
   rho: float
-  solver: str  # "adam" | "fista"
+  solver: str  # one of SOLVERS
   gate_seed: int
   refit_head: bool
   fista_iters: Optional[int]
   steps_per_epoch: int
   relative_beta: bool
   power_iters: int
+  metric_samples: int
+  metric_floor: float
+  init_kind: str  # "zeros" | "random"
   dtype: Any  # of the V/Z conv (None: that of h)
 
   def shape(self, c_in: int) -> tuple[int, ...]:
-    """Shape of V and of Z: (*k, C_in, P, C_out)."""
+    """Shape of V, of Z and of W = V - Z: (*k, C_in, P, C_out)."""
     return self.kernel_shape + (c_in, self.num, self.out_channels)
 
   def init(self, rng, h_shape):
-    """``Stage.init``: zero V and Z (the program is convex: any start reaches the optimum)."""
-    del rng
-    shape = self.shape(h_shape[-1])  # Two arrays: a donated state must not hold one twice.
-    return {"v": jnp.zeros(shape, jnp.float32), "z": jnp.zeros(shape, jnp.float32)}
+    """``Stage.init``: ``{"w": W}`` for pfista, else ``{"v": V, "z": Z}``; zeros, or normal with
+    std 1 / sqrt(d) per entry (a start away from the optimum, for ``init="random"``)."""
+    shape = self.shape(h_shape[-1])
+    names = ("w",) if self.solver == "pfista" else ("v", "z")
+    if self.init_kind == "zeros":  # One array each: a donated state must not hold one twice.
+      return {k: jnp.zeros(shape, jnp.float32) for k in names}
+    scale = 1 / math.sqrt(math.prod(shape[:-2]))
+    keys = jax.random.split(rng, len(names))
+    return {k: scale * jax.random.normal(key, shape, jnp.float32) for k, key in zip(names, keys)}
 
   def loss(self, variables, h, skip, y, weight=None):
-    """``Stage.loss``: the objective; FISTA differentiates its smooth part only (its prox step
-    handles the group lasso)."""
+    """``Stage.loss``: the objective; the FISTAs differentiate its smooth part only (their prox
+    step handles the group lasso), pfista in W = V - Z without the V/Z branches."""
     u = _gate_filters_of(variables, self.gate_seed)
+    if self.solver == "pfista":
+      pred = skip + gated(variables["w"], h, gates(h, u), self.dtype).astype(skip.dtype)
+      data = stage.half_mse(pred, y, weight)
+      return data, {"mse": 2 * data}
     value, aux = objective(variables, h, skip, y, u, beta=self.beta, rho=self.rho,
                            dtype=self.dtype, weight=weight)
     return (0.5 * aux["mse"] if self.solver == "fista" else value), aux
+
+  def certificate(self, variables, feature_batches):
+    """``Stage.certificate``: see ``certificate``."""
+    return certificate(variables, feature_batches, beta=self.beta, gate_seed=self.gate_seed)
 
   def finalize(self, variables, feature_batches):
     """``Stage.finalize``: see ``_finalize``."""
@@ -509,20 +579,43 @@ class Program:
 
 def _stage(program: Program, tx: optax.GradientTransformation, *, prepared: bool) -> stage.Stage:
   """The ``stage.Stage`` of ``program`` solved by ``tx``; unless ``prepared``, its ``prepare``
-  sets the absolute beta and FISTA's step from the data (``_prepare``)."""
+  sets the absolute beta and the FISTAs' steps from the data (``_prepare``)."""
   st = stage.Stage(init=program.init, loss=program.loss, tx=tx, to_layer=to_layer,
-                   finalize=program.finalize)
-  if program.solver == "fista":
-    st = dataclasses.replace(st, solution=fista_solution, epochs=program.fista_iters,
-                             full_pass=True)
+                   finalize=program.finalize,
+                   certificate=program.certificate if program.rho == 0 else None)
+  if program.solver != "adam":
+    solution = precond.pfista_solution if program.solver == "pfista" else fista_solution
+    st = dataclasses.replace(st, solution=solution, epochs=program.fista_iters, full_pass=True)
   if not prepared:
-    st = dataclasses.replace(st, prepare=functools.partial(_prepare, program, tx))
+    st = dataclasses.replace(st, prepare=functools.partial(_prepare, program, tx),
+                             abstract_prepare=functools.partial(_abstract_prepare, program, tx))
   return st
 
 
+def _fista_tx(program: Program, inner: optax.GradientTransformation):
+  """``inner`` on the gradient accumulated over an epoch's ``steps_per_epoch`` minibatches."""
+  return optax.MultiSteps(inner, every_k_schedule=program.steps_per_epoch
+                          ).gradient_transformation()
+
+
+def _abstract_prepare(program: Program, tx, h_shape) -> stage.Stage:
+  """What ``_prepare`` returns, with the data's arrays (pfista's metric) abstract: the stage
+  whose step the memory planner compiles (never trained)."""
+  program = dataclasses.replace(program, relative_beta=False)
+  if program.solver == "pfista":
+    d = math.prod(program.shape(h_shape[-1])[:-2])
+    metric = precond.Metric(jax.ShapeDtypeStruct((d, d), jnp.float32),
+                            jax.ShapeDtypeStruct((d,), jnp.float32))
+    tx = _fista_tx(program, precond.pfista(program.beta, metric))
+  elif program.solver == "fista":
+    tx = _fista_tx(program, fista(1.0, program.beta))
+  return _stage(program, tx, prepared=True)
+
+
 def _prepare(program: Program, tx, feature_batches, h_shape) -> tuple[stage.Stage, dict]:
-  """``Stage.prepare``: a pass for ``beta_max`` (``relative_beta``) and ``power_iters`` passes for
-  FISTA's Lipschitz constant; returns the ready stage and {"beta_max", "beta", "lipschitz"}."""
+  """``Stage.prepare``: a pass for ``beta_max`` (``relative_beta``), then for FISTA
+  ``power_iters`` passes for its Lipschitz constant, for pfista a pass for the patch covariance
+  and ``power_iters`` for the constant in its metric. Returns the ready stage and its report."""
   report, shape = {}, program.shape(h_shape[-1])
   with jax.default_matmul_precision("highest"):
     if program.relative_beta:
@@ -538,9 +631,34 @@ def _prepare(program: Program, tx, feature_batches, h_shape) -> tuple[stage.Stag
       report["lipschitz"] = _lipschitz(feature_batches, shape, program.gate_seed,
                                        program.power_iters)
       step = 1.0 / (_LIPSCHITZ_MARGIN * report["lipschitz"])
-      tx = optax.MultiSteps(fista(step, program.beta),
-                            every_k_schedule=program.steps_per_epoch).gradient_transformation()
+      tx = _fista_tx(program, fista(step, program.beta))
+    elif program.solver == "pfista":
+      metric, metric_report = _metric(program, feature_batches, shape)
+      report.update(metric_report)
+      tx = _fista_tx(program, precond.pfista(program.beta, metric))
   return _stage(program, tx, prepared=True), report
+
+
+def _metric(program: Program, feature_batches, shape) -> tuple[precond.Metric, dict]:
+  """pfista's metric ``L_H * margin * (I (x) S)`` in S's eigenbasis, and its report: ``L_H``,
+  the patches of the covariance estimate and the eigenvalues of S raised to the floor."""
+  d = math.prod(shape[:-2])
+  num_examples = sum(len(h) for h, _, _ in feature_batches())
+  rows = (-(-program.metric_samples * d // num_examples) if program.metric_samples
+          else np.iinfo(np.int32).max)
+  s, count = precond.patch_covariance(feature_batches, program.kernel_shape,
+                                      rows_per_example=rows, seed=program.gate_seed)
+  basis, lam = precond.factorise(s, program.metric_floor)
+  lipschitz = _metric_lipschitz(feature_batches, shape, program.gate_seed, basis, lam,
+                                program.power_iters)
+  if not lipschitz > 0:
+    raise ValueError("convex stage: the power iteration found A^T A = 0: the stage's gated "
+                     "features are zero everywhere (an empty previous layer: every group "
+                     "pruned, --beta too large?); there is nothing to fit")
+  scale = _LIPSCHITZ_MARGIN * lipschitz * lam
+  report = {"lipschitz": lipschitz, "metric_rows": count,
+            "metric_clipped": int(np.sum(lam <= program.metric_floor * lam.max()))}
+  return precond.Metric(basis.astype(np.float32), scale.astype(np.float32)), report
 
 
 def _beta_max(feature_batches, shape, gate_seed):
@@ -552,6 +670,18 @@ def _beta_max(feature_batches, shape, gate_seed):
     acc = _accumulate(acc, _adjoint(zero, h, y - skip, gate_seed=gate_seed))
     elements += y.size
   return float(_np_group_norms(acc).max() / elements)
+
+
+def _normal(feature_batches, w, gate_seed):
+  """``A^T A w / M`` over the training set for W = ``w`` (*k, C_in, P, C_out) (the gated
+  operator of W = V - Z)."""
+  acc, elements = None, 0
+  vz = {"v": w, "z": jnp.zeros_like(w)}
+  for h, skip, _ in feature_batches():
+    g = _normal_op(vz, h, gate_seed=gate_seed)["v"]
+    acc = g if acc is None else acc + g
+    elements += skip.size
+  return acc / elements
 
 
 def _lipschitz(feature_batches, shape, gate_seed, iters):
@@ -576,6 +706,26 @@ def _lipschitz(feature_batches, shape, gate_seed, iters):
     # |A^T A w| / M with |w| = 1: a lower bound on L.
     lipschitz = float(optax.tree_utils.tree_norm(w))
   return lipschitz
+
+
+def _metric_lipschitz(feature_batches, shape, gate_seed, basis, lam, iters):
+  """``L_H``, the largest eigenvalue of ``S^-1 K`` (K = A^T A / M on W, S = Q diag(lam) Q^T per
+  group), by power iteration in S's basis from a seeded start; the Rayleigh quotient of the
+  last iterate, a lower bound."""
+  q = jnp.asarray(basis, jnp.float32)
+  lam = jnp.asarray(lam, jnp.float32)[:, None]
+  v = jnp.asarray(np.random.default_rng((gate_seed, 1)).standard_normal(
+      (len(lam), shape[-2] * shape[-1]), dtype=np.float32))
+  quotient = 0.0
+  for _ in range(iters):
+    v = v / jnp.sqrt(jnp.sum(lam * v * v))  # unit length in the metric
+    kw = _normal(feature_batches, jnp.matmul(q, v).reshape(shape), gate_seed)
+    kv = jnp.matmul(q.T, kw.reshape(v.shape))
+    quotient = float(jnp.sum(v * kv))
+    if not quotient > 0:
+      return quotient
+    v = kv / lam
+  return quotient
 
 
 def _finalize(variables, feature_batches, *, beta, rho, gate_seed, refit_head):

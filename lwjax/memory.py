@@ -85,11 +85,10 @@ def _step_inputs(cfg: Config, network: Network):
     return train.e2e_loss(template), train.adam(cfg, 1, cfg.weight_decay), deep, {}
   stage = train.make_stage(network.method, cfg, num_examples=cfg.batch_size,
                            index=network.stage - 1)
-  if cfg.convex_solver == "fista" and network.method == "layerwise_convex":
-    raise ValueError(f"{network.label}: its solver is built from the data (--convex_solver="
-                     f"{cfg.convex_solver}); the memory analysis needs --convex_solver=adam")
   index = network.stage - 1
   h_shape = x_shape[:-1] + (2 if index == 0 else cfg.features,)
+  if stage.abstract_prepare is not None:  # A solver built from the data: its shapes only.
+    stage = stage.abstract_prepare(h_shape)
   params = jax.eval_shape(lambda k: stage.init(k, h_shape), jax.random.key(0))
   frozen = {f"convs_{i}": deep[f"convs_{i}"] for i in range(index)}
   return train.stage_loss(template, stage, index), stage.tx, params, frozen

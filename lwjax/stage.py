@@ -55,6 +55,10 @@ class Stage:
     prepare: optional ``(feature_batches, h_shape) -> (Stage, report)`` run before training, for a
       solver that needs a pass over the data first (FISTA's step size from a power iteration).
       It must be deterministic: a resumed run calls it again and must get the same stage.
+    abstract_prepare: with ``prepare``, ``h_shape -> Stage``: what ``prepare`` returns, its
+      data-dependent arrays abstract (``jax.ShapeDtypeStruct``), for the memory planner.
+    certificate: optional ``(solution, feature_batches) -> dict`` with "rel_gap": how far a
+      solution is from the stage's optimum (a convex stage's duality gap), in one pass.
     epochs: passes over the training data for this stage; None means the run's ``--epochs``.
     full_pass: every epoch must see every example (a full-batch solver: FISTA accumulates one
       gradient per epoch); ``train.fit`` then pads the last batch with weight-0 rows.
@@ -66,6 +70,8 @@ class Stage:
   solution: Callable[[Params, Any], Params] = lambda variables, opt_state: variables
   finalize: Optional[Callable[[Params, FeatureBatches], tuple[Params, dict]]] = None
   prepare: Optional[Callable[[FeatureBatches, tuple], tuple["Stage", dict]]] = None
+  abstract_prepare: Optional[Callable[[tuple], "Stage"]] = None
+  certificate: Optional[Callable[[Params, FeatureBatches], dict]] = None
   epochs: Optional[int] = None
   full_pass: bool = False
 

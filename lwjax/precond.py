@@ -1,0 +1,182 @@
+"""FISTA in the metric of a convex stage's patch covariance: the solver that certifies a stage.
+
+The gated program is a group lasso in ``W = V - Z`` whose Gram matrix is as ill-conditioned as
+the patch covariance of the stage input (DESIGN.md section 2b). FISTA in the fixed metric
+``H = L * (I_groups (x) S)``, ``S = Q diag(lam) Q^T`` the patch covariance, converges at the rate of
+the far better conditioned ``H^-1/2 K H^-1/2``. In the basis Q the metric is diagonal, so each
+group's prox in the metric is exact (``metric_prox``) and the iteration is elementwise.
+
+Shapes: ``d = prod(k) * C_in`` (one patch), G groups = P * C_out; W flattened to (d, G).
+"""
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Params = Any
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Metric(NamedTuple):
+  """The metric ``basis @ diag(scale) @ basis.T`` of one stage (arrays, or ShapeDtypeStructs for
+  the memory planner): ``basis`` (d, d) orthonormal, ``scale`` (d,) > 0."""
+  basis: Any
+  scale: Any
+
+
+# ----------------------------------------------------------------------------------------------
+# The metric from the data.
+
+def patch_rows(num_pixels: int, rows: int, example: int, seed: int) -> np.ndarray:
+  """The pixels (flat indices, sorted) of one example whose patches enter the covariance:
+  ``rows`` drawn without replacement, seeded by (seed, example); all of them when rows >= pixels."""
+  if rows >= num_pixels:
+    return np.arange(num_pixels)
+  return np.sort(np.random.default_rng((seed, example)).choice(num_pixels, rows, replace=False))
+
+
+@functools.partial(jax.jit, static_argnames="kernel_shape")
+def _patch_gram(h, rows, kernel_shape):
+  """``X^T X`` of the k x k patches of ``h`` (N, *spatial, C) at ``rows`` (R, 1 + ndim): example
+  and position of each patch; X (R, d) ordered like a conv kernel (*k, C) flattened. Float32."""
+  ndim = len(kernel_shape)
+  hp = jnp.pad(h.astype(jnp.float32), [(0, 0)] + [(k // 2, k // 2) for k in kernel_shape]
+               + [(0, 0)])
+  offsets = np.stack(np.meshgrid(*[np.arange(k) for k in kernel_shape], indexing="ij"),
+                     -1).reshape(-1, ndim)
+  pos = rows[:, None, 1:] + offsets[None]  # (R, prod(k), ndim): SAME padding puts patch i at i
+  x = hp[(rows[:, None, 0],) + tuple(pos[..., a] for a in range(ndim))].reshape(len(rows), -1)
+  return jnp.matmul(x.T, x, precision=_HIGHEST)
+
+
+def patch_covariance(feature_batches: Callable, kernel_shape: tuple[int, ...], *,
+                     rows_per_example: int, seed: int) -> tuple[np.ndarray, int]:
+  """``S = X^T X / R`` (d, d) float64 over ``rows_per_example`` patches of every example of the
+  stage input (all of its pixels when that is at least as many); returns (S, R)."""
+  total, count, example = None, 0, 0
+  for h, _, _ in feature_batches():
+    spatial = h.shape[1:-1]
+    picks = []
+    for i in range(len(h)):
+      flat = patch_rows(int(np.prod(spatial)), rows_per_example, example + i, seed)
+      picks.append(np.column_stack([np.full(len(flat), i)] + list(np.unravel_index(flat, spatial))))
+    rows = np.concatenate(picks).astype(np.int32)
+    gram = _patch_gram(h, jnp.asarray(rows), tuple(kernel_shape))
+    total = gram if total is None else total + gram  # summed on the device: one copy at the end
+    count += len(rows)
+    example += len(h)
+  return np.asarray(jax.device_get(total), np.float64) / count, count
+
+
+# Above this patch dimension the eigendecomposition runs on the accelerator in float32 (NumPy's
+# float64 one grows as d^3 on the host CPU).
+_HOST_EIGH_MAX = 2048
+
+
+def factorise(s: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+  """``S = Q diag(lam) Q^T``: (Q (d, d), lam (d,)), eigenvalues clipped below at ``floor`` times
+  the largest (the null space of a rank-deficient S gets a finite metric)."""
+  if len(s) <= _HOST_EIGH_MAX:
+    lam, q = np.linalg.eigh(s)
+  else:
+    lam, q = (np.asarray(a, np.float64) for a in jnp.linalg.eigh(jnp.asarray(s, jnp.float32)))
+  lam = np.maximum(lam, floor * lam.max())
+  return q, lam
+
+
+# ----------------------------------------------------------------------------------------------
+# The prox and the solver.
+
+def metric_prox(z, a, beta, iters: int = 48):
+  """Per column g of ``z`` (d, G): ``argmin_u 0.5 (u - z)^T diag(a) (u - z) + beta |u|``.
+
+  ``u = 0`` where ``|a z| <= beta``; else ``u_i = a_i z_i s / (a_i s + beta)`` with ``s = |u|`` the
+  root of ``sum_i (a_i z_i)^2 / (a_i s + beta)^2 = 1`` (decreasing in s), which lies in
+  ``[(|a z| - beta) / max a, (|a z| - beta) / min a]``: found by bisection on log s.
+  """
+  b = a[:, None] * z
+  nb = jnp.sqrt(jnp.sum(b * b, axis=0))
+  excess = jnp.maximum(nb - beta, 0.0)
+  lo = excess / jnp.max(a)
+  hi = excess / jnp.min(a)
+  tiny = jnp.finfo(z.dtype).tiny
+
+  def bisect(_, bounds):
+    lo, hi = bounds
+    mid = jnp.sqrt(jnp.maximum(lo, tiny)) * jnp.sqrt(hi)
+    above = jnp.sum(jnp.square(b / (a[:, None] * mid + beta)), axis=0) > 1  # root above mid
+    return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(0, iters, bisect, (lo, hi))
+  s = jnp.sqrt(jnp.maximum(lo, tiny)) * jnp.sqrt(hi)
+  return jnp.where(nb > beta, b * s / (a[:, None] * s + beta), 0.0)
+
+
+class PfistaState(NamedTuple):
+  x: jax.Array  # (d, G) the iterate x_k in the metric's basis: the stage's solution
+  y: jax.Array  # (d, G) the extrapolated point y_k in the basis (the params hold basis @ y_k)
+  t: jax.Array  # momentum parameter t_k
+  basis: jax.Array  # (d, d) Q
+  scale: jax.Array  # (d,) the metric in the basis: L_H * eigenvalues of S
+
+
+def _flat(w):
+  """W (*k, C_in, P, C_out) as (d, G)."""
+  return w.reshape(-1, w.shape[-2] * w.shape[-1])
+
+
+def _materialize(a):
+  """An array of the metric; zeros for a ShapeDtypeStruct (the planner traces shapes only)."""
+  if isinstance(a, jax.ShapeDtypeStruct):
+    return jnp.zeros(a.shape, a.dtype)
+  return jnp.asarray(a, jnp.float32)
+
+
+def pfista(beta: float, metric: Optional[Metric]) -> optax.GradientTransformation:
+  """Accelerated proximal gradient in ``metric`` with adaptive restart, on params ``{"w": W}``.
+
+  One update: ``z = y - diag(scale)^-1 Q^T grad``, ``x+ = metric_prox(z)``, momentum; the params
+  move to ``Q y+``. Its state holds the metric (``init`` needs it; ``update`` reads it from the
+  state), so a resumed stage continues in the very metric it started in.
+  """
+  def init_fn(params):
+    if metric is None:
+      raise RuntimeError("this convex stage builds its metric from the data in Stage.prepare: "
+                         "call it first")
+    basis, scale = _materialize(metric.basis), _materialize(metric.scale)
+    y = jnp.matmul(basis.T, _flat(params["w"]), precision=_HIGHEST)
+    return PfistaState(x=y, y=jnp.copy(y), t=jnp.ones([], jnp.float32), basis=basis, scale=scale)
+
+  def update_fn(grads, state, params=None):
+    if params is None:
+      raise ValueError("pfista needs the params in update()")
+    g = jnp.matmul(state.basis.T, _flat(grads["w"]), precision=_HIGHEST)
+    a = state.scale
+    x = metric_prox(state.y - g / a[:, None], a, beta)
+    dx = x - state.x
+    # Gradient restart (O'Donoghue & Candes 2015) in the metric: drop the momentum once it
+    # points uphill.
+    uphill = jnp.sum(a[:, None] * (state.y - x) * dx) > 0
+    t = jnp.where(uphill, 1.0, state.t)
+    t_next = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
+    y = x + (t - 1) / t_next * dx
+    w = jnp.matmul(state.basis, y, precision=_HIGHEST).reshape(params["w"].shape)
+    return {"w": w - params["w"]}, state._replace(x=x, y=y, t=t_next)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def pfista_solution(variables, opt_state):
+  """The iterate ``x_k`` of the ``PfistaState`` in ``opt_state`` as ``{"v": W / 2, "z": -W / 2}``:
+  the gated program only sees V - Z, and the even split keeps ``to_layer``'s +-1 head and the
+  head refit's ``relu(+-u)`` features as for FISTA from zero."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PfistaState))
+           if isinstance(s, PfistaState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one PfistaState in the optimizer state, found {len(found)}")
+  state = found[0]
+  w = jnp.matmul(state.basis, state.x, precision=_HIGHEST).reshape(variables["w"].shape)
+  return {"v": w / 2, "z": -w / 2}
