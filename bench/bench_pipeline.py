@@ -39,6 +39,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This working tree's lwjax.
+from lwjax import cli  # noqa: E402
 from lwjax import config as config_lib  # noqa: E402
 
 config_lib.define_flags()
@@ -91,7 +92,7 @@ def main(argv):
   import jax
   import numpy as np
   from lwjax import train
-  train.quiet_library_logs()
+  cli.quiet_library_logs()
   train.configure_xla(FLAGS.conv_fusion)  # As launch/train.py does.
 
   runs = parse_runs(FLAGS.runs)
@@ -114,8 +115,9 @@ def main(argv):
     name = f"{cache}{'+data' * on_device}"
     workdir = scratch / f"{method}_{name}"
     shutil.rmtree(workdir, ignore_errors=True)
+    # A FISTA-type convex stage takes --fista_iters passes: here --epochs, like every phase.
     cfg = dataclasses.replace(base, workdir=str(workdir), cache_features=cache,
-                              data_on_device=on_device)
+                              data_on_device=on_device, fista_iters=base.epochs)
     log = train.MetricsLog(workdir)
     t0 = time.perf_counter()
     if method == "e2e":

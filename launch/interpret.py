@@ -17,29 +17,31 @@ from pathlib import Path
 
 from absl import app
 from absl import flags
-from absl import logging
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This checkout's lwjax, first.
 
+from lwjax import cli
 from lwjax import config
 
 _SLICE = flags.DEFINE_integer("slice", None, "index of a validation slice, in file then slice "
                               "order (skipped empty slices not counted; default: the middle one)")
 _PIXEL = flags.DEFINE_string("pixel", "", "row,col of the effective filter (default: the centre)")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "output folder")
+SHOWN = {"workdir": "data", "data_dir": "data", "max_val_volumes": "data", "cache_dir": "data",
+         "slice": "data", "method": "methods", "depth": "network", "pixel": "output",
+         "out_dir": "output", "eval_batch_size": "runtime", "conv_fusion": "runtime"}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from lwjax import evaluate, interpret, train  # Imported after flag parsing: --help stays fast.
   fv = flags.FLAGS
-  train.configure_xla(fv.conv_fusion)
   try:
     pixel = tuple(int(p) for p in _PIXEL.value.split(",")) if _PIXEL.value else None
   except ValueError:
-    print(f"error: --pixel={_PIXEL.value!r}: expected row,col", file=sys.stderr)
-    return 1
+    return cli.fail(ValueError(f"--pixel={_PIXEL.value!r}: expected row,col"))
+  from lwjax import console, evaluate, interpret, train  # After the flags: --help stays fast.
+  train.configure_xla(fv.conv_fusion)
   try:
     result = interpret.run(
         fv.workdir, method=fv.method if fv["method"].present else None,
@@ -47,16 +49,17 @@ def main(argv):
         out_dir=_OUT_DIR.value or None,
         **evaluate.overrides_from_flags(fv, used=("method", "depth")))
   except (ValueError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return cli.fail(e)
   print(json.dumps({k: v for k, v in result.items() if k != "figures"}, indent=1))
   for path in result["figures"].values():
     print(f"wrote {path}")
+  print(console.next_step("interpret", fv.workdir))
   return 0
 
 
 if __name__ == "__main__":
   config.define_flags()
-  flags.FLAGS.alsologtostderr = True
-  app.run(main)
+  flags.FLAGS["workdir"].help = "the training run whose network to look into"
+  flags.FLAGS["method"].help = "the network's method, one the run trained (default: its first)"
+  flags.FLAGS["depth"].help = "the network's depth (default: the method's deepest trained one)"
+  cli.run(main, __doc__, SHOWN)

@@ -13,6 +13,7 @@ from absl import flags
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This checkout's lwjax, first.
 
+from lwjax import cli
 from lwjax import data, fastmri
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Dataset directory.", required=True)
@@ -38,4 +39,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, __doc__, {"out_dir": "output", "size": "data", "coils": "data",
+                          "train_subjects": "data", "val_subjects": "data", "slices": "data",
+                          "seed": "data", "noise_std": "data"})

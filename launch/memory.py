@@ -27,6 +27,7 @@ from absl import logging
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This checkout's lwjax, first.
 
+from lwjax import cli
 from lwjax import config
 
 _BUDGET_GB = flags.DEFINE_float("budget_gb", 12.0, "memory budget of one device, GiB (2**30 bytes)")
@@ -41,18 +42,21 @@ _MEASURE = flags.DEFINE_bool("measure", False, "also run the steps on the accele
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from lwjax import figures, memory, train  # Imported after flag parsing: --help stays fast.
   cfg = config.from_flags()
   run = Path(cfg.workdir) / "config.json"
   # A run's workdir, named (the default "workdir" may hold an unrelated run): analyse that run,
   # with the flags given replacing its settings.
-  if flags.FLAGS["workdir"].present and run.exists():
-    cfg = config.from_flags(base=config.load(run))
-    given = sorted(f.name for f in dataclasses.fields(cfg) if flags.FLAGS[f.name].present)
-    logging.info("the settings of %s, with %s from the flags", run, ", ".join(given) or "none")
+  try:
+    if flags.FLAGS["workdir"].present and run.exists():
+      cfg = config.from_flags(base=config.load(run))
+      given = sorted(f.name for f in dataclasses.fields(cfg) if flags.FLAGS[f.name].present)
+      logging.info("the settings of %s, with %s from the flags", run, ", ".join(given) or "none")
+    config.validate(cfg, num_devices=1)  # Before JAX is imported: a bad flag is refused at once.
+  except ValueError as e:
+    return cli.fail(e)
+  from lwjax import figures, memory, train  # Imported after the flags are checked.
   train.configure_xla(cfg.conv_fusion)
   try:
-    config.validate(cfg, num_devices=1)
     rep = memory.report(cfg, int(_BUDGET_GB.value * 2**30), coils=_COILS.value,
                         log=logging.info)
   except ValueError as e:
@@ -72,7 +76,7 @@ def main(argv):
   for method in config.LAYERWISE:
     if method in rep:
       path = figures.memory_bars({**rep, "layerwise": rep[method]},
-                                 figure_dir / f"memory_{method}.png")
+                                 figure_dir / f"memory_{method}.png", method=method)
       print(f"wrote {path}")
   if _JSON_OUT.value:
     Path(_JSON_OUT.value).parent.mkdir(parents=True, exist_ok=True)
@@ -83,5 +87,5 @@ def main(argv):
 
 if __name__ == "__main__":
   config.define_flags()
-  flags.FLAGS.alsologtostderr = True
-  app.run(main)
+  cli.run(main, __doc__, {**cli.config_flags(), "budget_gb": "runtime", "coils": "data",
+                          "measure": "runtime", "json_out": "output", "figure_dir": "output"})

@@ -3,7 +3,7 @@ r"""Train MRI reconstruction networks layer by layer (convex or not) and end to 
   python launch/train.py --flagfile=poisson.flags
   python launch/train.py --flagfile=demo.flags --workdir=runs/demo
 
-Every flag is a field of ``lwjax.config.Config`` (``--helpfull`` lists them). Outputs go to
+Every flag is a field of ``lwjax.config.Config`` (``--help`` lists them by topic). Outputs go to
 ``--workdir``: summary.json, metrics.jsonl, config.json, checkpoints/, params/, stages/.
 Run it again with the same flags to resume a killed run.
 """
@@ -11,34 +11,37 @@ import sys
 from pathlib import Path
 
 from absl import app
-from absl import flags
 from absl import logging
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This checkout's lwjax, first.
 
+from lwjax import cli
 from lwjax import config
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from lwjax import train  # Imported after flag parsing so --help stays fast.
-  train.quiet_library_logs()
-  cfg = config.from_flags()
+  try:
+    cfg = cli.checked_config()  # Before JAX is imported: a bad flag is refused at once.
+  except ValueError as e:
+    return cli.fail(e)
+  from lwjax import train  # Imported after the flags are checked: --help and errors stay fast.
   train.configure_xla(cfg.conv_fusion)
   cache = train.enable_compilation_cache(cfg.compilation_cache)
   logging.info("compilation cache: %s", cache or "off")
   try:
     train.initialize_distributed(cfg.distributed)
-    train.run(cfg)
+    summary = train.run(cfg)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+    return cli.fail(e)
+  if train.is_primary():
+    from lwjax import console
+    print(console.finished_run(summary, cfg.workdir))
+  diverged = train.diverged_message(summary)
+  return cli.fail(FloatingPointError(diverged)) if diverged else 0
 
 
 if __name__ == "__main__":
   config.define_flags()
-  flags.FLAGS.alsologtostderr = True
-  app.run(main)
+  cli.run(main, __doc__, cli.config_flags())

@@ -6,6 +6,7 @@ configuration as ``WORKDIR/config.json`` (``save``/``load``).
 """
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,7 @@ LAYERWISE = ("layerwise_convex", "layerwise")
 METHODS = LAYERWISE + ("e2e",)
 MASKS = ("poisson", "cartesian", "equispaced")
 MAPS = ("espirit", "lowres")
-SOLVERS = ("adam", "fista")
+SOLVERS = ("pfista", "fista", "adam")
 DTYPES = ("float32", "bfloat16")
 FEATURE_CACHES = ("none", "host", "disk", "device")
 HOST_DATA = ("memory", "disk")
@@ -26,18 +27,18 @@ HOST_DATA = ("memory", "disk")
 class Config:
   """All settings of a run. Field comments become the flags' help text."""
   # Data.
-  data_dir: str = ""  # fastMRI root with train/ and val/ (or multicoil_train/, multicoil_val/) HDF5 files; empty: synthetic data generated in WORKDIR/data
+  data_dir: str = ""  # fastMRI root holding train/ and val/ (or multicoil_*); empty: synthetic data in WORKDIR/data
   image_size: int = 320  # side of the square image grid every slice is cropped to
-  mask: str = "poisson"  # undersampling mask: poisson (2D variable-density Poisson disc), cartesian (1D random lines), equispaced (1D equispaced lines)
+  mask: str = "poisson"  # undersampling mask: poisson (2D Poisson disc), cartesian (random 1D lines) or equispaced (1D lines)
   accel: float = 4.0  # acceleration factor of the mask
-  calib: int = 16  # fully sampled centre of Poisson masks; coil maps use the sampled block within calib x calib
+  calib: int = 16  # side of the fully sampled centre of Poisson masks, and of the coil maps' calibration region
   center_fraction: float = 0.04  # fully sampled centre fraction of 1D Cartesian masks
   mask_seed: int = 0  # seed of the (fixed) sampling mask
   maps: str = "espirit"  # coil-map estimation from the calibration region: espirit or lowres
-  min_map_coverage: float = 0.01  # skip (and log) a slice whose coil maps are non-zero on less than this fraction of the grid (ESPIRiT's maps are empty on most noise-only edge slices of 15-coil data; with few coils or lowres maps noise is covered and kept); all-zero slices are skipped too; applied on loading, changing it prepares nothing again
-  cache_dir: str = ""  # folder of the prepared-slice cache; empty: WORKDIR/cache. Entries are keyed by file (path, size, mtime, norm/max attrs), slice, mask bits and preparation settings, so runs on the same data can share one folder and skip ESPIRiT
-  host_data: str = "memory"  # where the prepared slices live on the host: memory, or disk (a memory-mapped scratch file in the slice cache's folder, deleted as soon as it is mapped: host memory then does not grow with the dataset; batches are read from the page cache or the disk; 2D networks: a 3D run's volume patches are built in memory)
-  prep_workers: int = 0  # processes preparing slices that are not cached yet (ESPIRiT is the slow part); 0: one per CPU core
+  min_map_coverage: float = 0.01  # skip (and log) a slice whose coil maps cover less than this fraction of the grid
+  cache_dir: str = ""  # folder of the prepared-slice cache, shareable by runs on the same data; empty: WORKDIR/cache
+  host_data: str = "memory"  # where the prepared slices live on the host: memory, or disk (a memory-mapped scratch file)
+  prep_workers: int = 0  # processes preparing the slices not cached yet; 0: one per CPU core
   max_train_volumes: int = 0  # use at most this many training files (subjects); 0: all
   max_val_volumes: int = 0  # use at most this many validation files (subjects); 0: all
   synth_train_subjects: int = 30  # synthetic data: training subjects (files)
@@ -52,7 +53,7 @@ class Config:
   kernel_size: int = 7  # kernel side of every hidden layer (the paper: 7)
   # Training.
   method: str = "layerwise_convex,e2e"  # comma-separated methods to train: layerwise_convex, layerwise (non-convex ablation), e2e
-  e2e_depths: str = ""  # comma-separated depths at which to train end-to-end networks; empty: only --depth
+  e2e_depths: str = ""  # comma-separated depths of the end-to-end networks; empty: only --depth
   batch_size: int = 4  # global batch size, split over all local devices
   epochs: int = 40  # epochs per network (e2e) or per stage (layer-wise)
   lr: float = 1e-4  # Adam learning rate
@@ -61,33 +62,37 @@ class Config:
   weight_decay: float = 0.0  # decoupled weight decay of the non-convex methods (e2e, layerwise)
   seed: int = 0  # seed of initialisation and shuffling
   # Convex stage.
-  convex_solver: str = "adam"  # solver of the convex stages: adam (the paper) or fista (rho = 0 only)
-  beta: float = 0.01  # group-lasso weight of the convex stage: a fraction of each stage's beta_max (the weight that zeroes every group) with --beta_relative, else absolute (for a 0.5*mean squared-error data term)
-  beta_relative: bool = True  # read --beta as a fraction of each stage's beta_max (found in one pass over the data before the stage trains)
-  rho: float = 0.0  # ReLU-constraint penalty of the convex stage (0: the gated-ReLU relaxation, mapped to ReLU with a refit head)
+  convex_solver: str = "pfista"  # solver of the convex stages: pfista (FISTA in the patch-covariance metric), fista, or adam (the paper's)
+  beta: float = 0.01  # group-lasso weight: a fraction of each stage's beta_max with --beta_relative, else absolute
+  beta_relative: bool = True  # read --beta as a fraction of each stage's beta_max (one pass before the stage)
+  rho: float = 0.0  # ReLU-cone penalty (0: the gated-ReLU relaxation, mapped to ReLU by a head refit; > 0: adam only)
   refit_head: bool = True  # refit each convex stage's 1x1 head on its ReLU features by least squares
-  fista_iters: int = 200  # FISTA iterations (one pass over the data each) per convex stage
+  fista_iters: int = 500  # most passes over the data of a FISTA convex stage (one iteration each)
+  target_gap: float = 1e-4  # end a convex stage (rho = 0) once its relative duality gap is at most this; 0: never early
+  certify_every: int = 10  # passes between a convex stage's duality-gap certificates (and its checkpoints)
+  metric_samples: int = 64  # pfista: patches per patch dimension for the covariance metric; 0: every patch
+  convex_init: str = "zeros"  # start of the convex stages: zeros or random (a convex stage reaches one optimum)
   gate_seed: int = 0  # seed of the convex stages' fixed gate filters
   # Runtime.
   workdir: str = "workdir"  # everything a run writes: checkpoints, metrics, summary.json
   eval_batch_size: int = 8  # batch size of evaluation
   compute_dtype: str = "float32"  # float32, or bfloat16 compute with float32 parameters and loss
-  data_on_device: bool = False  # hold the training arrays (inputs, targets; k-space and maps for the unrolled model) in accelerator memory, every device a full copy, and gather each batch there: no host work or host-to-device copy per step
-  cache_features: str = "none"  # keep a finished stage's output features: none, host (memory), disk (memory-mapped file) or device (accelerator memory, every device a full copy)
-  distributed: str = ""  # multi-host runs (every host runs the same command): auto (jax.distributed.initialize() detects TPU pods, SLURM, Open MPI, Kubernetes) or ADDRESS:PORT,NUM_PROCESSES,PROCESS_ID; empty: one host
-  compilation_cache: str = "~/.cache/lwjax/jax"  # JAX's persistent cache of compiled steps, XLA's convolution autotuning included (on a GPU ~30 s per new 7x7x256 step: a rerun or resumed run skips it); empty: off; JAX_COMPILATION_CACHE_DIR, when set, wins
-  conv_fusion: bool = False  # GPU: let XLA fuse each convolution with its bias and ReLU into one cuDNN call; off by default: on an H200 the plain convolution plus XLA's own bias+ReLU fusion cut the bfloat16 steps' time by 11-22% (evaluation 43.0 -> 33.7 ms; BUILD_NOTES)
+  data_on_device: bool = False  # hold the training arrays in accelerator memory (a copy per device): no host copy per step
+  cache_features: str = "none"  # keep a finished stage's output features: none, host (memory), disk or device
+  distributed: str = ""  # multi-host runs: auto, or ADDRESS:PORT,NUM_PROCESSES,PROCESS_ID; empty: one host
+  compilation_cache: str = "~/.cache/lwjax/jax"  # folder of JAX's persistent compilation cache; empty: off (JAX_COMPILATION_CACHE_DIR wins)
+  conv_fusion: bool = False  # GPU: let XLA fuse each convolution with its bias and ReLU into one cuDNN call
   log_every: int = 50  # console log every this many steps (and at every epoch end)
   # Unrolled model and 3D.
-  model: str = "cnn"  # cnn (the deep net) or unrolled (MoDL-style: --unroll_iters x [CNN_k, then CG-SENSE data consistency]; --method=e2e trains all iterations jointly, layerwise one iteration per stage)
+  model: str = "cnn"  # cnn (the deep net) or unrolled (MoDL-style: per iteration a CNN, then CG-SENSE data consistency)
   unroll_iters: int = 2  # unrolled model: iterations K, each with its own CNN and lambda
-  dc_lambda: float = 0.05  # unrolled model: weight lambda of the data-consistency step argmin |Ax - y|^2 + lambda |x - z|^2 (the start value when learned)
+  dc_lambda: float = 0.05  # unrolled model: weight of the data-consistency step (its start value when learned)
   learn_lambda: bool = True  # unrolled model: learn each iteration's lambda (log-parametrised); false: keep --dc_lambda
-  lambda_lr: float = 0.0  # unrolled model: Adam learning rate of log lambda, on the --lr schedule (0: --lr; Adam moves log lambda by about this much per step)
+  lambda_lr: float = 0.0  # unrolled model: Adam learning rate of log lambda, on the --lr schedule; 0: --lr
   cg_iters: int = 10  # unrolled model: conjugate-gradient steps per data-consistency step
-  ndim: int = 2  # spatial dimensions of the network: 2 (slices) or 3 (volume patches of --volume_depth consecutive slices of one file, kernels --kernel_depth x --kernel_size x --kernel_size)
-  volume_depth: int = 8  # 3D: slices per volume patch (slices that fill no patch, at a file's end or before a skipped slice, are dropped)
-  kernel_depth: int = 0  # 3D: kernel extent across slices (0: --kernel_size; e.g. 3 with --kernel_size=7 for 3x7x7 kernels on thick slices)
+  ndim: int = 2  # spatial dimensions of the network: 2 (slices) or 3 (volume patches of --volume_depth slices)
+  volume_depth: int = 8  # 3D: consecutive slices of one file per volume patch
+  kernel_depth: int = 0  # 3D: kernel extent across slices; 0: --kernel_size
 
   @property
   def methods(self) -> tuple[str, ...]:
@@ -117,6 +122,20 @@ def validate(cfg: Config, num_devices: int) -> None:
   def need(ok, flag, msg):
     if not ok:
       raise ValueError(f"--{flag}={getattr(cfg, flag)!r}: {msg}")
+  for f in dataclasses.fields(cfg):  # inf passes every "> 0" below; nan fails them unnamed.
+    if f.type is float:
+      need(math.isfinite(getattr(cfg, f.name)), f.name, "expected a finite number")
+  need(cfg.image_size >= 1, "image_size", "must be >= 1 (pixels per side)")
+  need(cfg.calib >= 1, "calib", "must be >= 1")
+  need(0 < cfg.center_fraction <= 1, "center_fraction", "expected a fraction in (0, 1]")
+  for flag in ("mask_seed", "seed", "gate_seed", "synth_seed"):
+    need(getattr(cfg, flag) >= 0, flag, "must be >= 0 (a seed)")
+  for flag in ("synth_train_subjects", "synth_val_subjects", "synth_slices", "synth_coils"):
+    need(getattr(cfg, flag) >= 1, flag, "must be >= 1")
+  need(cfg.synth_noise >= 0, "synth_noise", "must be >= 0 (a standard deviation)")
+  for flag in ("max_train_volumes", "max_val_volumes"):
+    need(getattr(cfg, flag) >= 0, flag, "must be >= 0 (0: all files)")
+  need(cfg.log_every >= 0, "log_every", "must be >= 0 (0: only at epoch ends)")
   need(cfg.methods and all(m in METHODS for m in cfg.methods), "method",
        f"expected a comma-separated subset of {', '.join(METHODS)}")
   need(cfg.depth >= 2, "depth", "must be >= 2 (one hidden layer and the 1x1 head)")
@@ -148,8 +167,13 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.accel > 1, "accel", "acceleration must be > 1")
   need(cfg.maps in MAPS, "maps", f"expected one of {', '.join(MAPS)}")
   need(cfg.convex_solver in SOLVERS, "convex_solver", f"expected one of {', '.join(SOLVERS)}")
-  need(cfg.convex_solver != "fista" or cfg.rho == 0, "rho",
-       "FISTA solves the gated relaxation only: use --rho=0 with --convex_solver=fista")
+  need(cfg.convex_solver == "adam" or cfg.rho == 0, "rho",
+       f"{cfg.convex_solver} solves the gated relaxation only: use --rho=0, or "
+       "--convex_solver=adam")
+  need(0 <= cfg.target_gap < 1, "target_gap", "expected a relative duality gap in [0, 1)")
+  need(cfg.certify_every >= 1, "certify_every", "must be >= 1 (passes)")
+  need(cfg.metric_samples >= 0, "metric_samples", "must be >= 0 (0: every patch)")
+  need(cfg.convex_init in ("zeros", "random"), "convex_init", "expected zeros or random")
   need(cfg.beta >= 0 and cfg.rho >= 0, "beta", "beta and rho must be >= 0")
   need(cfg.beta > 0 or "layerwise_convex" not in cfg.methods, "beta",
        "the convex stage needs beta > 0 (its group lasso)")
@@ -219,9 +243,36 @@ def save(cfg: Config, path) -> None:
     tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1, sort_keys=True))
 
 
+def read_json(path):
+  """The value in the JSON file ``path``; one that cannot be parsed is a ValueError naming it.
+
+  Every JSON file lwjax reads (config.json, data.json, summary.json, stage reports, eval.json)
+  goes through here."""
+  text = Path(path).read_text()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}): the file is damaged (a full disk, or "
+                     "edited by hand?); restore it or move it away") from None
+
+
+def read_json_lines(path) -> list:
+  """The values of the JSON-lines file ``path`` (blank lines skipped); a line that cannot be
+  parsed is a ValueError naming the file and the line."""
+  out = []
+  for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    if line.strip():
+      try:
+        out.append(json.loads(line))
+      except ValueError as e:
+        raise ValueError(f"{path}: line {number} is not valid JSON ({e}): the file is "
+                         "damaged; restore it or remove that line") from None
+  return out
+
+
 def load(path, **overrides) -> Config:
   """Read a ``config.json`` written by ``save``; unknown keys are an error naming the file."""
-  values = json.loads(Path(path).read_text())
+  values = read_json(path)
   known = {f.name for f in dataclasses.fields(Config)}
   unknown = sorted(set(values) - known)
   if unknown:

@@ -12,6 +12,7 @@ Data consistency (the unrolled network) also needs the coil maps and the undersa
 """
 import collections
 import concurrent.futures
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -19,7 +20,11 @@ import math
 import multiprocessing
 import os
 from pathlib import Path
+import signal
+import sys
 import tempfile
+import threading
+import time
 from typing import Callable, Iterator, Optional
 import zipfile
 
@@ -206,20 +211,42 @@ def prepare_slice(kspace_grid, mask, cfg: PrepConfig) -> dict:
   mask = np.asarray(mask, bool)
   if not kspace_grid.any():
     raise EmptySlice("all-zero k-space")
+  out = network_input(kspace_grid, mask, cfg)
+  y = sense.zero_filled(kspace_grid, out["maps"], np.ones_like(mask))
+  return dict(out, y=sense.to_channels(y / out["scale"]),
+              kspace=np.asarray(kspace_grid * mask / out["scale"], np.complex64))
+
+
+def network_input(kspace, mask, cfg: PrepConfig) -> dict:
+  """What a network sees of one slice, from its sampled k-space only (so also at inference).
+
+  Args:
+    kspace: (C, h, w) complex k-space; only the samples where ``mask`` is set are used.
+    mask: (h, w) bool sampling mask.
+    cfg: the preparation config (``maps`` and ``calib`` are used here).
+
+  Returns:
+    dict(x=(h, w, 2) float32 the SENSE zero-filled image / scale, maps=(C, h, w) complex64 from
+    the calibration region, scale=max |zero-filled image|, coverage=the fraction of the grid
+    where the maps are non-zero).
+
+  Raises:
+    EmptySlice: all-zero k-space, or maps that are zero everywhere (a noise-only slice).
+  """
+  kspace, mask = np.asarray(kspace, np.complex64), np.asarray(mask, bool)
+  if not (kspace * mask).any():
+    raise EmptySlice("all-zero k-space")
   calib = calib_size(mask, cfg.calib)
-  maps = coils.estimate(kspace_grid * mask, cfg.maps, calib=calib)
+  maps = coils.estimate(kspace * mask, cfg.maps, calib=calib)
   coverage = float(np.mean(np.any(maps != 0, axis=0)))
   if coverage == 0:
     raise EmptySlice(f"{cfg.maps} coil maps are zero on the whole grid ({_NO_MAPS_HINT})")
-  x = sense.zero_filled(kspace_grid, maps, mask)
-  y = sense.zero_filled(kspace_grid, maps, np.ones_like(mask))
+  x = sense.zero_filled(kspace, maps, mask)
   scale = float(np.abs(x).max())
   if not np.isfinite(scale) or scale <= 0:
     raise EmptySlice(f"zero-filled image: expected a finite positive maximum, found {scale} "
                      f"({_NO_MAPS_HINT})")
-  return dict(x=sense.to_channels(x / scale), y=sense.to_channels(y / scale),
-              maps=np.asarray(maps, np.complex64),
-              kspace=np.asarray(kspace_grid * mask / scale, np.complex64), scale=scale,
+  return dict(x=sense.to_channels(x / scale), maps=np.asarray(maps, np.complex64), scale=scale,
               coverage=coverage)
 
 
@@ -245,11 +272,12 @@ _CONTENT_ATTRS = ("norm", "max")
 _MASK_FIELDS = ("mask", "accel", "center_fraction", "mask_seed")
 
 
-def cache_key(path, index, cfg: PrepConfig, attrs: Optional[dict] = None,
-              mask: Optional[np.ndarray] = None) -> str:
-  """Names a prepared slice: file identity (absolute path, size, mtime and the ``norm``/``max``
-  of its ``attrs``, as ``fastmri.open_volume`` reads them), slice, the sampling ``mask`` (default
-  ``mask_for(cfg)``) by its bits, the rest of the config, format."""
+def cache_identity(path, index, cfg: PrepConfig, attrs: Optional[dict] = None,
+                   mask: Optional[np.ndarray] = None) -> str:
+  """What a prepared slice is, as JSON: file identity (absolute path, size, mtime and the
+  ``norm``/``max`` of its ``attrs``, as ``fastmri.open_volume`` reads them), slice, the sampling
+  ``mask`` (default ``mask_for(cfg)``) by its bits, the rest of the config, format. Its entry
+  is named by its hash (``cache_key``) and holds it, checked on reading."""
   st = os.stat(path)
   content = {k: repr(attrs[k]) for k in _CONTENT_ATTRS if k in (attrs or {})}
   mask = np.asarray(mask_for(cfg) if mask is None else mask, bool)
@@ -257,18 +285,36 @@ def cache_key(path, index, cfg: PrepConfig, attrs: Optional[dict] = None,
   for field in _MASK_FIELDS + ("min_map_coverage",):  # The last is applied on loading.
     del prep[field]
   bits = hashlib.sha256(np.packbits(mask).tobytes() + repr(mask.shape).encode()).hexdigest()
-  blob = json.dumps({"version": CACHE_VERSION, "path": str(Path(path).resolve()),
+  return json.dumps({"version": CACHE_VERSION, "path": str(Path(path).resolve()),
                      "size": st.st_size, "mtime_ns": st.st_mtime_ns, "attrs": content,
                      "slice": index, "cfg": prep, "mask": bits}, sort_keys=True)
-  return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _read_entry(file, size, num_coils=None, kspace=False) -> Optional[dict]:
+def cache_key(path, index, cfg: PrepConfig, attrs: Optional[dict] = None,
+              mask: Optional[np.ndarray] = None) -> str:
+  """The name of a prepared slice's cache entry: the hash of its ``cache_identity``."""
+  return _key(cache_identity(path, index, cfg, attrs, mask))
+
+
+def _key(identity: str) -> str:
+  return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def identity_difference(was: str, want: str) -> str:
+  """How the ``cache_identity`` an entry holds differs from the one asked for, in words."""
+  was, want = json.loads(was), json.loads(want)
+  return ", ".join(f"{k} {was.get(k)!r} instead of {want[k]!r}" for k in sorted(want)
+                   if was.get(k) != want[k]) or "the same"
+
+
+def _read_entry(file, size, num_coils=None, kspace=False, identity=None) -> Optional[dict]:
   """The cached slice in ``file``, or None when it is missing, unreadable or malformed.
 
   ``num_coils`` set: the entry must hold maps of that many coils, and with ``kspace`` also the
   sampled k-space (an entry written without them is valid for reads that do not need them).
-  A skipped slice's entry is ``{"skip": reason}``.
+  A skipped slice's entry is ``{"skip": reason}``. ``identity`` set: an entry that records
+  another ``cache_identity`` is ``{"mismatch": how it differs}`` (one that records none is
+  invalid).
   """
   want = {"x": ((size, size, 2), np.float32), "y": ((size, size, 2), np.float32),
           "scale": ((), np.float32), "coverage": ((), np.float32)}
@@ -278,6 +324,11 @@ def _read_entry(file, size, num_coils=None, kspace=False) -> Optional[dict]:
       want["kspace"] = ((num_coils, size, size), np.complex64)
   try:
     with np.load(file, allow_pickle=False) as z:
+      if identity is not None:
+        if _IDENTITY not in z.files:  # Written before entries held one: prepared again.
+          return None
+        if str(z[_IDENTITY]) != identity:
+          return {_MISMATCH: identity_difference(str(z[_IDENTITY]), identity)}
       if _SKIP in z.files:
         return {_SKIP: str(z[_SKIP])}
       entry = {k: z[k] for k in want}
@@ -303,46 +354,90 @@ def _entry(example, with_maps, with_kspace=False) -> dict:
   return entry
 
 
-def _cache_file(info, index, mask, cfg, cache_dir) -> Path:
-  return Path(cache_dir) / f"{cache_key(info.path, index, cfg, info.attrs, mask)}.npz"
+def _cache_file(info, index, mask, cfg, cache_dir) -> tuple[Path, str]:
+  """The cache entry of a slice and the ``cache_identity`` it must hold."""
+  identity = cache_identity(info.path, index, cfg, info.attrs, mask)
+  return Path(cache_dir) / f"{_key(identity)}.npz", identity
 
 
 def _cached_slice(info, index, mask, cfg, cache_dir, with_maps, with_kspace) -> Optional[dict]:
-  return _read_entry(_cache_file(info, index, mask, cfg, cache_dir), cfg.image_size,
-                     info.num_coils if with_maps or with_kspace else None, with_kspace)
+  file, identity = _cache_file(info, index, mask, cfg, cache_dir)
+  return _read_entry(file, cfg.image_size, info.num_coils if with_maps or with_kspace else None,
+                     with_kspace, identity)
 
 
 _SKIP = "skip"  # The key of a skipped slice's cache entry (its reason), so it is decided once.
+_IDENTITY = "identity"  # The key of an entry's ``cache_identity``.
+_MISMATCH = "mismatch"  # ``_read_entry``'s answer for an entry of another slice or settings.
+
+
+def overflows(kspace: np.ndarray) -> bool:
+  """Whether k-space (C, H, W) is too large for float32 FFTs: an orthonormal 2D FFT's output can
+  reach sqrt(H * W) times the largest input magnitude."""
+  limit = float(np.finfo(np.float32).max) / math.sqrt(kspace.shape[-1] * kspace.shape[-2])
+  return float(np.abs(kspace).max()) > limit
 
 
 def _prepare_and_cache(info, index, mask, cfg, cache_dir, with_maps, with_kspace) -> dict:
   """Prepares one slice from its file and writes its cache entry (atomically); returns it
   (``{"skip": reason}`` for an :class:`EmptySlice`)."""
-  file = _cache_file(info, index, mask, cfg, cache_dir)
-  grid = fastmri.to_grid(fastmri.read_slice(info.path, index), cfg.image_size)
+  file, identity = _cache_file(info, index, mask, cfg, cache_dir)
+  kspace = fastmri.read_slice(info.path, index)
+  where = f"{info.path}: key '{fastmri.KSPACE}', slice {index}"
+  if overflows(kspace):
+    raise fastmri.DataError(
+        f"{where}: its largest magnitude, {np.abs(kspace).max():.3g}, is so close to float32's "
+        f"maximum ({np.finfo(np.float32).max:.3g}) that the FFTs' sums overflow to inf (then "
+        "LAPACK's 'Eigenvalues did not converge', or NaN images); expected k-space scaled well "
+        "below it (fastMRI's is ~1e-3): rescale the file's k-space")
+  grid = fastmri.to_grid(kspace, cfg.image_size)
   try:
     entry = _entry(prepare_slice(grid, mask, cfg), with_maps, with_kspace)
   except EmptySlice as e:
     entry = {_SKIP: np.array(str(e))}
   except ValueError as e:
-    raise fastmri.DataError(f"{info.path}: key '{fastmri.KSPACE}', slice {index}: {e}") from e
+    raise fastmri.DataError(f"{where}: {e}") from e
   with fastmri.atomic_write(file) as tmp, open(tmp, "wb") as f:
-    np.savez(f, **entry)
+    np.savez(f, **entry, **{_IDENTITY: np.array(identity)})
   return entry
+
+
+def _die_with_parent(parent: int) -> None:
+  """Worker initializer: the worker ends when ``parent`` does, also when it is killed with
+  SIGKILL (its pool's shutdown never runs then). Linux: the kernel sends SIGKILL
+  (PR_SET_PDEATHSIG); elsewhere a thread watches the parent. The workers gone, multiprocessing's
+  resource tracker sees its pipe close and ends too."""
+  if sys.platform.startswith("linux"):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+      raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+  else:
+    def watch():
+      while os.getppid() == parent:
+        time.sleep(1.0)
+      os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+  if os.getppid() != parent:  # It died before the signal was armed.
+    os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
   """Processes for slice preparation: spawned (the parent may run JAX's threads, which a fork
   would copy half-way), each with single-threaded BLAS/FFT so that ``workers`` use as many cores.
   Preparation is NumPy only; JAX is pinned to the CPU there all the same, so that no worker can
-  ever take accelerator memory."""
+  ever take accelerator memory. No worker outlives the process that made the pool
+  (``_die_with_parent``)."""
   worker_env = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
   worker_env["JAX_PLATFORMS"] = "cpu"
   saved = {k: os.environ.get(k) for k in worker_env}
   os.environ.update(worker_env)  # Inherited by the workers, spawned below.
   try:
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"))
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent,
+        initargs=(os.getpid(),))
     for _ in pool.map(int, range(workers)):  # Start them all now, under this environment.
       pass
   finally:
@@ -396,7 +491,8 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   """Every slice of the first ``max_volumes`` files of a split, prepared or read from the cache.
 
   Each slice is cached as one ``.npz`` keyed by :func:`cache_key`; entries are written atomically
-  and validated on reading, and an invalid one is prepared and written again. ``with_maps`` and
+  and validated on reading (shapes, finite values, the ``cache_identity`` they hold), and an
+  invalid one is prepared and written again (one that holds another identity is logged). ``with_maps`` and
   ``with_kspace`` add the coil maps and the sampled, scaled k-space (what data consistency needs)
   to the split; an entry cached without them is prepared again once. Files with fewer coils than
   the split's most are padded with zero coils (map and k-space 0), which adds exactly nothing to
@@ -497,14 +593,20 @@ def _fill_split(arrays, slices, mask, cfg, *, split, cache_dir, with_maps, with_
       else:
         out[i] = entry[key]
 
-  missing = []
+  missing, mismatched = [], []
   for i, (_, info, index) in enumerate(slices):
     entry = _cached_slice(info, index, mask, cfg, cache_dir, with_maps, with_kspace)
+    if entry is not None and _MISMATCH in entry:
+      mismatched.append(f"{info.path.name} slice {index}: {entry[_MISMATCH]}")
+      entry = None
     if entry is None:
       missing.append(i)
     else:
       store(i, entry)
   hits = total - len(missing)
+  if log and mismatched:
+    log(f"{split}: {len(mismatched)} cache entries in {cache_dir} hold another slice or other "
+        f"settings than their names say (e.g. {mismatched[0]}): prepared again")
   args = lambda i: (slices[i][1], slices[i][2], mask, cfg, cache_dir, with_maps, with_kspace)
   workers = min(workers or os.cpu_count() or 1, len(missing))
 

@@ -16,7 +16,9 @@ predicts the validation split with each and writes:
                        "examples": [slice indices drawn in examples.png],
                        "per_volume", "volume_mean": the same per file and averaged over files,
                        in fastMRI's volume-wise convention (``metrics.volume_metrics``),
-                       "volumes": [file, ...] (the order of every per-volume list)}
+                       "volumes": [file, ...] (the order of every per-volume list),
+                       "diverged": {method: {"<depth>": why}} (networks whose metrics are
+                       not results: ``train.network_divergence``; report.md marks them)}
   WORKDIR/report.md   a table per method and depth, the layer-wise vs e2e gap, stage reports
   WORKDIR/figures/    metrics_vs_depth.png (paper figure 2), examples.png (figure 3),
                       training_curves.png
@@ -31,7 +33,6 @@ Every kind of run is evaluated as its trainer evaluates it: 2D slices, 3D volume
 "cg_sense" baseline); for the unrolled model "depth" is the number of iterations.
 """
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +55,42 @@ OVERRIDABLE = ("data_dir", "max_val_volumes", "eval_batch_size", "cache_dir")
 # network's PSNR, a typical and a hard slice (the very worst is often an all-noise edge slice).
 EXAMPLE_QUANTILES = (0.5, 0.1)
 METRICS = tuple(metrics_lib.NAMES)
+# What each figure of a stage report (stages/<method>/stage_<i>.json) means, and which values are
+# good: report.md explains the keys its tables show. Images are scaled to max |zero-filled| = 1.
+STAGE_KEYS = {
+    "rel_gap": "relative duality gap (P - D) / P, the certificate: the stage's objective is at "
+               "most this fraction above its optimum; good: at most target_gap (near 1: far from "
+               "solved).",
+    "target_gap": "the rel_gap at which the stage stops early (--target_gap; 0: never); a "
+                  "rel_gap above it means the stage ran out of passes uncertified.",
+    "passes": "passes over the training set the stage took (its epochs); fewer than the limit "
+              "(--fista_iters or --epochs) means it reached target_gap early.",
+    "kkt_violation": "how far the solution is from the group lasso's optimality (KKT) "
+                     "conditions, RMS over the filter groups relative to beta; 0 at the "
+                     "optimum, good: well below 1.",
+    "constraint_violation": "how far the gated solution's branches lie outside their ReLU "
+                            "cones, relative to their magnitude; 0: the convex model is exactly "
+                            "a ReLU layer, good: near 0 (rho > 0 penalises it).",
+    "relu_mismatch": "relative RMS difference between the convex model's output and that of "
+                     "the ReLU layer it is mapped to; good: small (0: identical).",
+    "mse_relu": "training MSE of the mapped ReLU layer with the convex model's head; good: "
+                "close to mse.",
+    "mse_refit": "training MSE of the mapped ReLU layer after the least-squares head refit (the "
+                 "layer the network keeps); good: at most mse_relu.",
+    "mse": "training mean squared error of the convex (gated) model; lower is better.",
+    "objective": "the convex program's objective P (0.5 mse + beta * sum of group norms "
+                 "[+ rho * cone violation]); lower is better, comparable within a stage only.",
+    "active_groups": "filter groups (hidden units) left non-zero by the group lasso; fewer: a "
+                     "sparser layer, 0: beta too large (the layer is empty).",
+    "beta": "the group-lasso weight the stage used (--beta times beta_max with --beta_relative).",
+    "beta_max": "the smallest beta that zeroes every group (found before the stage); beta "
+                "must stay below it, or the layer is empty.",
+    "lipschitz": "the data term's Lipschitz constant (pfista: in its metric), which sets the "
+                 "solver's step size.",
+    "metric_rows": "pfista: patches sampled to estimate its patch-covariance metric.",
+    "metric_clipped": "pfista: eigenvalues of the patch covariance raised to its floor "
+                      "(directions the features barely span); 0: none.",
+}
 
 
 def load_config(workdir, **overrides) -> Config:
@@ -169,8 +206,9 @@ def per_slice_metrics(cfg: Config, val: data_lib.Split,
 
   def measure(pred, *path):
     """Records the metrics of ``pred`` (N, H, W, 2) under ``path`` in both trees."""
-    for tree, value in ((out, metrics_lib.per_slice(pred, y)),
-                        (volume, metrics_lib.per_file(pred * scale, y_true, volumes))):
+    for tree, value in ((out, metrics_lib.per_slice(pred=pred, target=y)),
+                        (volume, metrics_lib.per_file(pred=pred * scale, target=y_true,
+                                                      volumes=volumes))):
       for key in path[:-1]:
         tree = tree.setdefault(key, {})
       tree[path[-1]] = value
@@ -231,7 +269,7 @@ def read_metrics_log(workdir) -> list[dict]:
   path = Path(workdir) / "metrics.jsonl"
   if not path.is_file():
     raise FileNotFoundError(f"{path}: the run's training log is missing")
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return config_lib.read_json_lines(path)
 
 
 def stage_reports(cfg: Config) -> dict:
@@ -243,9 +281,23 @@ def stage_reports(cfg: Config) -> dict:
     # A CNN stage i gives depth i + 1; an unrolled stage k gives k iterations.
     stage = depth if cfg.model == "unrolled" else depth - 1
     path = train.stage_report_path(cfg.workdir, method, stage)
-    report = json.loads(path.read_text()) if path.is_file() else {}
+    report = config_lib.read_json(path) if path.is_file() else {}
     if report:
       out.setdefault(method, {})[stage] = report
+  return out
+
+
+def diverged_networks(cfg: Config, mean: dict, records: list[dict]) -> dict:
+  """``{method: {depth: why}}`` of the networks that diverged (``train.network_divergence``)."""
+  out = {}
+  for method, depth in trained_networks(cfg):
+    if cfg.model == "unrolled":
+      phase = unrolled.phase_of(method, depth)
+    else:
+      phase = f"e2e_d{depth}" if method == "e2e" else f"{method}_s{depth - 1}"
+    why = train.network_divergence(mean[method][str(depth)], mean["zero_filled"], records, phase)
+    if why:
+      out.setdefault(method, {})[str(depth)] = why
   return out
 
 
@@ -288,6 +340,7 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
                 + [metrics_lib.label(k, "gap") for k in METRICS]),
            _row(["---"] + ["---:"] * (1 + 2 * len(METRICS)))]
   blank = [""] * len(METRICS)
+  diverged = result.get("diverged", {})
   for name, label in figures.BASELINES.items():
     if name in per_slice:
       lines.append(_row([label, ""] + _cells(per_slice[name]) + blank))
@@ -298,7 +351,8 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
     if method != ref_method and str(depth) in e2e:
       means, ref = mean[method][str(depth)], e2e[str(depth)]
       gap = [f"{means[k] - ref[k]:+{metrics_lib.NAMES[k][2]}}" for k in METRICS]
-    lines.append(_row([method, depth] + _cells(per_slice[method][str(depth)]) + gap))
+    label = f"{method} (DIVERGED)" if str(depth) in diverged.get(method, {}) else method
+    lines.append(_row([label, depth] + _cells(per_slice[method][str(depth)]) + gap))
   lines += ["", "## fastMRI's volume-wise convention", "",
             f"Per file ({len(result['volumes'])}): data range the volume's maximum, PSNR and NMSE "
             "over the volume's evaluated slices (a 3D run drops the slices that fill no patch), "
@@ -316,6 +370,13 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
               "| stage | " + " | ".join(keys) + " |", "| ---: |" + " ---: |" * len(keys)]
     lines += [f"| {s} | " + " | ".join(f"{r[k]:.4g}" if k in r else "" for k in keys) + " |"
               for s, r in sorted(reports.items())]
+    lines += [""] + [f"- `{k}`: {STAGE_KEYS[k]}" for k in keys if k in STAGE_KEYS]
+  if diverged:
+    lines += ["", "## Diverged networks", "",
+              "Their metrics are not results (thresholds: BUILD_NOTES.md); retrain them with a "
+              "lower --lr.", ""]
+    lines += [f"- {m} depth {d}: {why}" for m, by_depth in diverged.items()
+              for d, why in by_depth.items()]
   lines += ["", "## Figures", ""]
   lines += [f"![{name}]({path})" for name, path in figure_files.items()]
   return "\n".join(lines) + "\n"
@@ -351,7 +412,7 @@ def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bo
   workdir = Path(cfg.workdir)
   record = workdir / "data.json"
   if record.exists():
-    was = json.loads(record.read_text()).get("val")
+    was = config_lib.read_json(record).get("val")
     own = was is not None and data_lib.data_difference(was, data_lib.data_record(val)) is None
   else:
     run_cfg = config_lib.load(workdir / "config.json")
@@ -395,7 +456,7 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
         f"to {out}")
     previous = out / "eval.json"
     if previous.exists():
-      other = json.loads(previous.read_text()).get("data_dir")
+      other = config_lib.read_json(previous).get("data_dir")
       if other != data_dir:
         raise ValueError(f"{previous}: holds the evaluation of {other or 'other data'}, not of "
                          f"{data_dir}; choose another folder with --out_dir")
@@ -417,10 +478,12 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
             "per_volume": as_lists(per_volume),
             "volume_mean": _map_metrics(metrics_lib.means, per_volume),
             "volumes": [file_of[v] for v in sorted(file_of)]}  # metrics.per_file's order
+  result["diverged"] = diverged_networks(cfg, result["mean"], records)
   out.mkdir(parents=True, exist_ok=True)
   train.write_json(out / "eval.json", result)
   figure_files = draw_figures(cfg, result, example_columns(outputs, examples), records,
                               out / "figures")
   (out / "report.md").write_text(report_markdown(cfg, result, figure_files, stage_reports(cfg)))
-  log(f"wrote {out / 'eval.json'}, {out / 'report.md'} and {len(figure_files)} figures")
+  log(f"wrote {out / 'report.md'} (tables, stage certificates explained), {out / 'eval.json'} "
+      f"(per-slice metrics) and {len(figure_files)} figures in {out / 'figures'}")
   return result

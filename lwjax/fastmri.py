@@ -24,6 +24,7 @@ from lwjax.fft import center_slices, fft2c, ifft2c
 KSPACE = "kspace"
 RSS = "reconstruction_rss"
 HEADER = "ismrmrd_header"
+MASK = "mask"  # fastMRI test/challenge files: the sampled k-space columns (W,)
 SPLITS = ("train", "val")
 # What marks a fastMRI test/challenge file: its k-space is already undersampled (zeros where
 # ``mask`` is 0) and it has no fully sampled target, so it can be neither trained nor scored on.
@@ -200,8 +201,9 @@ def _open(path) -> h5py.File:
                     f"({e})") from e
 
 
-def _kspace(f: h5py.File, path) -> tuple[h5py.Dataset, "Header"]:
-  """The validated ``kspace`` dataset of an open file, and its header."""
+def _kspace(f: h5py.File, path, undersampled: bool = False) -> tuple[h5py.Dataset, "Header"]:
+  """The validated ``kspace`` dataset of an open file, and its header. Undersampled files
+  (fastMRI test/challenge files) are refused unless ``undersampled`` (then they need a mask)."""
   if not isinstance(f.get(KSPACE), h5py.Dataset):
     raise DataError(f"{path}: expected a dataset '{KSPACE}', found keys {sorted(f.keys())}")
   ds = f[KSPACE]
@@ -217,7 +219,13 @@ def _kspace(f: h5py.File, path) -> tuple[h5py.Dataset, "Header"]:
   header = read_header(f)
   _check_axes(ds.shape, header.encoded, path)
   marks = [m for m in UNDERSAMPLED_MARKS if m in f or m in f.attrs]
-  if marks:
+  if marks and undersampled:
+    if not isinstance(f.get(MASK), h5py.Dataset) or f[MASK].shape not in ((ds.shape[3],),
+                                                                          tuple(ds.shape[2:])):
+      found = f"shape {f[MASK].shape}" if isinstance(f.get(MASK), h5py.Dataset) else "none"
+      raise DataError(f"{path}: key '{MASK}': an undersampled file needs its sampling mask, "
+                      f"(W,) = ({ds.shape[3]},) or (H, W) = {tuple(ds.shape[2:])}; found {found}")
+  elif marks:
     where = ", ".join(f"key '{m}'" if m in f else f"attr '{m}'" for m in marks)
     raise DataError(f"{path}: {where}: a fastMRI test/challenge file (its k-space is already "
                     "undersampled and it has no fully sampled target); expected fully sampled "
@@ -308,14 +316,14 @@ def _plain(value):
   return value.item() if isinstance(value, np.generic) else value
 
 
-def open_volume(path) -> VolumeInfo:
+def open_volume(path, undersampled: bool = False) -> VolumeInfo:
   """Validates a multi-coil volume file and returns its metadata (reads no k-space).
 
   Logs a warning when the file has a header that does not parse, or whose encodedSpace differs
   from the k-space's (H, W) in a way no axis permutation explains (then its acquired columns are
   not believed either)."""
   with _open(path) as f:
-    ds, header = _kspace(f, path)
+    ds, header = _kspace(f, path, undersampled)
     shape = tuple(ds.shape)
     attrs = {k: _plain(v) for k, v in f.attrs.items()}
     has_header = HEADER in f
@@ -332,10 +340,11 @@ def open_volume(path) -> VolumeInfo:
                     acquired=header.acquired if agrees else None, recon=header.recon)
 
 
-def read_slice(path, index) -> np.ndarray:
-  """The k-space of slice ``index``: (C, H, W) complex64, checked to be finite."""
+def read_slice(path, index, undersampled: bool = False) -> np.ndarray:
+  """The k-space of slice ``index``: (C, H, W) complex64, checked to be finite (``undersampled``:
+  fastMRI test/challenge files are read too)."""
   with _open(path) as f:
-    ds, _ = _kspace(f, path)
+    ds, _ = _kspace(f, path, undersampled)
     if not 0 <= index < ds.shape[0]:
       raise DataError(f"{path}: key '{KSPACE}': expected a slice index in [0, {ds.shape[0]}), "
                       f"found {index}")
@@ -349,6 +358,17 @@ def read_slice(path, index) -> np.ndarray:
     raise DataError(f"{path}: key '{KSPACE}', slice {index}: expected finite values, "
                     f"found {bad} NaN/Inf")
   return kspace
+
+
+def read_mask(path) -> Optional[np.ndarray]:
+  """The sampling mask of an undersampled file (fastMRI test/challenge: key ``mask``) as
+  (H, W) bool, or None for a fully sampled file. A (W,) mask of columns is broadcast over H."""
+  with _open(path) as f:
+    ds, _ = _kspace(f, path, undersampled=True)
+    if MASK not in f:
+      return None
+    mask = np.asarray(f[MASK][()]).astype(bool)
+    return np.broadcast_to(mask, ds.shape[2:]).copy()
 
 
 def center_fit(x, shape):

@@ -6,9 +6,12 @@ Figures have fixed sizes in inches, given per function, rendered at ``DPI`` dots
 Inputs are plain Python / NumPy structures; malformed ones raise ValueError.
 """
 import os
+import re
+import zlib
 from collections.abc import Mapping
 
 import matplotlib
+import matplotlib.patches
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -19,9 +22,26 @@ DPI = 100
 PANEL = 2.5  # inches per image panel in example_grid
 TILE = 1.25  # inches per tile in image_grid
 TITLE = 0.25  # inches above each row of an image_grid with titles
+LARGE = 4.0  # inches per panel of effective_filter, and per tile of its zoom
+COLORBAR = 0.8  # inches beside each tile of an image_grid with colour bars
 _METRIC_LABELS = {k: metrics.label(k) for k in ("psnr", "ssim")}  # The paper's figure 2 panels.
 # The baselines of a summary or eval.json (the unrolled model adds CG-SENSE): key -> label.
 BASELINES = {"zero_filled": "zero-filled", "cg_sense": "CG-SENSE"}
+# One colour per method in every figure (training curves, metrics against depth, memory bars).
+METHOD_COLORS = {"layerwise_convex": "tab:blue", "layerwise": "tab:orange", "e2e": "tab:green",
+                 "unrolled_stagewise": "tab:purple", "unrolled_e2e": "tab:red"}
+_SPARE_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+# A phase of metrics.jsonl: "<method>_d<depth>" (e2e), "_s<stage>" (layer-wise), "_k<iters>".
+_PHASE = re.compile(r"^(?P<method>.+)_[dsk](?P<index>\d+)$")
+
+
+def method_color(method: str) -> str:
+  """The colour of ``method`` (a method name, or a phase such as "e2e_d3") in every figure."""
+  match = _PHASE.match(method)
+  name = match["method"] if match and match["method"] in METHOD_COLORS else method
+  if name in METHOD_COLORS:
+    return METHOD_COLORS[name]
+  return _SPARE_COLORS[zlib.crc32(name.encode()) % len(_SPARE_COLORS)]
 
 
 def _save(fig, path):
@@ -70,7 +90,7 @@ def metrics_vs_depth(summary, path, *, xlabel="depth (conv layers)"):
   fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
   for ax, (metric, label) in zip(fig.subplots(1, 2), _METRIC_LABELS.items()):
     for name, (depths, values) in curves.items():
-      ax.plot(depths, values[metric], marker="o", label=name)
+      ax.plot(depths, values[metric], marker="o", label=name, color=method_color(name))
     for (name, entry), style in zip(baselines.items(), ("--", ":")):
       ax.axhline(float(entry[metric]), color="k", linestyle=style, label=BASELINES[name])
     ax.set(xlabel=xlabel, ylabel=label)
@@ -148,18 +168,24 @@ def training_curves(records, path):
     raise ValueError("no record has a 'loss'")
   fig = Figure(figsize=(8, 4.5), dpi=DPI, layout="constrained")
   ax = fig.subplots()
-  # A run has more phases (e2e per depth, stages per method) than the default cycle's 10 colours.
-  ax.set_prop_cycle(color=matplotlib.colormaps["tab20"].colors)
-  for phase, points in phases.items():
-    steps, losses = zip(*sorted(points))
-    ax.plot(steps, losses, label=phase)
+  # The method's colour for all its phases; its depths or stages, darker as they go deeper.
+  shades = {}
+  for phase in phases:
+    match = _PHASE.match(phase)
+    shades.setdefault(match["method"] if match else phase, []).append(phase)
+  for method, members in shades.items():
+    base = np.asarray(matplotlib.colors.to_rgb(method_color(method)))
+    for i, phase in enumerate(members):
+      light = 0.55 * (len(members) - 1 - i) / max(len(members) - 1, 1)  # 0: the deepest
+      steps, losses = zip(*sorted(phases[phase]))
+      ax.plot(steps, losses, label=phase, color=tuple(base + (1 - base) * light))
   ax.set(yscale="log", xlabel="step", ylabel="training loss")
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize="small", ncol=2)
   return _save(fig, path)
 
 
-def memory_bars(report, path):
+def memory_bars(report, path, *, method="layerwise"):
   """Largest batch within a memory budget and memory per example: end to end vs each layer-wise
   stage (paper figure 4).
 
@@ -167,6 +193,7 @@ def memory_bars(report, path):
     report: ``{"budget_bytes", "e2e": {"max_batch", "bytes_per_example"},
       "layerwise": [{"stage", "max_batch", "bytes_per_example"}, ...]}``.
     path: PNG file to write, 10 x 4 inches.
+    method: the layer-wise method whose stages these are (its colour).
   """
   try:
     entries = [("end-to-end", report["e2e"])] + [(f"stage {s['stage']}", s)
@@ -177,7 +204,7 @@ def memory_bars(report, path):
     budget_gib = report["budget_bytes"] / 2**30
   except (KeyError, TypeError) as e:
     raise ValueError(f"malformed memory report ({e!r}): {report!r}") from e
-  colors = ["tab:red"] + ["tab:blue"] * (len(entries) - 1)
+  colors = [method_color("e2e")] + [method_color(method)] * (len(entries) - 1)
   fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
   fig.suptitle(f"memory budget {budget_gib:.2f} GiB")
   batch_ax, mem_ax = fig.subplots(1, 2)
@@ -195,23 +222,26 @@ def memory_bars(report, path):
   return _save(fig, path)
 
 
-def image_grid(images, path, *, ncols=8, cmap="gray", symmetric=False, titles=None):
+def image_grid(images, path, *, ncols=8, cmap="gray", symmetric=False, titles=None, tile=TILE,
+               colorbar=False):
   """A grid of 2-D arrays (conv filters, effective filters, activation maps), each on its own scale.
 
   Args:
     images: sequence of ``(H, W)`` arrays (or one ``(n, H, W)`` array).
-    path: PNG file to write, ``TILE * min(ncols, n)`` x ``(TILE + t) * ceil(n / ncols)`` inches,
-      ``t = TITLE`` with titles, else 0.
+    path: PNG file to write, ``(tile + c) * min(ncols, n)`` x ``(tile + t) * ceil(n / ncols)``
+      inches, ``t = TITLE`` with titles, else 0, ``c = COLORBAR`` with colour bars, else 0.
     ncols: tiles per row.
     cmap: matplotlib colour map.
     symmetric: centre each colour scale at 0, ``[-max|x|, max|x|]`` (for filters).
     titles: optional label per image.
+    tile: inches per tile.
+    colorbar: a colour bar beside each tile (for tiles large enough to read one).
   """
-  return _save(_grid_figure(images, ncols=ncols, cmap=cmap, symmetric=symmetric, titles=titles),
-               path)
+  return _save(_grid_figure(images, ncols=ncols, cmap=cmap, symmetric=symmetric, titles=titles,
+                            tile=tile, colorbar=colorbar), path)
 
 
-def _grid_figure(images, *, ncols, cmap, symmetric, titles) -> Figure:
+def _grid_figure(images, *, ncols, cmap, symmetric, titles, tile=TILE, colorbar=False) -> Figure:
   """``image_grid``'s figure."""
   images = [np.asarray(im, dtype=float) for im in images]
   if not images or any(im.ndim != 2 for im in images):
@@ -223,21 +253,55 @@ def _grid_figure(images, *, ncols, cmap, symmetric, titles) -> Figure:
     raise ValueError(f"ncols must be >= 1, got {ncols}")
   cols = min(ncols, len(images))
   rows = -(-len(images) // cols)
-  if titles is None:
-    fig = Figure(figsize=(TILE * cols, TILE * rows), dpi=DPI)
+  if colorbar:
+    fig = Figure(figsize=((tile + COLORBAR) * cols, (tile + (titles is not None) * TITLE) * rows),
+                 dpi=DPI, layout="constrained")
+  elif titles is None:
+    fig = Figure(figsize=(tile * cols, tile * rows), dpi=DPI)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99, wspace=0.05, hspace=0.05)
   else:  # A band of TITLE inches above every row (a fraction of the tile clipped the titles).
-    height = (TILE + TITLE) * rows
-    fig = Figure(figsize=(TILE * cols, height), dpi=DPI)
+    height = (tile + TITLE) * rows
+    fig = Figure(figsize=(tile * cols, height), dpi=DPI)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - TITLE / height,
-                        wspace=0.05, hspace=TITLE / TILE)
-  axes = fig.subplots(rows, cols, squeeze=False).flat
-  for i, (ax, im) in enumerate(zip(axes, images)):
+                        wspace=0.05, hspace=TITLE / tile)
+  axes_list = list(fig.subplots(rows, cols, squeeze=False).flat)
+  for i, (ax, im) in enumerate(zip(axes_list, images)):
     # An all-zero image (a pruned filter) still needs a non-empty colour range.
     lim = (np.abs(im).max() or 1.0) if symmetric else None
-    ax.imshow(im, cmap=cmap, vmin=None if lim is None else -lim, vmax=lim)
+    shown = ax.imshow(im, cmap=cmap, vmin=None if lim is None else -lim, vmax=lim)
     if titles is not None:
-      ax.set_title(titles[i], fontsize="x-small", pad=3)
-  for ax in fig.axes:
+      ax.set_title(titles[i], fontsize="x-small" if tile < 2 else "medium", pad=3)
+    if colorbar:
+      fig.colorbar(shown, ax=ax, shrink=0.8)
+  for ax in axes_list:
     ax.axis("off")
   return fig
+
+
+def effective_filter(images, path, *, titles, pixel, window):
+  """The effective filter of one output pixel beside the input and output images.
+
+  Args:
+    images: three (H, W) arrays: |input|, |output|, |filter| (the Jacobian row's magnitude).
+    path: PNG file to write, ``3 * LARGE`` x ``LARGE + TITLE`` inches.
+    titles: one title per image.
+    pixel: (row, col) of the output pixel, marked with a cross on every panel.
+    window: (row slice, col slice) of the receptive field, outlined on every panel.
+  """
+  images = [np.asarray(im, dtype=float) for im in images]
+  if len(images) != 3 or any(im.ndim != 2 for im in images) or len(titles) != 3:
+    raise ValueError(f"expected 3 (H, W) images and 3 titles, got shapes "
+                     f"{[im.shape for im in images]} and {len(titles)} titles")
+  fig = Figure(figsize=(3 * LARGE, LARGE + TITLE), dpi=DPI, layout="constrained")
+  rows, cols = window
+  for ax, im, title, cmap in zip(fig.subplots(1, 3), images, titles, ("gray", "gray", "magma")):
+    shown = ax.imshow(im, cmap=cmap)
+    ax.add_patch(matplotlib.patches.Rectangle(
+        (cols.start - 0.5, rows.start - 0.5), cols.stop - cols.start, rows.stop - rows.start,
+        fill=False, edgecolor="tab:cyan", linewidth=1))
+    ax.plot(pixel[1], pixel[0], marker="+", color="tab:red", markersize=12, mew=1.5)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.colorbar(shown, ax=ax, shrink=0.8)
+  return _save(fig, path)

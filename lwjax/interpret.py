@@ -28,6 +28,7 @@ import numpy as np
 from lwjax import convex
 from lwjax import evaluate
 from lwjax import figures
+from lwjax import inference
 from lwjax import metrics as metrics_lib
 from lwjax import nets
 from lwjax import train
@@ -189,16 +190,17 @@ def draw(net: nets.DeepNet, params, x, pixel: Sequence[int], out_dir, *,
   jac = effective_filter(net, params, x, pixel)
   window = receptive_field(params, pixel)
   r, c = pixel[-2:]
-  paths["effective_filter"] = figures.image_grid(
+  paths["effective_filter"] = figures.effective_filter(
       [metrics_lib.magnitude(x[plane]), metrics_lib.magnitude(out[0][plane]),
        np.hypot(jac[plane][..., 0], jac[plane][..., 1])],
-      out_dir / "effective_filter.png", ncols=3, cmap="gray",
-      titles=["|input|", "|output|", f"|filter| of {pixel}"])
+      out_dir / "effective_filter.png", pixel=pixel[-2:], window=window[-2:],
+      titles=["|input|", "|output|", f"|filter| of pixel {pixel} (box: receptive field)"])
   planes = [()] if not plane else [(d,) for d in range(window[0].start, window[0].stop)
                                    if d < x.shape[0]]
   zoom = [jac[d][window[-2:]][..., part] for d in planes for part in (0, 1)]
   paths["effective_filter_zoom"] = figures.image_grid(
       zoom, out_dir / "effective_filter_zoom.png", ncols=2, cmap="RdBu_r", symmetric=True,
+      tile=figures.LARGE, colorbar=True,
       titles=[f"{f'plane {d[0]}: ' if d else ''}filter on {part} x"
               for d in planes for part in ("Re", "Im")])
 
@@ -239,20 +241,7 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   if cfg.model != "cnn":
     raise ValueError(f"{workdir}: interpretation covers CNN runs; this run has "
                      f"--model={cfg.model} (launch/evaluate.py evaluates it)")
-  deepest = dict(evaluate.final_networks(cfg))
-  method = method or cfg.methods[0]
-  if method not in deepest:
-    one = " (one of them)" if "," in method else ""
-    raise ValueError(f"--method={method!r}: expected one method the run trained{one}: "
-                     f"{', '.join(deepest)}")
-  depths = [d for m, d in evaluate.trained_networks(cfg) if m == method]
-  saved = [d for d in depths if train.params_dir(cfg.workdir, method, d).exists()]
-  if not saved:
-    raise ValueError(f"--method={method}: no {method} network of {workdir} is trained yet")
-  depth = depth or max(saved)  # An unfinished run: its deepest network so far.
-  if depth not in saved:
-    raise ValueError(f"--depth={depth}: the run has {method} networks of depth {depths}, of which "
-                     f"{saved} are trained")
+  method, depth = inference.choose_network(cfg, method, depth)
   params = evaluate.load_network(cfg, method, depth)
   val = evaluate.validation_split(cfg)
   arrays, slices = train.example_arrays(cfg, val, keys=("x",))

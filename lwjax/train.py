@@ -11,7 +11,8 @@
 Everything a run writes lives under ``workdir``:
 ``checkpoints/<phase>/`` (per-epoch state), ``params/<method>/depth_<d>/`` (finished networks),
 ``stages/<method>/stage_<i>.json`` (per-stage reports; written last, so a stage with a report is
-finished and never retrained), ``metrics.jsonl`` (one line per epoch and per evaluation).
+finished and never retrained), ``metrics.jsonl`` (one line per epoch and per evaluation; the same
+records go to ``tensorboard/`` when tensorboardX is installed).
 """
 import collections
 import dataclasses
@@ -19,6 +20,9 @@ import functools
 import json
 import math
 import os
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -32,27 +36,19 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lwjax import console
 from lwjax import data as data_lib
 from lwjax import fastmri
 from lwjax import masks
 from lwjax import metrics as metrics_lib
 from lwjax import nets
+from lwjax import config as config_lib
 from lwjax import stage as stage_lib
+from lwjax import tensorboard
 from lwjax.config import Config
 
 Params = Any
 FEATURES = "h"  # The key of a layer-wise stage's cached prefix features in its training arrays.
-
-
-def quiet_library_logs() -> None:
-  """Keep absl's INFO log to lwjax's own lines: orbax logs every checkpoint step at INFO."""
-  import logging as std_logging
-
-  class _Filter(std_logging.Filter):
-    def filter(self, record):
-      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-  logging.get_absl_handler().addFilter(_Filter())
 
 
 def enable_compilation_cache(path: str) -> Optional[str]:
@@ -236,11 +232,13 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh):
 
 class MetricsLog:
   """Appends JSON lines to ``WORKDIR/metrics.jsonl`` (process 0 only); ``launch/evaluate.py``
-  draws the training curves from it."""
+  draws the training curves from it. With a ``board`` (``tensorboard.Board``) every record also
+  goes to TensorBoard."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, board=None):
     self.path = Path(workdir) / "metrics.jsonl"
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.board = board
 
   def write(self, record: dict) -> None:
     if not is_primary():
@@ -249,6 +247,16 @@ class MetricsLog:
               for k, v in record.items()}
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
+    if self.board is not None:
+      self.board.record(record)
+
+  def records(self) -> list[dict]:
+    """Every record written so far (none where this process cannot see the file)."""
+    return config_lib.read_json_lines(self.path) if self.path.is_file() else []
+
+  def close(self) -> None:
+    if self.board is not None:
+      self.board.close()
 
 
 def _format_eta(seconds: float) -> str:
@@ -256,15 +264,111 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+# With ``fit``'s ``check``, the longest a phase goes without a checkpoint (seconds).
+SAVE_SECONDS = 300
+
+
 @dataclasses.dataclass
 class FitResult:
   state: dict  # {"params", "opt", "step"} after the last epoch
   resumed_from: int  # epoch the run resumed from (0: a fresh start)
+  epochs: int  # epochs the phase took (fewer than asked when ``check`` ended it)
+  diverged: Optional[str] = None  # why the training loss diverged (``loss_divergence``)
+
+
+def set_aside(path: Path, workdir: Path) -> Path:
+  """Moves the damaged ``path`` (inside ``workdir``) to ``WORKDIR/damaged/`` (same relative
+  path, ``.1``, ``.2``, ... if taken): kept for a look, out of the run's way. Returns where."""
+  to = workdir / "damaged" / path.relative_to(workdir)
+  for n in range(1, 1000):
+    if not to.exists():
+      break
+    to = to.with_name(f"{path.name}.{n}")
+  to.parent.mkdir(parents=True, exist_ok=True)
+  os.replace(path, to)
+  return to
+
+
+def _drop_closed_loop_reports() -> None:
+  """An unreadable checkpoint fails orbax's restore while tensorstore reads are in flight; each
+  read then reports "Event loop is closed" as an unraisable exception, a traceback apiece (also
+  after the restore returned). The damage is reported once (``restore_intact``): those reports
+  are dropped from now on, nothing else is."""
+  hook = sys.unraisablehook
+  if getattr(hook, "drops_closed_loop", False):
+    return
+
+  def filtered(unraisable):
+    if not (unraisable.exc_type is RuntimeError
+            and "Event loop is closed" in str(unraisable.exc_value)):
+      hook(unraisable)
+  filtered.drops_closed_loop = True
+  sys.unraisablehook = filtered
+
+
+def _first_line(error: Exception) -> str:
+  """The first line of ``error``'s message (orbax's run to hundreds of lines), at most 300
+  characters; its type when it has none."""
+  text = str(error).strip()
+  return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _finite(tree) -> bool:
+  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def _reload(manager: ocp.CheckpointManager) -> None:
+  """The manager forgets the steps set aside (after every process has seen them moved)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("lwjax: damaged checkpoints set aside")
+  manager.reload()
+
+
+def restore_intact(manager: ocp.CheckpointManager, state: dict, phase: str,
+                   workdir: Path) -> tuple[int, dict]:
+  """``(epoch, state)`` of the newest checkpoint of ``manager`` that restores into ``state``'s
+  structure with finite values; ``(0, state)`` when there is none.
+
+  Newer steps that do not (a truncated or overwritten array file, a missing manifest or
+  _METADATA, an emptied step folder) are each named in one log line and set aside
+  (``set_aside``); with none intact left the phase restarts from its first epoch, with a warning.
+  """
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    step_dir = Path(manager.directory) / str(step)
+    try:
+      # Checked first: orbax, asked to restore a step without it, is left unable to restore the
+      # next one.
+      if not (step_dir / "default" / "_METADATA").is_file():
+        raise ValueError("its default/_METADATA is missing")
+      restored = manager.restore(step, args=ocp.args.StandardRestore(state))
+      if not _finite(restored):
+        raise ValueError("it holds NaN or Inf")
+    except Exception as e:  # Any failure to read it back: orbax's wording varies with the damage.
+      _drop_closed_loop_reports()
+      why = _first_line(e)
+      damaged.append(step)
+      if is_primary() and step_dir.exists():
+        to = set_aside(step_dir, workdir)
+        logging.warning("%s: the checkpoint of epoch %d in %s is damaged (%s); moved to %s",
+                        phase, step, step_dir, why, to)
+      _reload(manager)  # A failed restore can leave the manager unable to read the next step.
+      continue
+    logging.info("%s: resumed from the checkpoint of epoch %d in %s", phase, step,
+                 manager.directory)
+    return step, restored
+  if damaged:
+    logging.warning("%s: no intact checkpoint left in %s: the phase restarts from its first "
+                    "epoch", phase, manager.directory)
+  return 0, state
 
 
 def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: Params,
         frozen: Params, arrays: dict, *, cfg: Config, mesh: Mesh, epochs: int,
-        log: MetricsLog, full_pass: bool = False) -> FitResult:
+        log: MetricsLog, full_pass: bool = False,
+        check: Optional[Callable[[dict], tuple[bool, dict]]] = None,
+        check_every: int = 1) -> FitResult:
   """Train ``params`` for ``epochs`` epochs on ``arrays`` (host arrays with a leading example axis).
 
   ``full_pass``: every epoch visits every example (the last batch padded with weight-0 rows, the
@@ -275,6 +379,11 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
   order depends only on (seed, epoch) and the state is restored bit for bit, so a killed run
   ends with the same parameters as an uninterrupted one. A non-finite loss stops the run with
   FloatingPointError before that epoch is saved, so the last good checkpoint is kept.
+
+  ``check``: ``state -> (done, record)`` after every ``check_every``-th epoch, and first thing
+  when resuming at such an epoch (a certificate): its record is logged, ``done`` ends the phase
+  there. The state is saved after every epoch without ``check``; with it after each checked
+  epoch, the last one, and any that ends ``SAVE_SECONDS`` after the previous save.
   """
   n = data_lib.num_examples(arrays)
   spe = data_lib.steps_per_epoch(n, cfg.batch_size, full_pass)
@@ -286,10 +395,7 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
   ckpt_dir = Path(cfg.workdir).absolute() / "checkpoints" / phase
   manager = ocp.CheckpointManager(
       ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-  start = manager.latest_step() or 0
-  if start:
-    state = manager.restore(start, args=ocp.args.StandardRestore(state))
-    logging.info("%s: resumed from the checkpoint of epoch %d in %s", phase, start, ckpt_dir)
+  start, state = restore_intact(manager, state, phase, Path(cfg.workdir).absolute())
 
   step_fn = make_step(loss_fn, tx, mesh)
   if cfg.data_on_device:
@@ -305,9 +411,21 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
   resident = {k: v for k, v in arrays.items() if isinstance(v, jax.Array)}
   host = {k: v for k, v in arrays.items() if k not in resident}
   take = take_batch(mesh) if resident else None
-  t_phase = time.time()
+
+  def checked(epoch: int) -> bool:
+    """Whether the phase is done at ``epoch``: ``check`` on the checked epochs, logged."""
+    if check is None or epoch % check_every:
+      return False
+    done, record = check(state)
+    log.write({"phase": phase, "epoch": epoch, "event": "check", **record})
+    logging.info("%s epoch %d/%d: %s", phase, epoch, epochs,
+                 ", ".join(f"{k} {v:.3g}" for k, v in record.items()))
+    return done
+
+  t_phase = last_save = time.time()
+  end = start if 0 < start < epochs and checked(start) else epochs
   try:
-    for epoch in range(start, epochs):
+    for epoch in range(start, end):
       t0 = time.time()
       losses, last = [], {}
       order = data_lib.batch_order(n, cfg.batch_size, seed=cfg.seed, epoch=epoch,
@@ -341,21 +459,78 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
             f"{phase}: non-finite {bad[0]} in epoch {epoch + 1}; the run stopped and kept the "
             f"last good checkpoint (epoch {manager.latest_step() or 0}) in {ckpt_dir}. Lower "
             f"--lr or check the data.")
-      manager.save(epoch + 1, args=ocp.args.StandardSave(state))
+      if (check is None or (epoch + 1) % check_every == 0 or epoch + 1 == epochs
+          or time.time() - last_save > SAVE_SECONDS):
+        manager.save(epoch + 1, args=ocp.args.StandardSave(state))
+        last_save = time.time()
       dt = time.time() - t0
       done = epoch + 1 - start
       eta = (time.time() - t_phase) / done * (epochs - epoch - 1)
       record = {"phase": phase, "epoch": epoch + 1, "step": int(state["step"]),
-                "loss": float(losses.mean()), "steps_per_s": spe / dt, "epoch_s": dt,
+                "loss": float(losses.mean()), "loss_first_step": float(losses[0]),
+                "steps_per_s": spe / dt, "epoch_s": dt,
                 "data_wait_frac": data_s / dt,
                 **{k: float(v) for k, v in last.items() if k != "loss"}}
+      if not full_pass:  # Adam's rate at the epoch's last step (full-pass solvers: their own).
+        record["lr"] = float(lr_schedule(cfg, spe)(record["step"] - 1))
       log.write(record)
       logging.info("%s epoch %d/%d loss %.4e (%.2f steps/s, %.1f s/epoch) eta %s", phase,
                    epoch + 1, epochs, record["loss"], record["steps_per_s"], dt, _format_eta(eta))
+      if checked(epoch + 1):
+        end = epoch + 1
+        break
   finally:  # Also when the loop raises: a save still in flight is committed, not dropped.
     manager.wait_until_finished()
     manager.close()
-  return FitResult(state=state, resumed_from=start)
+  diverged = loss_divergence(log.records(), phase)
+  if diverged:
+    logging.error("%s DIVERGED: %s (lower --lr)", phase, diverged)
+    log.write({"phase": phase, "event": "diverged", "reason": diverged})
+  return FitResult(state=state, resumed_from=start, epochs=end, diverged=diverged)
+
+
+# Divergence that stays finite (thresholds: BUILD_NOTES.md). A phase diverged when its last
+# epoch's mean training loss ends this many times above the loss of its first step...
+DIVERGED_LOSS_RATIO = 10.0
+# ...and a network when its validation PSNR is this many dB below the zero-filled input's.
+DIVERGED_PSNR_MARGIN = 10.0
+
+
+def loss_divergence(records: list[dict], phase: str) -> Optional[str]:
+  """Why ``phase`` diverged by its epoch records in the metrics log (None: it did not)."""
+  epochs = [r for r in records if r.get("phase") == phase and "event" not in r and "loss" in r]
+  first = [r["loss_first_step"] for r in epochs if r["epoch"] == 1 and "loss_first_step" in r]
+  if not epochs or not first:
+    return None
+  start, end = first[-1], epochs[-1]["loss"]
+  if end > DIVERGED_LOSS_RATIO * start:
+    return (f"its training loss ended at {end:.4g} (epoch {epochs[-1]['epoch']}), {end / start:.3g} "
+            f"times that of its first step ({start:.4g})")
+  return None
+
+
+def network_divergence(means: dict, zero_filled: dict, records: list[dict],
+                       phase: str) -> Optional[str]:
+  """Why a network with validation ``means`` diverged (None: it did not): a PSNR far below the
+  zero-filled input's, or its training ``phase``'s ``loss_divergence``."""
+  why = []
+  if means["psnr"] < zero_filled["psnr"] - DIVERGED_PSNR_MARGIN:
+    why.append(f"validation PSNR {means['psnr']:.2f} dB, {zero_filled['psnr'] - means['psnr']:.1f}"
+               f" dB below the zero-filled input's {zero_filled['psnr']:.2f} dB")
+  loss = loss_divergence(records, phase)
+  if loss:
+    why.append(f"{phase}: {loss}")
+  return "; ".join(why) or None
+
+
+def diverged_message(summary: dict) -> Optional[str]:
+  """One line naming every network summary.json marks diverged (None: none is)."""
+  marked = [f"{m} depth {d} ({why})" for m, by_depth in summary.get("diverged", {}).items()
+            for d, why in by_depth.items()]
+  if not marked:
+    return None
+  return (f"{len(marked)} network(s) diverged, marked so in summary.json (and report.md): "
+          + "; ".join(marked) + ". Their metrics are not results: lower --lr")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,32 +591,67 @@ def save_params(path: Path, params: Params) -> None:
   checkpointer.wait_until_finished()
 
 
+class DamagedNetwork(ValueError):
+  """A finished network's folder (``params_dir``) that cannot be read back."""
+
+
 def load_params(path: Path) -> Params:
   if not path.exists():
     raise FileNotFoundError(f"{path}: no saved network there (was the run finished?)")
-  return ocp.StandardCheckpointer().restore(path)
+  try:
+    return ocp.StandardCheckpointer().restore(path)
+  except Exception as e:  # orbax's wording varies with the damage.
+    _drop_closed_loop_reports()
+    raise DamagedNetwork(f"{path}: the saved network is damaged ({_first_line(e)}); "
+                         "launch/train.py with the run's flags sets it aside and trains it "
+                         "again") from None
 
 
-def write_json(path: Path, value) -> None:
+def load_finished(path: Path, workdir) -> Optional[Params]:
+  """The finished network in ``path``, or None when there is none or it is damaged (then set
+  aside, with a warning, to be trained again)."""
+  if not path.exists():
+    return None
+  try:
+    return load_params(path)
+  except DamagedNetwork as e:
+    logging.warning("%s: moved to %s", e, set_aside(path, Path(workdir).absolute()))
+    return None
+
+
+def write_json(path: Path, value, sort_keys: bool = True) -> None:
   """Write ``value`` as JSON atomically (temp file + rename): readers never see half a file.
 
   Only process 0 of a multi-host run writes (every process holds the same value)."""
   if not is_primary():
     return
+  text = json.dumps(value, indent=1, sort_keys=sort_keys)
+  if path.is_file() and path.read_text() == text:  # A finished run's rerun rewrites nothing.
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   with fastmri.atomic_write(path) as tmp:
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    tmp.write_text(text)
 
 
 def record_eval(summary: dict, summary_path: Path, log: MetricsLog, method: str, depth: int,
                 means: dict, report: Optional[dict] = None, *, stage: int, phase: str) -> dict:
-  """Put one network's validation means (and its stage report) into summary.json and the log."""
+  """Put one network's validation means (and its stage report) into summary.json and the log
+  (unless ``summary``, read back from a rerun's summary.json, holds them already)."""
+  if summary.get(method, {}).get(str(depth)) != means:
+    log.write({"phase": phase, "event": "eval", **means})
   summary.setdefault(method, {})[str(depth)] = means
   if report:
     summary["stages"].setdefault(method, {})[str(stage)] = report
-  log.write({"phase": phase, "event": "eval", **means})
-  write_json(summary_path, summary)
+  write_json(summary_path, results_first(summary), sort_keys=False)
   return means
+
+
+def results_first(summary: dict) -> dict:
+  """summary.json's keys in reading order: the baselines and every method's metrics by depth,
+  then the stage reports, then the configuration."""
+  tail = ("stages", "config")
+  return {**{k: v for k, v in summary.items() if k not in tail},
+          **{k: summary[k] for k in tail if k in summary}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,8 +717,9 @@ def stage_loss(net: nets.DeepNet, stage: stage_lib.Stage, index: int) -> LossFn:
 def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsLog) -> Params:
   """Train a ``DeepNet`` of ``depth`` end to end; returns its parameters (saved under params/)."""
   out = params_dir(cfg.workdir, "e2e", depth)
-  if out.exists():
-    return load_params(out)
+  finished = load_finished(out, cfg.workdir)
+  if finished is not None:
+    return finished
   net = network_template(cfg).clone(depth=depth)
   params = nets.init(phase_key(cfg, E2E_SALT + depth), (1,) + train["x"].shape[1:], depth=depth,
                      features=cfg.features, kernel_size=cfg.kernel, ndim=net.ndim)
@@ -531,14 +742,15 @@ def _nonconvex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.St
 
 def _convex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.Stage:
   from lwjax import convex  # The convex stage is only needed by this method.
-  fista = cfg.convex_solver == "fista"  # One full-batch step per epoch, over every example.
+  fista = cfg.convex_solver != "adam"  # One full-batch step per epoch, over every example.
   spe = data_lib.steps_per_epoch(num_examples, cfg.batch_size)
   return convex.convex_stage(
       features=cfg.features, kernel_size=cfg.kernel, ndim=cfg.ndim, beta=cfg.beta, rho=cfg.rho,
       solver=cfg.convex_solver, tx=adam(cfg, spe),
       gate_seed=cfg.gate_seed + index, refit_head=cfg.refit_head, fista_iters=cfg.fista_iters,
       steps_per_epoch=data_lib.steps_per_epoch(num_examples, cfg.batch_size, full_pass=fista),
-      relative_beta=cfg.beta_relative, dtype=jnp.dtype(cfg.compute_dtype))
+      relative_beta=cfg.beta_relative, metric_samples=cfg.metric_samples,
+      init=cfg.convex_init, dtype=jnp.dtype(cfg.compute_dtype))
 
 
 # Every layer-wise method (``config.LAYERWISE``): ``(cfg, num_examples, index) -> Stage``. A new
@@ -568,11 +780,23 @@ def stage_report_path(workdir, method: str, index: int) -> Path:
 def finished_stage(workdir, method: str, index: int,
                    depth: int) -> Optional[tuple[Params, dict]]:
   """``(params, report)`` of stage ``index`` (1-based) of ``method`` if it is finished (its
-  report exists), the network of ``depth`` it ended with; None otherwise."""
+  report exists), the network of ``depth`` it ended with; None otherwise. A damaged report or
+  network is set aside, with a warning, and the stage trained again (from its checkpoints)."""
   report_path = stage_report_path(workdir, method, index)
   if not report_path.exists():
     return None
-  return load_params(params_dir(workdir, method, depth)), json.loads(report_path.read_text())
+  try:
+    report = config_lib.read_json(report_path)
+  except ValueError as e:
+    logging.warning("%s: moved to %s", e, set_aside(report_path, Path(workdir).absolute()))
+    return None
+  params = load_finished(params_dir(workdir, method, depth), workdir)
+  if params is None:
+    logging.warning("%s: stage %d has a report but no intact network: trained again", method,
+                    index)
+    set_aside(report_path, Path(workdir).absolute())
+    return None
+  return params, report
 
 
 def finish_stage(cfg: Config, log: MetricsLog, method: str, index: int, depth: int,
@@ -686,6 +910,19 @@ def _stage_batches(net: nets.DeepNet, frozen: Params, arrays: dict, index: int,
            jnp.asarray(arrays["y"][start:start + batch_size]))
 
 
+def _gap_check(cfg: Config, stage: stage_lib.Stage, feature_batches: stage_lib.FeatureBatches
+               ) -> Optional[Callable[[dict], tuple[bool, dict]]]:
+  """``fit``'s check of a stage with a certificate: its solution's duality gap, done once it is
+  at most ``--target_gap`` (never with 0); None for a stage without one."""
+  if stage.certificate is None:
+    return None
+
+  def check(state):
+    cert = stage.certificate(stage.solution(state["params"], state["opt"]), feature_batches)
+    return 0 < cfg.target_gap and cert["rel_gap"] <= cfg.target_gap, cert
+  return check
+
+
 def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: MetricsLog,
                     on_depth: Callable[[int, Params, dict], None] = lambda d, p, r: None) -> Params:
   """Train ``cfg.depth - 1`` stages of ``method``; returns the deep network's parameters.
@@ -732,11 +969,22 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
     variables = stage.init(phase_key(cfg, STAGE_SALT + index), h_shape)
     result = fit(f"{method}_s{number}", stage_loss(net, stage, index), stage.tx, variables,
                  frozen, arrays, cfg=cfg, mesh=mesh, epochs=stage.epochs or cfg.epochs, log=log,
-                 full_pass=stage.full_pass)
+                 full_pass=stage.full_pass, check=_gap_check(cfg, stage, feature_batches),
+                 check_every=cfg.certify_every)
     variables = jax.device_get(stage.solution(result.state["params"], result.state["opt"]))
     if stage.finalize is not None:
       variables, final_report = stage.finalize(variables, feature_batches)
       report.update(final_report)
+    report["passes"] = result.epochs
+    if stage.certificate is not None:
+      report["target_gap"] = cfg.target_gap
+      logging.info("%s stage %d: relative duality gap %.2e after %d passes: its objective is "
+                   "certified within %.2g%% of the stage's optimum", method, number,
+                   report["rel_gap"], result.epochs, 100 * report["rel_gap"])
+      if report["rel_gap"] > cfg.target_gap > 0:
+        logging.warning("%s stage %d ended %d passes in at a relative duality gap of %.2e, above "
+                        "--target_gap=%g: it is not certified (raise --fista_iters)", method,
+                        number, result.epochs, report["rel_gap"], cfg.target_gap)
     params = nets.stack_layer(params, jax.device_get(stage.to_layer(variables)), index)
     on_depth(depth, params, finish_stage(cfg, log, method, number, depth, params, report))
   return params
@@ -751,9 +999,26 @@ _RESUMABLE_FIELDS = {"log_every", "eval_batch_size", "workdir", "data_dir", "cac
                      "host_data", "distributed", "prep_workers"}
 
 
+def writable_folder(path: Path, flag: str) -> Optional[Path]:
+  """Creates the folder ``path`` if it is missing and checks that a file can be written in it;
+  raises ValueError naming ``--flag`` and the path otherwise (as root, permission bits do not
+  tell: a file is written and removed). Returns the topmost folder it created (None: none)."""
+  missing = [p for p in (path, *path.parents) if not p.exists()]
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".lwjax_write_test_", dir=path)
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    if missing and missing[-1].is_dir():
+      shutil.rmtree(missing[-1], ignore_errors=True)
+    raise ValueError(f"--{flag}={path}: cannot write there ({e.strerror or e}): expected a folder "
+                     "this user can create and write files in") from None
+  return missing[-1] if missing else None
+
+
 def _check_resume(cfg: Config, workdir: Path) -> None:
   """Refuses settings that differ from those of the run in ``workdir`` (its config.json)."""
-  from lwjax import config as config_lib
   path = workdir / "config.json"
   if path.exists():
     old = dataclasses.asdict(config_lib.load(path))
@@ -790,7 +1055,7 @@ def _check_same_data(workdir: Path, splits: dict[str, data_lib.Split]) -> None:
   if not path.exists():
     write_json(path, record)
     return
-  old = json.loads(path.read_text())
+  old = config_lib.read_json(path)
   for name, new in record.items():
     difference = data_lib.data_difference(old.get(name, {"files": [], "scale": []}), new)
     if difference:
@@ -818,6 +1083,9 @@ def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Spli
     logging.warning("%s", warning)
   data_dir = cfg.data_dir
   if not data_dir:
+    log(f"synthetic data: {cfg.synth_train_subjects} + {cfg.synth_val_subjects} files of "
+        f"{cfg.synth_slices} slices, {cfg.synth_coils} coils, {cfg.image_size}x{cfg.image_size} "
+        f"in {data_folder(cfg)} (generated once, then reused)")
     data_dir = data_lib.make_synthetic_dataset(
         data_folder(cfg), train_subjects=cfg.synth_train_subjects,
         val_subjects=cfg.synth_val_subjects, slices=cfg.synth_slices, coils=cfg.synth_coils,
@@ -843,23 +1111,46 @@ def load_data(cfg: Config, log=logging.info,
   return primary_first(lambda: _load_data(cfg, log, splits), "data")
 
 
+def network_finished(cfg: Config, method: str, depth: int) -> bool:
+  """Whether the network of ``method`` and ``depth`` is trained (a rerun loads it): an e2e
+  network's parameters, or the report of the layer-wise stage that ends with it."""
+  if method == "e2e":
+    return params_dir(cfg.workdir, method, depth).exists()
+  return stage_report_path(cfg.workdir, method, depth - 1).exists()
+
+
+def _example_slice(images: np.ndarray) -> np.ndarray:
+  """The middle example of (N, *spatial, 2) images as one (H, W, 2) slice (3D: its middle
+  plane), the one TensorBoard shows."""
+  image = images[len(images) // 2]
+  return image[image.shape[0] // 2] if image.ndim == 4 else image
+
+
 def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
   """Train every method of ``cfg`` and evaluate each at every depth; returns summary.json's dict."""
-  from lwjax import config as config_lib
   mesh = mesh or make_mesh()
   config_lib.validate(cfg, mesh.devices.size)
   if cfg.data_dir:  # config.json must name the data from wherever it is read (launch/evaluate.py).
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
   workdir = Path(cfg.workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  _check_resume(cfg, workdir)
-  logging.info("devices: %d x %s; workdir %s", mesh.devices.size, jax.devices()[0].platform,
-               workdir)
-  train, val = load_data(cfg)
-  held = _check_examples(cfg, train, val, mesh.devices.size)
-  _check_same_data(workdir, {"train": train, "val": val})
-  if is_primary():  # Only now: a command refused above leaves no run behind.
-    config_lib.save(cfg, workdir / "config.json")
+  created = writable_folder(workdir, "workdir")
+  try:
+    if cfg.cache_dir:
+      writable_folder(Path(cfg.cache_dir).expanduser().absolute(), "cache_dir")
+    _check_resume(cfg, workdir)
+    logging.info("devices: %d x %s; workdir %s", mesh.devices.size, jax.devices()[0].platform,
+                 workdir)
+    train, val = load_data(cfg)
+    held = _check_examples(cfg, train, val, mesh.devices.size)
+    _check_same_data(workdir, {"train": train, "val": val})
+  except Exception:
+    if created is not None and is_primary():  # A refused run leaves no new workdir behind.
+      shutil.rmtree(created, ignore_errors=True)
+    raise
+  config_path = workdir / "config.json"  # Only now: a command refused above leaves no run.
+  if is_primary() and not (config_path.exists()
+                           and config_lib.read_json(config_path) == dataclasses.asdict(cfg)):
+    config_lib.save(cfg, config_path)
   logging.info("data: %d training slices from %d files, %d validation slices from %d files, "
                "grid %s, mask %s x%.2f", len(train.x), len(set(train.volume_index.tolist())),
                len(val.x), len(set(val.volume_index.tolist())), train.x.shape[1:3], cfg.mask,
@@ -869,32 +1160,58 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
                  "(slices that fill no patch, at a file's end or before a skipped slice, are "
                  "dropped)", cfg.volume_depth, held["train"], len(train.x), held["val"],
                  len(val.x))
-  log = MetricsLog(workdir)
+  log = MetricsLog(workdir, board=tensorboard.Board(workdir / "tensorboard", enabled=is_primary()))
   summary_path = workdir / "summary.json"
   if cfg.model == "unrolled":
     from lwjax import unrolled  # Its own driver: the data-consistency steps need k-space and maps.
-    return unrolled.run(cfg, train, val, mesh=mesh, log=log, summary_path=summary_path)
+    try:
+      return unrolled.run(cfg, train, val, mesh=mesh, log=log, summary_path=summary_path)
+    finally:
+      log.close()
 
   (train_arrays, _), (val_arrays, _) = example_arrays(cfg, train), example_arrays(cfg, val)
-  summary = {"zero_filled": metrics_lib.means(metrics_lib.per_slice(val_arrays["x"],
-                                                                     val_arrays["y"])),
-             "stages": {}, "config": dataclasses.asdict(cfg)}
+  # A rerun starts from the summary of the networks finished so far: the same values again.
+  previous = config_lib.read_json(summary_path) if summary_path.is_file() else {}
+  summary = {**previous,
+             "zero_filled": metrics_lib.means(metrics_lib.per_slice(pred=val_arrays["x"],
+                                                                    target=val_arrays["y"])),
+             "stages": previous.get("stages", {}), "config": dataclasses.asdict(cfg)}
   net = network_template(cfg)
+  progress = console.Progress(console.plan(cfg, lambda m, d: network_finished(cfg, m, d)))
+  example = lambda images: metrics_lib.magnitude(_example_slice(images))  # TensorBoard's
+  for name, images in (("zero_filled", val_arrays["x"]), ("target", val_arrays["y"])):
+    log.board.image(f"examples/{name}", example(images), 0)
+  for depth in range(2, cfg.depth + 1):
+    for key, value in summary["zero_filled"].items():
+      log.board.scalar(f"val/{key}/zero_filled", value, depth)
 
   def record(method, depth, params, report=None):
-    per_slice = metrics_lib.per_slice(predict(net, params, val_arrays["x"], mesh=mesh,
-                                              batch_size=cfg.eval_batch_size), val_arrays["y"])
-    means = record_eval(summary, summary_path, log, method, depth, metrics_lib.means(per_slice),
-                        report, stage=depth - 1, phase=f"{method}_d{depth}")
+    progress.end(method, depth)
+    pred = predict(net, params, val_arrays["x"], mesh=mesh, batch_size=cfg.eval_batch_size)
+    log.board.image(f"examples/{method}", example(pred), depth)
+    per_slice = metrics_lib.per_slice(pred=pred, target=val_arrays["y"])
+    means = metrics_lib.means(per_slice)
+    why = network_divergence(means, summary["zero_filled"], log.records(),
+                             f"e2e_d{depth}" if method == "e2e" else f"{method}_s{depth - 1}")
+    if why:
+      summary.setdefault("diverged", {}).setdefault(method, {})[str(depth)] = why
+      logging.error("%s depth %d DIVERGED: %s; its metrics are not a result", method, depth, why)
+    record_eval(summary, summary_path, log, method, depth, means, report, stage=depth - 1,
+                phase=f"{method}_d{depth}")
     logging.info("%s depth %d: %s (zero-filled %.2f dB)", method, depth,
                  metrics_lib.format_means(means), summary["zero_filled"]["psnr"])
+    if method != "e2e" and depth < cfg.depth:
+      progress.start(method, depth + 1)
 
-  write_json(summary_path, summary)
+  write_json(summary_path, results_first(summary), sort_keys=False)
   for method in cfg.methods:
     if method == "e2e":
       for depth in cfg.depths_e2e:
+        progress.start("e2e", depth)
         record("e2e", depth, train_e2e(cfg, depth, train_arrays, mesh=mesh, log=log))
     else:
+      progress.start(method, 2)
       train_layerwise(cfg, method, train_arrays, mesh=mesh, log=log,
                       on_depth=lambda d, p, r, m=method: record(m, d, p, r))
+  log.close()
   return summary

@@ -248,9 +248,8 @@ def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh, log: t
 
   if method == "e2e":
     out = train_lib.params_dir(cfg.workdir, name, iters)
-    if out.exists():
-      params = train_lib.load_params(out)
-    else:
+    params = train_lib.load_finished(out, cfg.workdir)  # None: not finished, or set aside
+    if params is None:
       params = {f"iter_{k}": _init_iteration(cfg, k, x_shape) for k in range(iters)}
       result = train_lib.fit(f"{name}_k{iters}", e2e_loss(net, cg_iters=cfg.cg_iters),
                              optimizer(cfg, spe), params, frozen, arrays, cfg=cfg, mesh=mesh,
@@ -308,6 +307,11 @@ def abstract_step(cfg: Config, method: str, batch_size: int, *, coils: int):
   return loss, tx, state, frozen, batch
 
 
+def phase_of(method: str, iters: int) -> str:
+  """The training phase that ended with ``method``'s network of ``iters`` iterations."""
+  return f"{method}_k{iters}" if method == NAMES["e2e"] else f"{method}_s{iters}"
+
+
 def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
         log: train_lib.MetricsLog, summary_path) -> dict:
   """``train.run`` for ``--model=unrolled``: every method of ``cfg``, evaluated on ``val``.
@@ -322,19 +326,26 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
   net = train_lib.network_template(cfg)
   mask = np.asarray(train.mask, np.float32)
   train_arrays, val_arrays = dc_arrays(cfg, train), dc_arrays(cfg, val)
-  slice_means = lambda pred: metrics.means(metrics.per_slice(pred, val_arrays["y"]))
+  slice_means = lambda pred: metrics.means(metrics.per_slice(pred=pred, target=val_arrays["y"]))
   summary = {"zero_filled": slice_means(val_arrays["x"]),
              "cg_sense": slice_means(cg_sense(val_arrays, mask, iters=cfg.cg_iters, mesh=mesh,
                                               batch_size=cfg.eval_batch_size)),
              "stages": {}, "lambda": {}, "config": dataclasses.asdict(cfg)}
-  train_lib.write_json(summary_path, summary)
+  train_lib.write_json(summary_path, train_lib.results_first(summary), sort_keys=False)
 
   def record(method, iters, params, report):
     pred = predict(net, params, val_arrays, mask, cg_iters=cfg.cg_iters, mesh=mesh,
                    batch_size=cfg.eval_batch_size)
     summary["lambda"].setdefault(method, {})[str(iters)] = lambdas(params)
+    means = slice_means(pred)
+    why = train_lib.network_divergence(means, summary["zero_filled"], log.records(),
+                                       phase_of(method, iters))
+    if why:
+      summary.setdefault("diverged", {}).setdefault(method, {})[str(iters)] = why
+      logging.error("%s, %d iterations DIVERGED: %s; its metrics are not a result", method,
+                    iters, why)
     means = train_lib.record_eval(
-        summary, summary_path, log, method, iters, slice_means(pred),
+        summary, summary_path, log, method, iters, means,
         report if method == NAMES["layerwise"] else None, stage=iters, phase=f"{method}_k{iters}")
     logging.info("%s, %d iterations: %s (zero-filled %.2f dB, CG-SENSE %.2f dB)", method, iters,
                  metrics.format_means(means), summary["zero_filled"]["psnr"],

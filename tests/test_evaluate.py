@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = config_lib.Config(
     image_size=32, calib=8, synth_train_subjects=2, synth_val_subjects=1, synth_slices=2,
     synth_coils=4, maps="lowres", depth=3, features=8, kernel_size=3, epochs=1, batch_size=2,
-    method="layerwise_convex,e2e", log_every=0)
+    method="layerwise_convex,e2e", fista_iters=20, log_every=0)
 
 
 def _mesh():
@@ -165,7 +165,7 @@ def test_volume_metrics_group_slices_by_file():
   rng = np.random.default_rng(0)
   pred, target = (rng.random((5, 16, 16, 2)).astype(np.float32) for _ in range(2))
   volumes = np.array([1, 0, 1, 0, 1])
-  got = metrics.per_file(pred, target, volumes)
+  got = metrics.per_file(pred=pred, target=target, volumes=volumes)
   for v in (0, 1):
     mag = lambda a: np.hypot(a[volumes == v, ..., 0], a[volumes == v, ..., 1]).astype(np.float64)
     p, t = mag(pred), mag(target)
@@ -204,6 +204,13 @@ def test_report(finished_run):
   gap = result["mean"]["layerwise_convex"]["3"]["psnr"] - result["mean"]["e2e"]["3"]["psnr"]
   assert f"| {gap:+.2f} |" in rows[("layerwise_convex", "3")]
   assert "layerwise_convex: stage reports" in report  # the convex stages' certificates
+  # Every figure of a convex stage report is explained in one sentence.
+  reports = evaluate.stage_reports(evaluate.load_config(workdir))["layerwise_convex"]
+  keys = {k for r in reports.values() for k in r}
+  assert {"rel_gap", "kkt_violation", "constraint_violation", "relu_mismatch", "mse_relu",
+          "active_groups", "beta_max", "passes"} <= keys <= set(evaluate.STAGE_KEYS), keys
+  for key in keys:
+    assert f"- `{key}`: {evaluate.STAGE_KEYS[key]}" in report
   # The mask's acceleration: synthetic headers say every column was acquired.
   mask = evaluate.validation_split(evaluate.load_config(workdir)).mask
   grid = mask.size / mask.sum()

@@ -135,3 +135,38 @@ def test_image_grid_rejects_malformed(tmp_path):
     figures.image_grid([np.zeros((3, 3)), np.zeros((3, 3, 2))], tmp_path / "x.png")
   with pytest.raises(ValueError, match="titles"):
     figures.image_grid([np.zeros((3, 3))] * 2, tmp_path / "x.png", titles=["a"])
+
+
+def test_one_colour_per_method_in_every_figure(tmp_path, monkeypatch):
+  from matplotlib.colors import to_rgb
+  drawn = {}
+  save = figures._save
+  monkeypatch.setattr(figures, "_save",
+                      lambda fig, path: save(drawn.setdefault(path.name, fig), path))
+  methods = ("layerwise_convex", "layerwise", "e2e", "unrolled_e2e", "unrolled_stagewise")
+  assert len({figures.method_color(m) for m in methods}) == len(methods)
+  assert figures.method_color("e2e_d3") == figures.method_color("e2e")
+  assert figures.method_color("some_new_method") == figures.method_color("some_new_method")
+
+  figures.metrics_vs_depth(_summary(), tmp_path / "depth.png")
+  for line in drawn["depth.png"].axes[0].get_lines():
+    if line.get_label() in methods:
+      assert to_rgb(line.get_color()) == to_rgb(figures.method_color(line.get_label()))
+  records = [{"phase": p, "step": s, "loss": 1.0 / (s + 1)}
+             for p in ("layerwise_convex_s1", "layerwise_convex_s2", "e2e_d2", "e2e_d3")
+             for s in range(3)]
+  figures.training_curves(records, tmp_path / "loss.png")
+  lines = {line.get_label(): line for line in drawn["loss.png"].axes[0].get_lines()}
+  for phase, line in lines.items():
+    method = phase.rsplit("_", 1)[0]
+    base = to_rgb(figures.method_color(method))
+    # The method's colour, lightened towards white for its shallower phases.
+    light = (np.asarray(to_rgb(line.get_color())) - base) / (1 - np.asarray(base) + 1e-9)
+    assert np.allclose(light, light.max(), atol=1e-6) or np.allclose(light, 0), phase
+  assert to_rgb(lines["e2e_d3"].get_color()) == to_rgb(figures.method_color("e2e"))
+  report = {"budget_bytes": 2**30, "e2e": {"max_batch": 2, "bytes_per_example": 2**20},
+            "layerwise": [{"stage": 1, "max_batch": 3, "bytes_per_example": 2**19}]}
+  figures.memory_bars(report, tmp_path / "mem.png", method="layerwise_convex")
+  bars = drawn["mem.png"].axes[0].patches
+  assert [to_rgb(b.get_facecolor()[:3]) for b in bars] == [
+      to_rgb(figures.method_color("e2e")), to_rgb(figures.method_color("layerwise_convex"))]

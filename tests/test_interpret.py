@@ -163,10 +163,10 @@ def workdir(tmp_path_factory):
   return workdir
 
 
-def _check_png(path, tiles_wide, tiles_high):
+def _check_png(path, tiles_wide, tiles_high, tile=figures.TILE, bar=0.0):
   img = imread(path)  # Every grid here has titles: a band of TITLE inches above each row.
-  assert img.shape[:2] == (round(tiles_high * (figures.TILE + figures.TITLE) * figures.DPI),
-                           round(tiles_wide * figures.TILE * figures.DPI))
+  assert img.shape[:2] == (round(tiles_high * (tile + figures.TITLE) * figures.DPI),
+                           round(tiles_wide * (tile + bar) * figures.DPI))
   assert img.min() >= 0 and img.max() <= 1 and img[..., :3].std() > 0.01
 
 
@@ -183,8 +183,10 @@ def test_run_draws_every_figure(workdir):
   _check_png(out_dir / "filters_layer1.png", 16, 1)  # 8 units x (re, im)
   _check_png(out_dir / "filters_layer2.png", 8, 1)
   _check_png(out_dir / "active_units.png", 2, 1)
-  _check_png(out_dir / "effective_filter.png", 3, 1)
-  _check_png(out_dir / "effective_filter_zoom.png", 2, 1)
+  # Legible: 4-inch panels (1200 x 425 pixels), not 1.25-inch tiles.
+  _check_png(out_dir / "effective_filter.png", 3, 1, tile=figures.LARGE)
+  _check_png(out_dir / "effective_filter_zoom.png", 2, 1, tile=figures.LARGE,
+             bar=figures.COLORBAR)
   assert set(result["figures"].values()) == {str(p) for p in out_dir.glob("*.png")}
 
 
@@ -261,6 +263,7 @@ def test_run_3d_draws_the_patch_that_holds_the_slice(tmp_path):
   jac = interpret.effective_filter(net, params, patch, (1, 10, 20))
   assert not jac[0].any() and jac[1].any()
   _check_png(tmp_path / "fig" / "active_units.png", 2, 1)
-  _check_png(tmp_path / "fig" / "effective_filter_zoom.png", 2, 1)  # one plane: Re, Im
+  _check_png(tmp_path / "fig" / "effective_filter_zoom.png", 2, 1,  # one plane: Re, Im
+             tile=figures.LARGE, bar=figures.COLORBAR)
   with pytest.raises(ValueError, match="--slice=2 .* in no volume patch"):
     interpret.run(tmp_path, slice_index=2)

@@ -107,7 +107,7 @@ def test_two_hosts_train_the_same_networks_as_one(tmp_path):
   # Two processes of 2 CPU devices each (--distributed) against one process of 4 devices: the
   # same global mesh, so the same networks; process 0 alone writes the files.
   flags = ["--method=layerwise_convex,e2e", "--depth=3", "--e2e_depths=3", "--epochs=2",
-           "--synth_slices=4", "--batch_size=4", "--cache_features=device"]
+           "--fista_iters=2", "--synth_slices=4", "--batch_size=4", "--cache_features=device"]
   one = tmp_path / "one"
   env4 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
               JAX_PLATFORMS="cpu")

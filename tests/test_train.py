@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -140,7 +141,9 @@ def test_config_names_every_kind_the_code_builds():
   import subprocess
   import sys
   from lwjax import coils, masks
+  from lwjax import convex
   assert set(config_lib.LAYERWISE) == set(train.STAGES)
+  assert set(config_lib.SOLVERS) == set(convex.SOLVERS)
   assert config_lib.MASKS == masks.KINDS and config_lib.MAPS == coils.METHODS
   loaded = subprocess.run([sys.executable, "-c", "import sys, lwjax.config; print('jax' in "
                            "sys.modules)"], capture_output=True, text=True, check=True).stdout
@@ -364,3 +367,39 @@ def test_a_bad_validation_split_fails_before_the_training_split_is_prepared(tmp_
                                                        r"for split 'val'"):
     train.load_data(cfg)
   assert not list((tmp_path / "run" / "cache").glob("*.npz"))
+
+
+def _convex_run(tmp_path, name, **overrides):
+  settings = dict(method="layerwise_convex", depth=2, features=8, convex_solver="pfista",
+                  metric_samples=0, certify_every=5, fista_iters=200)
+  cfg = dataclasses.replace(CFG, workdir=str(tmp_path / name), **{**settings, **overrides})
+  log = train.MetricsLog(cfg.workdir)
+  params = train.train_layerwise(cfg, "layerwise_convex", toy_arrays(n=12), mesh=train.make_mesh(1),
+                                 log=log)
+  report = json.loads(train.stage_report_path(cfg.workdir, "layerwise_convex", 1).read_text())
+  lines = [json.loads(line) for line in log.path.read_text().splitlines()]
+  return params, report, [r for r in lines if r.get("event") == "check"]
+
+
+def test_a_convex_stage_stops_at_its_target_gap_and_resumes_at_a_check(tmp_path):
+  params, report, checks = _convex_run(tmp_path, "full", target_gap=1e-5)
+  gaps = [r["rel_gap"] for r in checks]
+  # Certified every 5 passes until the target, then stopped: the report says after how many.
+  assert [r["epoch"] for r in checks] == list(range(5, 5 * len(checks) + 1, 5))
+  assert gaps[-1] <= 1e-5 < min(gaps[:-1]) and gaps[0] > 1e-3
+  assert report["passes"] == checks[-1]["epoch"] < 200
+  assert report["rel_gap"] <= 1e-5 and report["target_gap"] == 1e-5
+  # Killed after the stopping check's checkpoint: the rerun checks first, stops, and ends with
+  # the same network bit for bit.
+  killed = tmp_path / "killed"
+  _convex_run(tmp_path, "killed", target_gap=1e-5)
+  for path in (killed / "stages", killed / "params"):
+    shutil.rmtree(path)
+  again, report_again, rechecks = _convex_run(tmp_path, "killed", target_gap=1e-5)
+  assert rechecks[-1]["epoch"] == rechecks[-2]["epoch"] == report["passes"]
+  assert report_again == report
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  # With --target_gap=0 the stage runs every pass, certified along the way.
+  _, report_all, checks_all = _convex_run(tmp_path, "all", target_gap=0.0, fista_iters=40)
+  assert report_all["passes"] == 40 and len(checks_all) == 8

@@ -68,8 +68,9 @@ def test_metrics_are_per_2d_slice_for_volumes():
   rng = np.random.default_rng(1)
   target = rng.uniform(size=(2, 3, 16, 16, 2)).astype(np.float32)
   pred = (target + 0.1 * rng.normal(size=target.shape)).astype(np.float32)
-  per_volume = metrics.per_slice(pred, target)
-  per_slice = metrics.per_slice(pred.reshape(6, 16, 16, 2), target.reshape(6, 16, 16, 2))
+  per_volume = metrics.per_slice(pred=pred, target=target)
+  per_slice = metrics.per_slice(pred=pred.reshape(6, 16, 16, 2),
+                                target=target.reshape(6, 16, 16, 2))
   for k in ("psnr", "ssim", "nmse"):
     assert per_volume[k].shape == (6,)
     np.testing.assert_allclose(per_volume[k], per_slice[k], rtol=1e-6)
@@ -79,7 +80,7 @@ def test_metrics_are_per_2d_slice_for_volumes():
 
 CFG = config_lib.Config(depth=3, features=4, kernel_size=3, ndim=3, volume_depth=4, batch_size=2,
                         epochs=1, lr=3e-3, log_every=0, method="layerwise_convex,e2e", beta=1e-5,
-                        rho=1.0, refit_head=True)
+                        rho=1.0, convex_solver="adam", refit_head=True)
 
 
 def toy_volumes(n=4, depth=4, size=8, seed=0):
