@@ -12,10 +12,13 @@
 #             against bf16's rows, what turning it off (the default) gains on this machine
 #   layers    one conv layer at a time (first, hidden, head; fwd and fwd+bwd) against PyTorch,
 #             float32 and bfloat16 at batch 8: which layer a step's gap to PyTorch comes from
+#   certify   issue 19: the real trainer at paper size on a small synthetic set (CERT_FLAGS): each
+#             pfista stage's gap against passes and seconds per pass, and the time to certified
+#             stages against e2e's 40 epochs (metrics.jsonl, summary.json and stages/ in $OUT/certify)
 # Run from the repository root; results land in $OUT (or ./gpu_out). SIZE overrides the
 # paper-scale size flags (CPU dry run: SIZE="--image_size=32 --features=8 --kernel_size=3"),
-# PIPE_LIMIT, LAYERS_LIMIT, F32_LIMIT and SEARCH_LIMIT the parts' seconds (default 300, 260,
-# 300, 300), F32_BATCHES the f32 part's batch sizes (default 8,1,32).
+# PIPE_LIMIT, LAYERS_LIMIT, F32_LIMIT, SEARCH_LIMIT and CERT_LIMIT the parts' seconds (default
+# 300, 260, 300, 300, 480), F32_BATCHES the f32 part's batch sizes (default 8,1,32).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 PARTS=${PARTS:-"f32 bf16s pipeline"}
@@ -59,6 +62,14 @@ for part in $PARTS; do
       timeout ${PIPE_LIMIT:-300} python3 bench/bench_pipeline.py $SIZE --depth=3 --batch_size=8 --slices=48 \
         --epochs=3 --runs=${RUNS:-e2e,e2e+data,layerwise_convex:none,layerwise_convex:none+data,layerwise_convex:device+data} \
         --json_out="$OUT/pipeline.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/pipeline.log" ;;
+    certify)
+      # A killed run resumes: rerun the part with the same CERT_WORKDIR to continue it.
+      work=${CERT_WORKDIR:-/tmp/lwjax_certify}
+      # shellcheck disable=SC2086
+      timeout ${CERT_LIMIT:-480} python3 launch/train.py --flagfile=poisson.flags $SIZE \
+        ${CERT_FLAGS:-"--synth_train_subjects=2 --synth_val_subjects=1 --synth_slices=4 --depth=3 --e2e_depths=3 --batch_size=4 --cache_features=device --data_on_device"} \
+        --workdir="$work" 2>&1 | grep -v "^[IW][0-9].*\(checkpoint\|orbax\)" | tail -n 60 | tee "$OUT/certify.log"
+      mkdir -p "$OUT/certify" && cp -r "$work/metrics.jsonl" "$work/summary.json" "$work/stages" "$OUT/certify/" 2>/dev/null ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -652,13 +652,15 @@ def _metric(program: Program, feature_batches, shape) -> tuple[precond.Metric, d
   lipschitz = _metric_lipschitz(feature_batches, shape, program.gate_seed, basis, lam,
                                 program.power_iters)
   if not lipschitz > 0:
-    raise ValueError("convex stage: the power iteration found A^T A = 0: the stage's gated "
-                     "features are zero everywhere (an empty previous layer: every group "
-                     "pruned, --beta too large?); there is nothing to fit")
+    raise ValueError(f"convex stage: pfista's power iteration found A^T A = 0: {_EMPTY}")
   scale = _LIPSCHITZ_MARGIN * lipschitz * lam
   report = {"lipschitz": lipschitz, "metric_rows": count,
             "metric_clipped": int(np.sum(lam <= program.metric_floor * lam.max()))}
   return precond.Metric(basis.astype(np.float32), scale.astype(np.float32)), report
+
+
+_EMPTY = ("the stage's gated features are zero everywhere (an empty previous layer: every group "
+          "pruned, --beta too large?); there is nothing to fit")
 
 
 def _beta_max(feature_batches, shape, gate_seed):
@@ -693,16 +695,10 @@ def _lipschitz(feature_batches, shape, gate_seed, iters):
   for _ in range(iters):
     norm = optax.tree_utils.tree_norm(w)
     if not norm > 0:  # A^T A w = 0 for a random w: no features (an empty previous layer).
-      raise ValueError("convex stage: FISTA's power iteration found A^T A = 0: the stage's gated "
-                       "features are zero everywhere (an empty previous layer: every group "
-                       "pruned, --beta too large?); there is nothing to fit")
-    w = jax.tree.map(lambda a: a / norm, w)
-    acc, elements = None, 0
-    for h, skip, _ in feature_batches():
-      g = _normal_op(w, h, gate_seed=gate_seed)
-      acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
-      elements += skip.size
-    w = jax.tree.map(lambda a: a / elements, acc)
+      raise ValueError(f"convex stage: FISTA's power iteration found A^T A = 0: {_EMPTY}")
+    # A = [A_W, -A_W] on (V, Z): A^T A (v, z) = (K (v - z), -K (v - z)).
+    g = _normal(feature_batches, (w["v"] - w["z"]) / norm, gate_seed)
+    w = {"v": g, "z": -g}
     # |A^T A w| / M with |w| = 1: a lower bound on L.
     lipschitz = float(optax.tree_utils.tree_norm(w))
   return lipschitz

@@ -227,7 +227,7 @@ def test_relative_beta_is_a_fraction_of_beta_max():
     assert np.sum(np.asarray(convex.group_norms(x)) > 0) == moving
 
 
-@pytest.mark.parametrize("solver", ["adam", "fista"])
+@pytest.mark.parametrize("solver", ["adam", "fista", "pfista"])
 def test_a_stage_on_zero_features_is_refused(solver):
   # An empty previous layer (every group pruned) feeds zeros: beta_max = 0 would make beta 0
   # and the certificate NaN, and FISTA's power iteration would divide by zero.
