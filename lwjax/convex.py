@@ -445,7 +445,7 @@ SOLVERS = ("pfista", "fista", "adam")
 def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=None, gate_seed=0,
                  out_channels=2, refit_head=False, fista_iters=None, steps_per_epoch=1,
                  relative_beta=False, power_iters=None, metric_samples=64, metric_floor=1e-6,
-                 init="zeros", dtype=jnp.float32) -> stage.Stage:
+                 num_examples=None, init="zeros", dtype=jnp.float32) -> stage.Stage:
   """The convex layer-wise stage ("layerwise_convex") behind the ``stage.Stage`` interface.
 
   Args:
@@ -475,6 +475,8 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
       evenly over the examples); 0: every patch.
     metric_floor: pfista: the covariance's eigenvalues are clipped below at this fraction of the
       largest.
+    num_examples: pfista: training examples, over which the metric's patches are spread; None:
+      counted in ``prepare`` (one more pass over the stage's features).
     init: "zeros" or "random" (a seeded normal point): a convex stage ends at the same optimum.
     dtype: compute dtype of the V/Z conv (the gates, certificate and refit use float32).
 
@@ -511,7 +513,8 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
       gate_seed=gate_seed, refit_head=refit_head, fista_iters=fista_iters,
       steps_per_epoch=steps_per_epoch, relative_beta=relative_beta,
       power_iters=power_iters or (10 if solver == "pfista" else 20),
-      metric_samples=metric_samples, metric_floor=metric_floor, init_kind=init,
+      metric_samples=metric_samples, metric_floor=metric_floor, num_examples=num_examples,
+      init_kind=init,
       dtype=None if dtype is None else jnp.dtype(dtype))
   # Adam's state does not depend on beta, so before ``prepare`` the stage already has its real
   # optimiser (the memory analysis compiles the step from it); the FISTAs' steps need the data.
@@ -537,6 +540,7 @@ class Program:
   power_iters: int
   metric_samples: int
   metric_floor: float
+  num_examples: Optional[int]
   init_kind: str  # "zeros" | "random"
   dtype: Any  # of the V/Z conv (None: that of h)
 
@@ -643,7 +647,7 @@ def _metric(program: Program, feature_batches, shape) -> tuple[precond.Metric, d
   """pfista's metric ``L_H * margin * (I (x) S)`` in S's eigenbasis, and its report: ``L_H``,
   the patches of the covariance estimate and the eigenvalues of S raised to the floor."""
   d = math.prod(shape[:-2])
-  num_examples = sum(len(h) for h, _, _ in feature_batches())
+  num_examples = program.num_examples or sum(len(h) for h, _, _ in feature_batches())
   rows = (-(-program.metric_samples * d // num_examples) if program.metric_samples
           else np.iinfo(np.int32).max)
   s, count = precond.patch_covariance(feature_batches, program.kernel_shape,

@@ -750,7 +750,7 @@ def _convex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.Stage
       gate_seed=cfg.gate_seed + index, refit_head=cfg.refit_head, fista_iters=cfg.fista_iters,
       steps_per_epoch=data_lib.steps_per_epoch(num_examples, cfg.batch_size, full_pass=fista),
       relative_beta=cfg.beta_relative, metric_samples=cfg.metric_samples,
-      init=cfg.convex_init, dtype=jnp.dtype(cfg.compute_dtype))
+      num_examples=num_examples, init=cfg.convex_init, dtype=jnp.dtype(cfg.compute_dtype))
 
 
 # Every layer-wise method (``config.LAYERWISE``): ``(cfg, num_examples, index) -> Stage``. A new
