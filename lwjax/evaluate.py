@@ -291,10 +291,7 @@ def diverged_networks(cfg: Config, mean: dict, records: list[dict]) -> dict:
   """``{method: {depth: why}}`` of the networks that diverged (``train.network_divergence``)."""
   out = {}
   for method, depth in trained_networks(cfg):
-    if cfg.model == "unrolled":
-      phase = unrolled.phase_of(method, depth)
-    else:
-      phase = f"e2e_d{depth}" if method == "e2e" else f"{method}_s{depth - 1}"
+    phase = (unrolled.phase_of if cfg.model == "unrolled" else train.phase_of)(method, depth)
     why = train.network_divergence(mean[method][str(depth)], mean["zero_filled"], records, phase)
     if why:
       out.setdefault(method, {})[str(depth)] = why

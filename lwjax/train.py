@@ -273,7 +273,6 @@ class FitResult:
   state: dict  # {"params", "opt", "step"} after the last epoch
   resumed_from: int  # epoch the run resumed from (0: a fresh start)
   epochs: int  # epochs the phase took (fewer than asked when ``check`` ended it)
-  diverged: Optional[str] = None  # why the training loss diverged (``loss_divergence``)
 
 
 def set_aside(path: Path, workdir: Path) -> Path:
@@ -486,7 +485,7 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
   if diverged:
     logging.error("%s DIVERGED: %s (lower --lr)", phase, diverged)
     log.write({"phase": phase, "event": "diverged", "reason": diverged})
-  return FitResult(state=state, resumed_from=start, epochs=end, diverged=diverged)
+  return FitResult(state=state, resumed_from=start, epochs=end)
 
 
 # Divergence that stays finite (thresholds: BUILD_NOTES.md). A phase diverged when its last
@@ -725,7 +724,7 @@ def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: MetricsL
                      features=cfg.features, kernel_size=cfg.kernel, ndim=net.ndim)
 
   spe = data_lib.steps_per_epoch(len(train["x"]), cfg.batch_size)
-  result = fit(f"e2e_d{depth}", e2e_loss(net), adam(cfg, spe, cfg.weight_decay), params, {},
+  result = fit(phase_of("e2e", depth), e2e_loss(net), adam(cfg, spe, cfg.weight_decay), params, {},
                {"x": train["x"], "y": train["y"]}, cfg=cfg, mesh=mesh, epochs=cfg.epochs, log=log)
   params = jax.device_get(result.state["params"])
   save_params(out, params)
@@ -967,7 +966,7 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: M
     if stage.prepare is not None:
       stage, report = stage.prepare(feature_batches, h_shape)
     variables = stage.init(phase_key(cfg, STAGE_SALT + index), h_shape)
-    result = fit(f"{method}_s{number}", stage_loss(net, stage, index), stage.tx, variables,
+    result = fit(phase_of(method, depth), stage_loss(net, stage, index), stage.tx, variables,
                  frozen, arrays, cfg=cfg, mesh=mesh, epochs=stage.epochs or cfg.epochs, log=log,
                  full_pass=stage.full_pass, check=_gap_check(cfg, stage, feature_batches),
                  check_every=cfg.certify_every)
@@ -1111,6 +1110,12 @@ def load_data(cfg: Config, log=logging.info,
   return primary_first(lambda: _load_data(cfg, log, splits), "data")
 
 
+def phase_of(method: str, depth: int) -> str:
+  """The training phase that ended with ``method``'s network of ``depth``: e2e_d<depth>, or
+  the layer-wise stage <method>_s<depth - 1>."""
+  return f"e2e_d{depth}" if method == "e2e" else f"{method}_s{depth - 1}"
+
+
 def network_finished(cfg: Config, method: str, depth: int) -> bool:
   """Whether the network of ``method`` and ``depth`` is trained (a rerun loads it): an e2e
   network's parameters, or the report of the layer-wise stage that ends with it."""
@@ -1192,7 +1197,7 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
     per_slice = metrics_lib.per_slice(pred=pred, target=val_arrays["y"])
     means = metrics_lib.means(per_slice)
     why = network_divergence(means, summary["zero_filled"], log.records(),
-                             f"e2e_d{depth}" if method == "e2e" else f"{method}_s{depth - 1}")
+                             phase_of(method, depth))
     if why:
       summary.setdefault("diverged", {}).setdefault(method, {})[str(depth)] = why
       logging.error("%s depth %d DIVERGED: %s; its metrics are not a result", method, depth, why)
