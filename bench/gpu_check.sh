@@ -14,7 +14,8 @@
 #             float32 and bfloat16 at batch 8: which layer a step's gap to PyTorch comes from
 #   certify   issue 19: the real trainer at paper size on a small synthetic set (CERT_FLAGS): each
 #             pfista stage's gap against passes and seconds per pass, and the time to certified
-#             stages against e2e's 40 epochs (metrics.jsonl, summary.json and stages/ in $OUT/certify)
+#             stages against e2e's 40 epochs (bench/phase_times.py; $OUT/certify.*)
+#   certify_hi  after certify: its first two convex stages again at "highest" matmul precision
 # Run from the repository root; results land in $OUT (or ./gpu_out). SIZE overrides the
 # paper-scale size flags (CPU dry run: SIZE="--image_size=32 --features=8 --kernel_size=3"),
 # PIPE_LIMIT, LAYERS_LIMIT, F32_LIMIT, SEARCH_LIMIT and CERT_LIMIT the parts' seconds (default
@@ -62,14 +63,21 @@ for part in $PARTS; do
       timeout ${PIPE_LIMIT:-300} python3 bench/bench_pipeline.py $SIZE --depth=3 --batch_size=8 --slices=48 \
         --epochs=3 --runs=${RUNS:-e2e,e2e+data,layerwise_convex:none,layerwise_convex:none+data,layerwise_convex:device+data} \
         --json_out="$OUT/pipeline.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/pipeline.log" ;;
-    certify)
+    certify|certify_hi)
+      # certify_hi: the convex stages alone with every matmul and conv at "highest" precision
+      # (no TF32), shallower: does TF32 in the solver's step stall the gap?
       # A killed run resumes: rerun the part with the same CERT_WORKDIR to continue it.
-      work=${CERT_WORKDIR:-/tmp/lwjax_certify}
+      work=${CERT_WORKDIR:-/tmp/lwjax_certify}; limit=${CERT_LIMIT:-480}; flags=${CERT_FLAGS:-"--synth_train_subjects=3 --synth_val_subjects=1 --synth_slices=8 --depth=5 --e2e_depths=5 --batch_size=8 --cache_features=device --data_on_device"}
+      if [ "$part" = certify_hi ]; then
+        work=$work.hi; limit=${CERT_HI_LIMIT:-120}; flags="$flags --depth=3 --method=layerwise_convex --data_dir=${CERT_WORKDIR:-/tmp/lwjax_certify}/data"
+      fi
       # shellcheck disable=SC2086
-      timeout ${CERT_LIMIT:-480} python3 launch/train.py --flagfile=poisson.flags $SIZE \
-        ${CERT_FLAGS:-"--synth_train_subjects=2 --synth_val_subjects=1 --synth_slices=4 --depth=3 --e2e_depths=3 --batch_size=4 --cache_features=device --data_on_device"} \
-        --workdir="$work" 2>&1 | grep -v "^[IW][0-9].*\(checkpoint\|orbax\)" | tail -n 60 | tee "$OUT/certify.log"
-      mkdir -p "$OUT/certify" && cp -r "$work/metrics.jsonl" "$work/summary.json" "$work/stages" "$OUT/certify/" 2>/dev/null ;;
+      JAX_DEFAULT_MATMUL_PRECISION=$([ "$part" = certify_hi ] && echo highest || echo default) \
+        timeout "$limit" python3 launch/train.py --flagfile=poisson.flags $SIZE $flags \
+        --workdir="$work" >"$OUT/$part.log" 2>&1
+      echo "$part: exit $?"; grep -v "steps/s\|checkpoint\|orbax" "$OUT/$part.log" | tail -n 40
+      python3 bench/phase_times.py "$work" --log="$OUT/$part.log" --json_out="$OUT/$part.json"
+      cp "$work/metrics.jsonl" "$OUT/$part.metrics.jsonl" ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -18,6 +18,7 @@ METHODS = LAYERWISE + ("e2e",)
 MASKS = ("poisson", "cartesian", "equispaced")
 MAPS = ("espirit", "lowres")
 SOLVERS = ("pfista", "fista", "adam")
+PRECISIONS = ("default", "high", "highest")  # jax.default_matmul_precision's names
 DTYPES = ("float32", "bfloat16")
 FEATURE_CACHES = ("none", "host", "disk", "device")
 HOST_DATA = ("memory", "disk")
@@ -72,6 +73,7 @@ class Config:
   certify_every: int = 10  # passes between a convex stage's duality-gap certificates (and its checkpoints)
   metric_samples: int = 64  # pfista: patches per patch dimension for the covariance metric; 0: every patch
   convex_init: str = "zeros"  # start of the convex stages: zeros or random (a convex stage reaches one optimum)
+  convex_precision: str = "default"  # matmul precision of the convex stages' training step: default (TF32 on NVIDIA GPUs), high or highest
   gate_seed: int = 0  # seed of the convex stages' fixed gate filters
   # Runtime.
   workdir: str = "workdir"  # everything a run writes: checkpoints, metrics, summary.json
@@ -174,6 +176,8 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(cfg.certify_every >= 1, "certify_every", "must be >= 1 (passes)")
   need(cfg.metric_samples >= 0, "metric_samples", "must be >= 0 (0: every patch)")
   need(cfg.convex_init in ("zeros", "random"), "convex_init", "expected zeros or random")
+  need(cfg.convex_precision in PRECISIONS, "convex_precision",
+       f"expected one of {', '.join(PRECISIONS)}")
   need(cfg.beta >= 0 and cfg.rho >= 0, "beta", "beta and rho must be >= 0")
   need(cfg.beta > 0 or "layerwise_convex" not in cfg.methods, "beta",
        "the convex stage needs beta > 0 (its group lasso)")

@@ -445,7 +445,8 @@ SOLVERS = ("pfista", "fista", "adam")
 def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=None, gate_seed=0,
                  out_channels=2, refit_head=False, fista_iters=None, steps_per_epoch=1,
                  relative_beta=False, power_iters=None, metric_samples=64, metric_floor=1e-6,
-                 num_examples=None, init="zeros", dtype=jnp.float32) -> stage.Stage:
+                 num_examples=None, init="zeros", dtype=jnp.float32,
+                 precision=None) -> stage.Stage:
   """The convex layer-wise stage ("layerwise_convex") behind the ``stage.Stage`` interface.
 
   Args:
@@ -479,6 +480,8 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
       counted in ``prepare`` (one more pass over the stage's features).
     init: "zeros" or "random" (a seeded normal point): a convex stage ends at the same optimum.
     dtype: compute dtype of the V/Z conv (the gates, certificate and refit use float32).
+    precision: matmul precision of the training step's convolutions (``jax.default_matmul_precision``
+      names; None: the default, TF32 on NVIDIA GPUs, whose rounding can keep the gap from falling).
 
   Returns:
     The stage. With a FISTA its ``tx`` only works after ``prepare``; with ``relative_beta`` the
@@ -514,8 +517,7 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
       steps_per_epoch=steps_per_epoch, relative_beta=relative_beta,
       power_iters=power_iters or (10 if solver == "pfista" else 20),
       metric_samples=metric_samples, metric_floor=metric_floor, num_examples=num_examples,
-      init_kind=init,
-      dtype=None if dtype is None else jnp.dtype(dtype))
+      init_kind=init, dtype=None if dtype is None else jnp.dtype(dtype), precision=precision)
   # Adam's state does not depend on beta, so before ``prepare`` the stage already has its real
   # optimiser (the memory analysis compiles the step from it); the FISTAs' steps need the data.
   return _stage(program, tx if solver == "adam" else _needs_prepare(),
@@ -543,6 +545,7 @@ class Program:
   num_examples: Optional[int]
   init_kind: str  # "zeros" | "random"
   dtype: Any  # of the V/Z conv (None: that of h)
+  precision: Optional[str]  # of the training step's convs (None: the default)
 
   def shape(self, c_in: int) -> tuple[int, ...]:
     """Shape of V, of Z and of W = V - Z: (*k, C_in, P, C_out)."""
@@ -561,7 +564,12 @@ class Program:
 
   def loss(self, variables, h, skip, y, weight=None):
     """``Stage.loss``: the objective; the FISTAs differentiate its smooth part only (their prox
-    step handles the group lasso), pfista in W = V - Z without the V/Z branches."""
+    step handles the group lasso), pfista in W = V - Z without the V/Z branches. At
+    ``precision``, its gradient too (the transposed convs keep their forward's precision)."""
+    with jax.default_matmul_precision(self.precision):
+      return self._loss(variables, h, skip, y, weight)
+
+  def _loss(self, variables, h, skip, y, weight):
     u = _gate_filters_of(variables, self.gate_seed)
     if self.solver == "pfista":
       pred = skip + gated(variables["w"], h, gates(h, u), self.dtype).astype(skip.dtype)

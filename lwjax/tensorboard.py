@@ -21,7 +21,7 @@ except ImportError:  # The optional extra: the run logs to metrics.jsonl only.
 
 # A phase's name: "<method>_d<depth>" (a network), "_s<stage>" (a stage), "_k<iterations>".
 _PHASE = re.compile(r"^(?P<method>.+)_[dsk](?P<index>\d+)$")
-_EPOCH_SKIP = ("phase", "epoch", "step", "event")
+_EPOCH_SKIP = ("phase", "epoch", "step", "event", "time")
 
 
 def available() -> bool:

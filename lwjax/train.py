@@ -231,8 +231,8 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh):
 
 
 class MetricsLog:
-  """Appends JSON lines to ``WORKDIR/metrics.jsonl`` (process 0 only); ``launch/evaluate.py``
-  draws the training curves from it. With a ``board`` (``tensorboard.Board``) every record also
+  """Appends JSON lines to ``WORKDIR/metrics.jsonl`` (process 0 only), each stamped with its
+  ``time`` (Unix seconds); ``launch/evaluate.py`` draws the training curves from it. With a ``board`` (``tensorboard.Board``) every record also
   goes to TensorBoard."""
 
   def __init__(self, workdir, board=None):
@@ -243,8 +243,8 @@ class MetricsLog:
   def write(self, record: dict) -> None:
     if not is_primary():
       return
-    record = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v)
-              for k, v in record.items()}
+    record = {**{k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array)) else v)
+                 for k, v in record.items()}, "time": round(time.time(), 3)}
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     if self.board is not None:
@@ -749,7 +749,8 @@ def _convex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.Stage
       gate_seed=cfg.gate_seed + index, refit_head=cfg.refit_head, fista_iters=cfg.fista_iters,
       steps_per_epoch=data_lib.steps_per_epoch(num_examples, cfg.batch_size, full_pass=fista),
       relative_beta=cfg.beta_relative, metric_samples=cfg.metric_samples,
-      num_examples=num_examples, init=cfg.convex_init, dtype=jnp.dtype(cfg.compute_dtype))
+      num_examples=num_examples, init=cfg.convex_init, dtype=jnp.dtype(cfg.compute_dtype),
+      precision=None if cfg.convex_precision == "default" else cfg.convex_precision)
 
 
 # Every layer-wise method (``config.LAYERWISE``): ``(cfg, num_examples, index) -> Stage``. A new

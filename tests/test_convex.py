@@ -388,6 +388,20 @@ def test_bfloat16_conv_is_a_bfloat16_convolution_close_to_float32():
   assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-2
 
 
+@pytest.mark.parametrize("precision", [None, "highest"])
+def test_the_step_and_its_gradient_run_at_the_stage_precision(precision):
+  # TF32 in the step can hold the gap above 1e-3 on a GPU (BUILD_NOTES): --convex_precision must
+  # reach every conv of the gradient, the transposed ones included, and only those of this stage.
+  st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=1e-3, rho=0.0, solver="pfista",
+                           precision=precision)
+  h, skip, y = _data(0)
+  w = {"w": jnp.zeros((K, K, C_IN, P, C_OUT), jnp.float32)}
+  jaxpr = jax.make_jaxpr(jax.grad(lambda w: st.loss(w, h, skip, y)[0]))(w)
+  convs = [e.params["precision"] for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  want = None if precision is None else (jax.lax.Precision.HIGHEST,) * 2
+  assert len(convs) == 3 and all(p == want for p in convs), convs  # gates, forward, transposed
+
+
 def test_anisotropic_3d_stage_uses_one_set_of_gates_everywhere():
   # With a 1 x K x K kernel the loss, beta_max, FISTA and the certificate must all gate with the
   # same (1, K, K) filters: a 1 x K x K stage on a depth-1 volume is the 2D stage.

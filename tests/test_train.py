@@ -154,6 +154,7 @@ def test_validate_rejects_bad_settings():
   for change, flag in [({"method": "layerwise,sgd"}, "method"), ({"depth": 1}, "depth"),
                        ({"batch_size": 6}, "batch_size"), ({"mask": "radial"}, "mask"),
                        ({"convex_solver": "fista", "rho": 1.0}, "rho"),
+                       ({"convex_precision": "tf32"}, "convex_precision"),
                        ({"features": 6, "method": "layerwise_convex"}, "features"),
                        ({"kernel_size": 4}, "kernel_size"),
                        ({"ndim": 3, "kernel_depth": 2}, "kernel_depth"),
