@@ -72,6 +72,7 @@ from absl import flags  # noqa: E402
 # The repository's lwjax (this working tree), installed or not.
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from lwjax import config as config_lib  # noqa: E402
+from lwjax import files  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -730,13 +731,8 @@ def markdown(results: list) -> str:
 
 
 def write_json(path: str, report: dict) -> None:
-  if not path:
-    return
-  p = Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  tmp = p.with_name(p.name + ".tmp")
-  tmp.write_text(json.dumps(report, indent=1, default=str))
-  os.replace(tmp, p)
+  if path:  # Values JSON cannot hold (dtypes, paths) as their str.
+    files.write_json(path, json.loads(json.dumps(report, default=str)), sort_keys=False)
 
 
 # ----------------------------------------------------------------------------------------------

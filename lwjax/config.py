@@ -5,10 +5,11 @@ for ``launch/train.py`` also drives ``launch/evaluate.py`` and ``launch/memory.p
 configuration as ``WORKDIR/config.json`` (``save``/``load``).
 """
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Optional
+
+from lwjax import files
 
 # Plain tuples, so that importing this module (every launch script's --help) does not load JAX;
 # tests check them against ``train.STAGES``, ``masks.KINDS`` and ``coils.METHODS``.
@@ -242,41 +243,12 @@ def from_flags(base: Optional[Config] = None) -> Config:
 
 def save(cfg: Config, path) -> None:
   """Write ``cfg`` as JSON atomically (temp file + rename)."""
-  from lwjax import fastmri  # its atomic_write; not needed to define or parse the flags
-  with fastmri.atomic_write(path) as tmp:
-    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1, sort_keys=True))
-
-
-def read_json(path):
-  """The value in the JSON file ``path``; one that cannot be parsed is a ValueError naming it.
-
-  Every JSON file lwjax reads (config.json, data.json, summary.json, stage reports, eval.json)
-  goes through here."""
-  text = Path(path).read_text()
-  try:
-    return json.loads(text)
-  except ValueError as e:
-    raise ValueError(f"{path}: not valid JSON ({e}): the file is damaged (a full disk, or "
-                     "edited by hand?); restore it or move it away") from None
-
-
-def read_json_lines(path) -> list:
-  """The values of the JSON-lines file ``path`` (blank lines skipped); a line that cannot be
-  parsed is a ValueError naming the file and the line."""
-  out = []
-  for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-    if line.strip():
-      try:
-        out.append(json.loads(line))
-      except ValueError as e:
-        raise ValueError(f"{path}: line {number} is not valid JSON ({e}): the file is "
-                         "damaged; restore it or remove that line") from None
-  return out
+  files.write_json(path, dataclasses.asdict(cfg))
 
 
 def load(path, **overrides) -> Config:
   """Read a ``config.json`` written by ``save``; unknown keys are an error naming the file."""
-  values = read_json(path)
+  values = files.read_json(path)
   known = {f.name for f in dataclasses.fields(Config)}
   unknown = sorted(set(values) - known)
   if unknown:

@@ -30,8 +30,10 @@ import zipfile
 
 import numpy as np
 
-from lwjax import coils, fastmri, masks, sense, synthetic
-from lwjax.fft import center_slices
+from lwjax import files
+from lwjax import fastmri, synthetic
+from lwjax.mri import coils, masks, sense
+from lwjax.mri.fft import center_slices
 
 CACHE_VERSION = 4  # bump when preparation changes what a cached slice holds (4: ESPIRiT settled)
 # Per-slice scales of one file compare within this relative tolerance: a cache rebuilt elsewhere
@@ -397,7 +399,7 @@ def _prepare_and_cache(info, index, mask, cfg, cache_dir, with_maps, with_kspace
     entry = {_SKIP: np.array(str(e))}
   except ValueError as e:
     raise fastmri.DataError(f"{where}: {e}") from e
-  with fastmri.atomic_write(file) as tmp, open(tmp, "wb") as f:
+  with files.atomic_write(file) as tmp, open(tmp, "wb") as f:
     np.savez(f, **entry, **{_IDENTITY: np.array(identity)})
   return entry
 
@@ -782,7 +784,7 @@ def make_synthetic_dataset(out_dir, *, train_subjects, val_subjects, slices, coi
                                      coils=coils, slices=slices, noise_std=noise_std)
       fastmri.write_volume(file, volume["kspace"], volume["rss"],
                            patient_id=f"synth-{split}-{i:03d}")
-  with fastmri.atomic_write(manifest) as tmp:
+  with files.atomic_write(manifest) as tmp:
     tmp.write_text(json.dumps(args, indent=2))
   return out_dir
 

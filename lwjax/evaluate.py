@@ -39,10 +39,11 @@ from typing import Callable
 import numpy as np
 from absl import logging
 
+from lwjax import files
 from lwjax import config as config_lib
 from lwjax import data as data_lib
 from lwjax import figures
-from lwjax import masks
+from lwjax.mri import masks
 from lwjax import metrics as metrics_lib
 from lwjax import train
 from lwjax import unrolled
@@ -269,7 +270,7 @@ def read_metrics_log(workdir) -> list[dict]:
   path = Path(workdir) / "metrics.jsonl"
   if not path.is_file():
     raise FileNotFoundError(f"{path}: the run's training log is missing")
-  return config_lib.read_json_lines(path)
+  return files.read_json_lines(path)
 
 
 def stage_reports(cfg: Config) -> dict:
@@ -281,7 +282,7 @@ def stage_reports(cfg: Config) -> dict:
     # A CNN stage i gives depth i + 1; an unrolled stage k gives k iterations.
     stage = depth if cfg.model == "unrolled" else depth - 1
     path = train.stage_report_path(cfg.workdir, method, stage)
-    report = config_lib.read_json(path) if path.is_file() else {}
+    report = files.read_json(path) if path.is_file() else {}
     if report:
       out.setdefault(method, {})[stage] = report
   return out
@@ -409,7 +410,7 @@ def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bo
   workdir = Path(cfg.workdir)
   record = workdir / "data.json"
   if record.exists():
-    was = config_lib.read_json(record).get("val")
+    was = files.read_json(record).get("val")
     own = was is not None and data_lib.data_difference(was, data_lib.data_record(val)) is None
   else:
     run_cfg = config_lib.load(workdir / "config.json")
@@ -453,7 +454,7 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
         f"to {out}")
     previous = out / "eval.json"
     if previous.exists():
-      other = config_lib.read_json(previous).get("data_dir")
+      other = files.read_json(previous).get("data_dir")
       if other != data_dir:
         raise ValueError(f"{previous}: holds the evaluation of {other or 'other data'}, not of "
                          f"{data_dir}; choose another folder with --out_dir")

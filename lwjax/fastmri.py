@@ -7,19 +7,18 @@ encoding, oversampled 2x in fastMRI knee data) and W the phase encoding; ``recon
 ``reconSpace`` matrix (h, w)). Every problem with an input raises :class:`DataError` naming the
 file, the HDF5 key and what was expected vs found.
 """
-import contextlib
 import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Optional
-import uuid
 import xml.etree.ElementTree as ElementTree
 
 from absl import logging
 import h5py
 import numpy as np
 
-from lwjax.fft import center_slices, fft2c, ifft2c
+from lwjax import files
+from lwjax.mri.fft import center_slices, fft2c, ifft2c
 
 KSPACE = "kspace"
 RSS = "reconstruction_rss"
@@ -70,22 +69,6 @@ class DataError(ValueError):
   """A data file, directory or cache entry is missing or not what the pipeline expects."""
 
 
-@contextlib.contextmanager
-def atomic_write(path):
-  """Yields a temporary path beside ``path``; on success it is renamed onto ``path``.
-
-  A crash leaves either the old file or none, plus at most a hidden ``.<name>.<hex>.tmp`` that no
-  reader looks at.
-  """
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
-
-
 @dataclasses.dataclass
 class VolumeInfo:
   """What :func:`open_volume` found: ``kspace_shape`` is (slices, coils, H, W)."""
@@ -134,7 +117,7 @@ def write_volume(path, kspace, rss, *, acquisition="CORPD_FBK", patient_id="", a
   if rss.ndim != 3 or rss.shape[0] != kspace.shape[0] or np.iscomplexobj(rss):
     raise DataError(f"{path}: key '{RSS}': expected real ({kspace.shape[0]}, h, w), "
                     f"found {rss.dtype} {rss.shape}")
-  with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+  with files.atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
     f.create_dataset(KSPACE, data=kspace.astype(np.complex64))
     f.create_dataset(RSS, data=rss.astype(np.float32))
     f.create_dataset(HEADER, data=np.bytes_(

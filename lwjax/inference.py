@@ -19,12 +19,13 @@ import jax
 import numpy as np
 from absl import logging
 
+from lwjax import files
 from lwjax import data as data_lib
 from lwjax import evaluate
 from lwjax import fastmri
-from lwjax import masks
+from lwjax.mri import masks
 from lwjax import nets
-from lwjax import sense
+from lwjax.mri import sense
 from lwjax import train
 from lwjax.config import Config
 
@@ -184,7 +185,7 @@ def reconstruct_file(recon: Reconstructor, path, out_dir, run_mask: np.ndarray, 
     out[kept] = fastmri.center_fit(magnitude, size)
   target = Path(out_dir) / path.name
   target.parent.mkdir(parents=True, exist_ok=True)
-  with fastmri.atomic_write(target) as tmp, h5py.File(tmp, "w") as f:
+  with files.atomic_write(target) as tmp, h5py.File(tmp, "w") as f:
     f.create_dataset(RECONSTRUCTION, data=out)
     f.attrs.update({"method": recon.method, "depth": recon.depth,
                     "workdir": str(recon.cfg.workdir)})

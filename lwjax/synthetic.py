@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from lwjax.fft import center_slices, fft2c
+from lwjax.mri.fft import center_slices, fft2c
 
 # Nominal magnitudes of the tissues (proton-density-like contrast, as fastMRI's knee PD scans).
 TISSUES = dict(fluid=1.0, fat=0.9, marrow=0.72, cartilage=0.55, muscle=0.33, ligament=0.12,

@@ -36,10 +36,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lwjax import files
 from lwjax import console
 from lwjax import data as data_lib
 from lwjax import fastmri
-from lwjax import masks
+from lwjax.mri import masks
 from lwjax import metrics as metrics_lib
 from lwjax import nets
 from lwjax import config as config_lib
@@ -252,7 +253,7 @@ class MetricsLog:
 
   def records(self) -> list[dict]:
     """Every record written so far (none where this process cannot see the file)."""
-    return config_lib.read_json_lines(self.path) if self.path.is_file() else []
+    return files.read_json_lines(self.path) if self.path.is_file() else []
 
   def close(self) -> None:
     if self.board is not None:
@@ -619,17 +620,9 @@ def load_finished(path: Path, workdir) -> Optional[Params]:
 
 
 def write_json(path: Path, value, sort_keys: bool = True) -> None:
-  """Write ``value`` as JSON atomically (temp file + rename): readers never see half a file.
-
-  Only process 0 of a multi-host run writes (every process holds the same value)."""
-  if not is_primary():
-    return
-  text = json.dumps(value, indent=1, sort_keys=sort_keys)
-  if path.is_file() and path.read_text() == text:  # A finished run's rerun rewrites nothing.
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with fastmri.atomic_write(path) as tmp:
-    tmp.write_text(text)
+  """``files.write_json`` on process 0 of a multi-host run (every process holds the same value)."""
+  if is_primary():
+    files.write_json(path, value, sort_keys)
 
 
 def record_eval(summary: dict, summary_path: Path, log: MetricsLog, method: str, depth: int,
@@ -786,7 +779,7 @@ def finished_stage(workdir, method: str, index: int,
   if not report_path.exists():
     return None
   try:
-    report = config_lib.read_json(report_path)
+    report = files.read_json(report_path)
   except ValueError as e:
     logging.warning("%s: moved to %s", e, set_aside(report_path, Path(workdir).absolute()))
     return None
@@ -1055,7 +1048,7 @@ def _check_same_data(workdir: Path, splits: dict[str, data_lib.Split]) -> None:
   if not path.exists():
     write_json(path, record)
     return
-  old = config_lib.read_json(path)
+  old = files.read_json(path)
   for name, new in record.items():
     difference = data_lib.data_difference(old.get(name, {"files": [], "scale": []}), new)
     if difference:
@@ -1155,7 +1148,7 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
     raise
   config_path = workdir / "config.json"  # Only now: a command refused above leaves no run.
   if is_primary() and not (config_path.exists()
-                           and config_lib.read_json(config_path) == dataclasses.asdict(cfg)):
+                           and files.read_json(config_path) == dataclasses.asdict(cfg)):
     config_lib.save(cfg, config_path)
   logging.info("data: %d training slices from %d files, %d validation slices from %d files, "
                "grid %s, mask %s x%.2f", len(train.x), len(set(train.volume_index.tolist())),
@@ -1177,7 +1170,7 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
 
   (train_arrays, _), (val_arrays, _) = example_arrays(cfg, train), example_arrays(cfg, val)
   # A rerun starts from the summary of the networks finished so far: the same values again.
-  previous = config_lib.read_json(summary_path) if summary_path.is_file() else {}
+  previous = files.read_json(summary_path) if summary_path.is_file() else {}
   summary = {**previous,
              "zero_filled": metrics_lib.means(metrics_lib.per_slice(pred=val_arrays["x"],
                                                                     target=val_arrays["y"])),

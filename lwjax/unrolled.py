@@ -46,7 +46,7 @@ from absl import logging
 from lwjax import data as data_lib
 from lwjax import metrics
 from lwjax import nets
-from lwjax import sense
+from lwjax.mri import sense
 from lwjax import stage as stage_lib
 from lwjax import train as train_lib
 from lwjax.config import Config

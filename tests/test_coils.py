@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from lwjax import coils, masks, sense, synthetic
-from lwjax.fft import fft2c
+from lwjax import synthetic
+from lwjax.mri import coils, masks, sense
+from lwjax.mri.fft import fft2c
 
 
 @pytest.fixture(scope="module")

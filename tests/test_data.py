@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lwjax import data, fastmri, sense, synthetic
+from lwjax import data, fastmri, synthetic
+from lwjax.mri import sense
 
 SIZE, COILS, SLICES = 48, 4, 3
 CFG = data.PrepConfig(image_size=SIZE, mask="poisson", accel=4.0, calib=16, maps="lowres")

@@ -8,8 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
+from lwjax import files
 from lwjax import fastmri, synthetic
-from lwjax.fft import fft2c, ifft2c
+from lwjax.mri.fft import fft2c, ifft2c
 
 NS = {"m": "http://www.ismrm.org/ISMRMRD"}
 
@@ -60,7 +61,7 @@ def test_write_is_atomic(tmp_path):
   kspace, rss = _random_volume(np.random.default_rng(0))
   path = tmp_path / "vol.h5"
   fastmri.write_volume(path, kspace, rss)
-  with pytest.raises(RuntimeError), fastmri.atomic_write(path) as tmp:
+  with pytest.raises(RuntimeError), files.atomic_write(path) as tmp:
     tmp.write_bytes(b"half a file")
     raise RuntimeError("crash while writing")
   assert [p.name for p in tmp_path.iterdir()] == ["vol.h5"]

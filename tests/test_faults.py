@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from lwjax import files
 from lwjax import config as config_lib
 from lwjax import train
 from test_train import CFG, fit_e2e, toy_arrays
@@ -158,7 +159,7 @@ def test_diverged_training_is_marked_not_reported(tmp_path):
   why = summary["diverged"]["e2e"]["2"]
   assert "below the zero-filled input's" in why and "times that of its first step" in why
   assert "e2e depth 2" in train.diverged_message(summary)
-  records = config_lib.read_json_lines(tmp_path / "run" / "metrics.jsonl")
+  records = files.read_json_lines(tmp_path / "run" / "metrics.jsonl")
   assert any(r.get("event") == "diverged" and r["phase"] == "e2e_d2" for r in records)
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lwjax.fft import array_module, center_slices, fft2c, ifft2c
+from lwjax.mri.fft import array_module, center_slices, fft2c, ifft2c
 
 
 def _random(shape, seed=0):

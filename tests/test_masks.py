@@ -3,8 +3,8 @@ and the error cases."""
 import numpy as np
 import pytest
 
-from lwjax import masks
-from lwjax.fft import center_slices
+from lwjax.mri import masks
+from lwjax.mri.fft import center_slices
 
 SHAPES = [(64, 64), (80, 96), (128, 128)]
 

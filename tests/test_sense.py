@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lwjax import masks, sense, synthetic
+from lwjax import synthetic
+from lwjax.mri import masks, sense
 
 
 def _complex(rng, shape):

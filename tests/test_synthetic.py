@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from lwjax import sense, synthetic
-from lwjax.fft import center_slices, fft2c, ifft2c
+from lwjax import synthetic
+from lwjax.mri import sense
+from lwjax.mri.fft import center_slices, fft2c, ifft2c
 
 SIZE, COILS, SLICES = 48, 6, 4
 

@@ -140,7 +140,7 @@ def test_config_names_every_kind_the_code_builds():
   # config keeps plain tuples (no JAX import for --help); they must name what the code builds.
   import subprocess
   import sys
-  from lwjax import coils, masks
+  from lwjax.mri import coils, masks
   from lwjax import convex
   assert set(config_lib.LAYERWISE) == set(train.STAGES)
   assert set(config_lib.SOLVERS) == set(convex.SOLVERS)

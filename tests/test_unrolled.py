@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from lwjax import config as config_lib
-from lwjax import data, nets, sense, train, unrolled
+from lwjax import data, nets, train, unrolled
+from lwjax.mri import sense
 
 SIZE, COILS = 32, 4
 PREP = data.PrepConfig(image_size=SIZE, mask="poisson", accel=4.0, calib=8, maps="lowres")

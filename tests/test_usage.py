@@ -17,8 +17,8 @@ from lwjax import data as data_lib
 from lwjax import evaluate
 from lwjax import fastmri
 from lwjax import inference
-from lwjax import masks
-from lwjax import sense
+from lwjax.mri import masks
+from lwjax.mri import sense
 from lwjax import synthetic
 from lwjax import tensorboard
 from lwjax import train

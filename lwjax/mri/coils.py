@@ -8,7 +8,7 @@ are not (outside the object and its surroundings).
 """
 import numpy as np
 
-from lwjax.fft import center_slices, ifft2c
+from lwjax.mri.fft import center_slices, ifft2c
 
 METHODS = ("espirit", "lowres")
 

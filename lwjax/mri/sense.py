@@ -8,7 +8,7 @@ unrolled network share this code.
 import jax
 import numpy as np
 
-from lwjax.fft import array_module, fft2c, ifft2c
+from lwjax.mri.fft import array_module, fft2c, ifft2c
 
 
 def to_channels(z):

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from lwjax.fft import center_slices
+from lwjax.mri.fft import center_slices
 
 KINDS = ("poisson", "cartesian", "equispaced")
 ATTEMPTS = 30  # Bridson's candidates per active sample before it retires (sigpy's max_attempts)

@@ -1,0 +1,1 @@
+"""MRI physics: centred FFTs, undersampling masks, coil sensitivities, the SENSE operator."""
