@@ -1,6 +1,6 @@
 r"""Benchmark (not a test): the real training loop's throughput and its wait for data.
 
-Runs the project's own drivers (``train.train_e2e``, ``train.train_layerwise``: the same ``fit``
+Runs the project's own drivers (``cnn.train_e2e``, ``cnn.train_layerwise``: the same ``fit``
 loop, input pipeline, checkpoints and feature cache as ``launch/train.py``) for a few epochs on
 random prepared slices of the configured shape held in host memory, and reads back what the
 loop records per epoch in ``metrics.jsonl``:
@@ -91,13 +91,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
   import numpy as np
-  from lwjax import train
+  from lwjax.training import runtime
+  from lwjax.training import workdir as workdir_lib
+  from lwjax.models import cnn
   cli.quiet_library_logs()
-  train.configure_xla(FLAGS.conv_fusion)  # As launch/train.py does.
+  runtime.configure_xla(FLAGS.conv_fusion)  # As launch/train.py does.
 
   runs = parse_runs(FLAGS.runs)
   base = config_lib.from_flags()
-  mesh = train.make_mesh()
+  mesh = runtime.make_mesh()
   config_lib.validate(base, mesh.devices.size)
   rng = np.random.default_rng(0)
   shape = (FLAGS.slices, base.image_size, base.image_size, 2)
@@ -118,12 +120,12 @@ def main(argv):
     # A FISTA-type convex stage takes --fista_iters passes: here --epochs, like every phase.
     cfg = dataclasses.replace(base, workdir=str(workdir), cache_features=cache,
                               data_on_device=on_device, fista_iters=base.epochs)
-    log = train.MetricsLog(workdir)
+    log = workdir_lib.MetricsLog(workdir)
     t0 = time.perf_counter()
     if method == "e2e":
-      train.train_e2e(cfg, cfg.depth, arrays, mesh=mesh, log=log)
+      cnn.train_e2e(cfg, cfg.depth, arrays, mesh=mesh, log=log)
     else:
-      train.train_layerwise(cfg, method, arrays, mesh=mesh, log=log)
+      cnn.train_layerwise(cfg, method, arrays, mesh=mesh, log=log)
     wall = time.perf_counter() - t0
     rows = phase_rows(log.path, cfg)
     timed = sum(r["epoch_s"] * r["epochs_timed"] for r in rows)
@@ -140,7 +142,7 @@ def main(argv):
     print(f"{method} {name}: {wall:.1f} s wall, {run['other_s']:.1f} s outside timed epochs",
           flush=True)
     if FLAGS.json_out:
-      train.write_json(Path(FLAGS.json_out), report)
+      workdir_lib.write_json(Path(FLAGS.json_out), report)
   if not FLAGS.scratch:
     shutil.rmtree(scratch, ignore_errors=True)
 

@@ -3,8 +3,8 @@ r"""Benchmark (not a test): lwjax's training steps against the device's peak and
 For the paper's configuration (320x320, 7x7, 256 channels, 5 layers) and a list of batch sizes this
 times one training step of the end-to-end network, of each layer-wise stage (non-convex and
 convex, on their frozen prefix or on cached prefix features) and evaluation of the full network.
-Every lwjax step is built by the project's own code (``train.make_step``, ``train.e2e_loss``,
-``train.stage_loss``, ``train.make_stage``, ``train.make_forward``) from a ``config.Config`` made
+Every lwjax step is built by the project's own code (``loop.make_step``, ``cnn.e2e_loss``,
+``cnn.stage_loss``, ``cnn.make_stage``, ``cnn.make_forward``) from a ``config.Config`` made
 from the flags, on random inputs already on the device, with the state donated and re-fed as
 the trainer does. For each it reports
 
@@ -73,6 +73,7 @@ from absl import flags  # noqa: E402
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from lwjax import config as config_lib  # noqa: E402
 from lwjax import files  # noqa: E402
+from lwjax.training import runtime
 
 T_START = time.perf_counter()
 
@@ -266,10 +267,12 @@ class Env:
     self.jax, self.np = jax, np
     if FLAGS.matmul_precision:
       jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
-    from lwjax import train
-    self.train = train
-    train.configure_xla(FLAGS.conv_fusion)  # As launch/train.py does.
-    self.mesh = train.make_mesh(FLAGS.num_devices or None)
+    from lwjax.training import runtime
+    from lwjax.training import loop
+    from lwjax.models import cnn
+    self.runtime, self.loop, self.cnn = runtime, loop, cnn
+    runtime.configure_xla(FLAGS.conv_fusion)  # As launch/train.py does.
+    self.mesh = runtime.make_mesh(FLAGS.num_devices or None)
     self.ndev = self.mesh.devices.size
     dev = jax.devices()[0]
     self.platform = dev.platform
@@ -478,7 +481,7 @@ def device_random(env, shapes: dict, dtypes: dict, seed: int):
   """Random normal arrays made on the device, split over the mesh's "data" axis."""
   jax = env.jax
   out = {}
-  sharding = env.train.batch_sharded(env.mesh)
+  sharding = runtime.batch_sharded(env.mesh)
   for i, (name, shape) in enumerate(shapes.items()):
     make = jax.jit(lambda k, shape=shape, dt=dtypes.get(name, "float32"):
                    jax.random.normal(k, shape, dt), out_shardings=sharding)
@@ -490,30 +493,31 @@ class JaxMeasurement:
   """Builds, compiles and times one lwjax step."""
 
   def __init__(self, env, cfg, step: str, batch: int):
-    jax, jnp, train = env.jax, env.jax.numpy, env.train
+    jax, jnp = env.jax, env.jax.numpy
+    runtime, loop, cnn = env.runtime, env.loop, env.cnn
     self.env, self.jax = env, jax
     shape = (batch,) + cfg.spatial  # Slices, or 3D patches.
-    net = train.network_template(cfg)
+    net = cnn.network_template(cfg)
     params = random_params(env, cfg)
     xy = {"x": shape + (2,), "y": shape + (2,)}
-    rep = train.replicated(env.mesh)
+    rep = runtime.replicated(env.mesh)
     self.kind = "train"
     self.h2d = None
     if step == "eval":
       self.kind = "eval"
-      fn = train.make_forward(net, env.mesh)
+      fn = cnn.make_forward(net, env.mesh)
       self.params = jax.device_put(params, rep)
       self.x = device_random(env, {"x": xy["x"]}, {}, seed=10)  # The batch {"x": ...}.
       self.compiled = fn.lower(self.params, self.x).compile()
       return
     if step == "e2e":
-      loss_fn, tx = train.e2e_loss(net), train.adam(cfg, 1, cfg.weight_decay)
+      loss_fn, tx = cnn.e2e_loss(net), loop.adam(cfg, 1, cfg.weight_decay)
       variables, frozen = params, {}
       batch_arrays = device_random(env, xy, {}, seed=10)
     else:
       method = "layerwise_convex" if "convex" in step else "layerwise"
       index = stage_index(step, cfg.depth)
-      stage = train.make_stage(method, cfg, num_examples=cfg.batch_size)
+      stage = cnn.make_stage(method, cfg, num_examples=cfg.batch_size)
       c_in = 2 if index == 0 else cfg.features
       variables = stage_variables(env, cfg, stage, step, c_in)
       tx = stage.tx
@@ -526,11 +530,11 @@ class JaxMeasurement:
         batch_arrays = device_random(env, {**xy, "h": h_shape}, {"h": cfg.compute_dtype}, 10)
         self.h_host = env.np.full(h_shape, 0.5, jnp.dtype(cfg.compute_dtype))
       else:
-        loss_fn = train.stage_loss(net, stage, index)
+        loss_fn = cnn.stage_loss(net, stage, index)
         frozen = {k: v for k, v in params.items()
                   if k.startswith("convs_") and int(k.split("_")[1]) < index}
         batch_arrays = device_random(env, xy, {}, seed=10)
-    step_fn = train.make_step(loss_fn, tx, env.mesh)
+    step_fn = loop.make_step(loss_fn, tx, env.mesh)
     self.state = jax.device_put(
         {"params": variables, "opt": tx.init(variables), "step": jnp.zeros((), jnp.int32)}, rep)
     self.frozen = jax.device_put(frozen, rep)
@@ -545,7 +549,7 @@ class JaxMeasurement:
 
   def time_h2d(self, repeats: int) -> float:
     """Seconds to copy one batch of cached features from host memory to the device(s)."""
-    sharding = self.env.train.batch_sharded(self.env.mesh)
+    sharding = self.env.runtime.batch_sharded(self.env.mesh)
     t = time_steps(lambda: self.jax.device_put(self.h_host, sharding),
                    self.jax.block_until_ready, warmup=1, repeats=repeats, min_time_s=0)
     return t["s"]
@@ -614,8 +618,8 @@ def agreement_check(env, cfg) -> dict:
   """lwjax vs PyTorch on a small image: forward output, and loss and gradient norm of the e2e
   step, a non-convex stage and a convex stage (relative differences; ~1e-6 means the same
   function). Run at full float32 in both frameworks."""
-  jax, jnp, np, torch, ref, train = (env.jax, env.jax.numpy, env.np, env.torch, env.ref,
-                                     env.train)
+  jax, jnp, np, torch, ref = env.jax, env.jax.numpy, env.np, env.torch, env.ref
+  runtime, loop, cnn = env.runtime, env.loop, env.cnn
   import optax
   from lwjax import convex
   from lwjax import nets
@@ -633,7 +637,7 @@ def agreement_check(env, cfg) -> dict:
   torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
   try:
     with jax.default_matmul_precision("highest"):
-      net = train.network_template(cfg)
+      net = cnn.network_template(cfg)
       params = random_params(env, cfg)
       tnet = ref.load_deepnet(ref.channels_last(ref.DeepNet(cfg.depth, cfg.features,
                                                             cfg.kernel_size), dev), params)
@@ -647,7 +651,7 @@ def agreement_check(env, cfg) -> dict:
         tpred = ref.to_nhwc(tnet(tx_))
       out["forward_rel_diff"] = float(np.linalg.norm(pred - tpred) / np.linalg.norm(pred))
 
-      loss, gn = jax_grad(train.e2e_loss(net), params, {})
+      loss, gn = jax_grad(cnn.e2e_loss(net), params, {})
       tloss, tgn = ref.E2EStep(tnet, lr=cfg.lr, device=dev, compute_dtype="float32").grad(tx_, ty_)
       out["e2e_loss_rel_diff"], out["e2e_grad_norm_rel_diff"] = rel(tloss, loss), rel(tgn, gn)
 
@@ -658,7 +662,7 @@ def agreement_check(env, cfg) -> dict:
       prefix = ref.load_deepnet(ref.channels_last(
           ref.DeepNet(max(index, 1) + 1, cfg.features, cfg.kernel_size), dev), params)
       for method in ("layerwise", "layerwise_convex"):
-        stage = train.make_stage(method, cfg, num_examples=cfg.batch_size)
+        stage = cnn.make_stage(method, cfg, num_examples=cfg.batch_size)
         variables = stage_variables(env, cfg, stage, method, c_in)
         if method == "layerwise":
           tstage = ref.load_twolayer(ref.TwoLayer(c_in, cfg.features, cfg.kernel_size), variables)
@@ -669,7 +673,7 @@ def agreement_check(env, cfg) -> dict:
           tstage = ref.load_convex(ref.ConvexStage(c_in, cfg.features, cfg.kernel_size,
                                                    beta=cfg.beta, rho=cfg.rho), variables, u)
         tstage = ref.channels_last(tstage, dev)
-        loss, gn = jax_grad(train.stage_loss(net, stage, index), variables, frozen)
+        loss, gn = jax_grad(cnn.stage_loss(net, stage, index), variables, frozen)
         tloss, tgn = ref.StageStep(prefix, tstage, index, lr=cfg.lr, device=dev,
                                    compute_dtype="float32").grad(tx_, ty_)
         out[f"{method}_s{index + 1}_loss_rel_diff"] = rel(tloss, loss)

@@ -33,8 +33,9 @@ SHOWN = {"workdir": "data", "data_dir": "data", "max_val_volumes": "data", "cach
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from lwjax import console, evaluate, train  # Imported after flag parsing: --help stays fast.
-  train.configure_xla(flags.FLAGS.conv_fusion)
+  from lwjax import console, evaluate  # Imported after flag parsing: --help stays fast.
+  from lwjax.training import runtime
+  runtime.configure_xla(flags.FLAGS.conv_fusion)
   try:
     result = evaluate.run(flags.FLAGS.workdir, log=logging.info, out_dir=_OUT_DIR.value or None,
                           **evaluate.overrides_from_flags(flags.FLAGS))

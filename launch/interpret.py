@@ -40,8 +40,9 @@ def main(argv):
     pixel = tuple(int(p) for p in _PIXEL.value.split(",")) if _PIXEL.value else None
   except ValueError:
     return cli.fail(ValueError(f"--pixel={_PIXEL.value!r}: expected row,col"))
-  from lwjax import console, evaluate, interpret, train  # After the flags: --help stays fast.
-  train.configure_xla(fv.conv_fusion)
+  from lwjax import console, evaluate, interpret  # After the flags: --help stays fast.
+  from lwjax.training import runtime
+  runtime.configure_xla(fv.conv_fusion)
   try:
     result = interpret.run(
         fv.workdir, method=fv.method if fv["method"].present else None,

@@ -54,8 +54,9 @@ def main(argv):
     config.validate(cfg, num_devices=1)  # Before JAX is imported: a bad flag is refused at once.
   except ValueError as e:
     return cli.fail(e)
-  from lwjax import figures, memory, train  # Imported after the flags are checked.
-  train.configure_xla(cfg.conv_fusion)
+  from lwjax import figures, memory  # Imported after the flags are checked.
+  from lwjax.training import runtime
+  runtime.configure_xla(cfg.conv_fusion)
   try:
     rep = memory.report(cfg, int(_BUDGET_GB.value * 2**30), coils=_COILS.value,
                         log=logging.info)

@@ -26,19 +26,21 @@ def main(argv):
     cfg = cli.checked_config()  # Before JAX is imported: a bad flag is refused at once.
   except ValueError as e:
     return cli.fail(e)
-  from lwjax import train  # Imported after the flags are checked: --help and errors stay fast.
-  train.configure_xla(cfg.conv_fusion)
-  cache = train.enable_compilation_cache(cfg.compilation_cache)
+  from lwjax.training import runtime
+  from lwjax.training import loop
+  from lwjax import experiment
+  runtime.configure_xla(cfg.conv_fusion)
+  cache = runtime.enable_compilation_cache(cfg.compilation_cache)
   logging.info("compilation cache: %s", cache or "off")
   try:
-    train.initialize_distributed(cfg.distributed)
-    summary = train.run(cfg)
+    runtime.initialize_distributed(cfg.distributed)
+    summary = experiment.run(cfg)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     return cli.fail(e)
-  if train.is_primary():
+  if runtime.is_primary():
     from lwjax import console
     print(console.finished_run(summary, cfg.workdir))
-  diverged = train.diverged_message(summary)
+  diverged = loop.diverged_message(summary)
   return cli.fail(FloatingPointError(diverged)) if diverged else 0
 
 

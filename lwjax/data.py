@@ -772,14 +772,14 @@ def make_synthetic_dataset(out_dir, *, train_subjects, val_subjects, slices, coi
     done = json.loads(manifest.read_text()) == args
   except (OSError, ValueError):
     done = False
-  if done and all(f.is_file() for files in plan.values() for f in files):
+  if done and all(f.is_file() for paths in plan.values() for f in paths):
     return out_dir
   manifest.unlink(missing_ok=True)
-  for code, (split, files) in enumerate(plan.items()):
+  for code, (split, paths) in enumerate(plan.items()):
     (out_dir / split).mkdir(parents=True, exist_ok=True)
-    for stale in set((out_dir / split).glob("synth_*.h5")) - set(files):
+    for stale in set((out_dir / split).glob("synth_*.h5")) - set(paths):
       stale.unlink()
-    for i, file in enumerate(files):
+    for i, file in enumerate(paths):
       volume = synthetic.make_volume(np.random.default_rng([seed, code, i]), size=size,
                                      coils=coils, slices=slices, noise_std=noise_std)
       fastmri.write_volume(file, volume["kspace"], volume["rss"],
@@ -869,3 +869,17 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size) -> Iterator[dict[str
             "valid": np.arange(batch_size) < m}
 
   return map(batch, range(0, n, batch_size))
+
+
+def example_arrays(cfg, split: Split,
+                   keys: tuple[str, ...] = ("x", "y")) -> tuple[dict, np.ndarray]:
+  """The examples the networks of ``cfg`` train and are evaluated on, and their slices.
+
+  Slices, or for 3D networks volume patches of ``--volume_depth`` consecutive slices of one file
+  (``data.to_volumes``: slices that fill no patch are dropped). Returns
+  ``({key: array}, slices)``, ``slices`` the examples' slices as indices into ``split``, in the
+  order of the examples flattened to slices."""
+  if cfg.ndim == 3:
+    volumes = to_volumes(split, cfg.volume_depth)
+    return {k: volumes[k] for k in keys}, volumes["slices"].reshape(-1)
+  return {k: getattr(split, k) for k in keys}, np.arange(len(split.x))

@@ -1,6 +1,6 @@
 """Evaluation of a finished run: per-slice metrics of every network, a report and the figures.
 
-``run(workdir)`` reads ``WORKDIR/config.json`` and the saved networks (``train.params_dir``),
+``run(workdir)`` reads ``WORKDIR/config.json`` and the saved networks (``workdir.params_dir``),
 predicts the validation split with each and writes:
 
   WORKDIR/eval.json   {"data_dir": the data evaluated ("": the run's synthetic data),
@@ -18,7 +18,7 @@ predicts the validation split with each and writes:
                        in fastMRI's volume-wise convention (``metrics.volume_metrics``),
                        "volumes": [file, ...] (the order of every per-volume list),
                        "diverged": {method: {"<depth>": why}} (networks whose metrics are
-                       not results: ``train.network_divergence``; report.md marks them)}
+                       not results: ``loop.network_divergence``; report.md marks them)}
   WORKDIR/report.md   a table per method and depth, the layer-wise vs e2e gap, stage reports
   WORKDIR/figures/    metrics_vs_depth.png (paper figure 2), examples.png (figure 3),
                       training_curves.png
@@ -45,9 +45,13 @@ from lwjax import data as data_lib
 from lwjax import figures
 from lwjax.mri import masks
 from lwjax import metrics as metrics_lib
-from lwjax import train
-from lwjax import unrolled
 from lwjax.config import Config
+from lwjax import experiment
+from lwjax import models
+from lwjax.training import checkpoints
+from lwjax.training import loop
+from lwjax.training import runtime
+from lwjax.training import workdir as workdir_lib
 
 # Settings a run may be evaluated with other than its own: where the data is, how many of its
 # files (0: all), how much at once.
@@ -117,7 +121,7 @@ def overrides_from_flags(flag_values, *, used=()) -> dict:
 
   A run is evaluated with its own config.json: other ``Config`` flags given explicitly (a
   flagfile's, say), apart from ``--workdir``, ``--conv_fusion`` (a setting of this process, see
-  ``train.configure_xla``) and the names in ``used``, are ignored with a warning.
+  ``runtime.configure_xla``) and the names in ``used``, are ignored with a warning.
   """
   given = [f.name for f in dataclasses.fields(Config) if flag_values[f.name].present]
   ignored = sorted(set(given) - set(OVERRIDABLE) - {"workdir", "conv_fusion", *used})
@@ -128,18 +132,9 @@ def overrides_from_flags(flag_values, *, used=()) -> dict:
 
 
 def trained_networks(cfg: Config) -> list[tuple[str, int]]:
-  """``(method, depth)`` of every network a finished run of ``cfg`` has saved, in method order.
-
-  For ``--model=unrolled`` the methods are ``unrolled_e2e`` / ``unrolled_stagewise`` and the
-  "depth" is the number of unrolled iterations."""
-  if cfg.model == "unrolled":
-    out = []
-    for method in cfg.methods:
-      iters = range(1, cfg.unroll_iters + 1) if method == "layerwise" else [cfg.unroll_iters]
-      out += [(unrolled.NAMES[method], k) for k in iters]
-    return out
-  return [(method, depth) for method in cfg.methods
-          for depth in (cfg.depths_e2e if method == "e2e" else range(2, cfg.depth + 1))]
+  """``(method, depth)`` of every network a finished run of ``cfg`` has saved, in method order
+  (``Family.trained_networks``; for the unrolled model "depth" counts iterations)."""
+  return models.family(cfg).trained_networks(cfg)
 
 
 def final_networks(cfg: Config) -> list[tuple[str, int]]:
@@ -151,7 +146,7 @@ def final_networks(cfg: Config) -> list[tuple[str, int]]:
 
 
 def load_network(cfg: Config, method: str, depth: int):
-  return train.load_params(train.params_dir(cfg.workdir, method, depth))
+  return checkpoints.load_params(workdir_lib.params_dir(cfg.workdir, method, depth))
 
 
 def as_slices(images: np.ndarray) -> np.ndarray:
@@ -162,17 +157,7 @@ def as_slices(images: np.ndarray) -> np.ndarray:
 def predictor(cfg: Config, arrays: dict, mask: np.ndarray,
               *, mesh) -> Callable[[str, int], np.ndarray]:
   """``(method, depth) -> (N, h, w, 2)`` the saved network's output on ``arrays``, as slices."""
-  if cfg.model == "unrolled":
-    net, mask = train.network_template(cfg), np.asarray(mask, np.float32)
-
-    def run(params):
-      return unrolled.predict(net, params, arrays, mask, cg_iters=cfg.cg_iters, mesh=mesh,
-                              batch_size=cfg.eval_batch_size)
-  else:
-    net = train.network_template(cfg)
-
-    def run(params):
-      return train.predict(net, params, arrays["x"], mesh=mesh, batch_size=cfg.eval_batch_size)
+  run = models.family(cfg).predictor(cfg, arrays, mask, mesh)
   return lambda method, depth: as_slices(run(load_network(cfg, method, depth)))
 
 
@@ -180,7 +165,7 @@ def validation_split(cfg: Config, log: Callable[[str], None] = lambda s: None) -
   """The run's validation slices (from the run's cache where it has them)."""
   # The validation split does not depend on the training files: reading one instead of all of
   # them from the cache spares the memory and time of the whole training set.
-  return train.load_data(cfg, log=log, splits=("val",))[0]
+  return experiment.load_data(cfg, log=log, splits=("val",))[0]
 
 
 def per_slice_metrics(cfg: Config, val: data_lib.Split,
@@ -194,8 +179,8 @@ def per_slice_metrics(cfg: Config, val: data_lib.Split,
   (``example_columns``); ``slices`` (N,) the evaluated slices' indices into ``val``.
   """
   # As the trainer evaluates them: slices or 3D patches, with k-space and maps when unrolled.
-  keys = unrolled.DC_KEYS if cfg.model == "unrolled" else ("x", "y")
-  arrays, slices = train.example_arrays(cfg, val, keys + ("scale",))
+  fam = models.family(cfg)
+  arrays, slices = data_lib.example_arrays(cfg, val, fam.example_keys + ("scale",))
   x, y = as_slices(arrays["x"]), as_slices(arrays["y"])
   volumes = val.volume_index[slices]
   # Each example was divided by its own scale (a slice's, or a 3D patch's): a volume's metrics
@@ -216,17 +201,15 @@ def per_slice_metrics(cfg: Config, val: data_lib.Split,
 
   measure(x, "zero_filled")
   outputs = {"zero-filled": metrics_lib.magnitude(x)}
-  if cfg.model == "unrolled":
-    cg = unrolled.cg_sense(arrays, np.asarray(val.mask, np.float32), iters=cfg.cg_iters,
-                           mesh=mesh, batch_size=cfg.eval_batch_size)
-    measure(as_slices(cg), "cg_sense")
+  for name, pred in fam.baselines(cfg, arrays, val.mask, mesh).items():
+    measure(as_slices(pred), name)
   predict = predictor(cfg, arrays, val.mask, mesh=mesh)
   final = dict(final_networks(cfg))
   for method, depth in trained_networks(cfg):
     pred = predict(method, depth)
     measure(pred, method, str(depth))
     if final[method] == depth:
-      outputs[f"{method} ({depth} {'iterations' if cfg.model == 'unrolled' else 'layers'})"] = (
+      outputs[f"{method} ({depth} {fam.depth_unit})"] = (
           metrics_lib.magnitude(pred))
   outputs["target"] = metrics_lib.magnitude(y)
   return out, volume, outputs, slices
@@ -277,11 +260,11 @@ def stage_reports(cfg: Config) -> dict:
   """``{method: {stage: report}}`` of the finished layer-wise stages that report anything."""
   out = {}
   for method, depth in trained_networks(cfg):
-    if method in ("e2e", unrolled.NAMES["e2e"]):
+    fam = models.family(cfg)
+    if method == fam.reference:
       continue
-    # A CNN stage i gives depth i + 1; an unrolled stage k gives k iterations.
-    stage = depth if cfg.model == "unrolled" else depth - 1
-    path = train.stage_report_path(cfg.workdir, method, stage)
+    stage = fam.stage_of(depth)
+    path = workdir_lib.stage_report_path(cfg.workdir, method, stage)
     report = files.read_json(path) if path.is_file() else {}
     if report:
       out.setdefault(method, {})[stage] = report
@@ -289,11 +272,11 @@ def stage_reports(cfg: Config) -> dict:
 
 
 def diverged_networks(cfg: Config, mean: dict, records: list[dict]) -> dict:
-  """``{method: {depth: why}}`` of the networks that diverged (``train.network_divergence``)."""
+  """``{method: {depth: why}}`` of the networks that diverged (``loop.network_divergence``)."""
   out = {}
   for method, depth in trained_networks(cfg):
-    phase = (unrolled.phase_of if cfg.model == "unrolled" else train.phase_of)(method, depth)
-    why = train.network_divergence(mean[method][str(depth)], mean["zero_filled"], records, phase)
+    phase = models.family(cfg).phase_of(method, depth)
+    why = loop.network_divergence(mean[method][str(depth)], mean["zero_filled"], records, phase)
     if why:
       out.setdefault(method, {})[str(depth)] = why
   return out
@@ -342,7 +325,7 @@ def report_markdown(cfg: Config, result: dict, figure_files: dict, stages: dict)
   for name, label in figures.BASELINES.items():
     if name in per_slice:
       lines.append(_row([label, ""] + _cells(per_slice[name]) + blank))
-  ref_method = unrolled.NAMES["e2e"] if cfg.model == "unrolled" else "e2e"
+  ref_method = models.family(cfg).reference
   e2e = mean.get(ref_method, {})
   for method, depth in trained_networks(cfg):
     gap = blank
@@ -388,7 +371,7 @@ def draw_figures(cfg: Config, result: dict, columns: dict, records: list[dict],
   paths = {
       "metrics against depth": figures.metrics_vs_depth(
           result["mean"], figure_dir / "metrics_vs_depth.png",
-          xlabel="unrolled iterations" if cfg.model == "unrolled" else "depth (conv layers)"),
+          xlabel=models.family(cfg).depth_axis),
       "example slices": figures.example_grid(
           columns, figure_dir / "examples.png",
           title=f"{cfg.mask} x{cfg.accel:g}: the median and 10th percentile PSNR slices",
@@ -426,7 +409,7 @@ def output_dir(cfg: Config, val: data_lib.Split, out_dir=None) -> tuple[Path, bo
   # The first n files of a folder are other data than all of it (or than its first m); a
   # folder of n files or fewer is all of it (a run's --max_val_volumes=6 carries over).
   n = cfg.max_val_volumes
-  cut = n and len(data_lib.fastmri.list_volumes(train.data_folder(cfg), "val")) > n
+  cut = n and len(data_lib.fastmri.list_volumes(workdir_lib.data_folder(cfg), "val")) > n
   first = f"_first{n}" if cut else ""
   return workdir / f"eval_{name}{first}", own
 
@@ -439,13 +422,13 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
   ``overrides``: ``OVERRIDABLE`` settings other than the run's (None: the run's).
   """
   cfg = load_config(workdir, **{k: v for k, v in overrides.items() if v is not None})
-  dirs = [train.params_dir(cfg.workdir, m, d) for m, d in trained_networks(cfg)]
+  dirs = [workdir_lib.params_dir(cfg.workdir, m, d) for m, d in trained_networks(cfg)]
   missing = [str(p) for p in dirs if not p.exists()]
   if missing:
     raise FileNotFoundError(f"no saved network at {', '.join(missing)}: is the run finished? "
                             "(its summary.json holds the metrics of the networks finished so far)")
   records = read_metrics_log(cfg.workdir)
-  mesh = mesh or train.make_mesh()
+  mesh = mesh or runtime.make_mesh()
   val = validation_split(cfg, log=log)
   out, own = output_dir(cfg, val, out_dir)
   data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else ""
@@ -478,7 +461,7 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
             "volumes": [file_of[v] for v in sorted(file_of)]}  # metrics.per_file's order
   result["diverged"] = diverged_networks(cfg, result["mean"], records)
   out.mkdir(parents=True, exist_ok=True)
-  train.write_json(out / "eval.json", result)
+  workdir_lib.write_json(out / "eval.json", result)
   figure_files = draw_figures(cfg, result, example_columns(outputs, examples), records,
                               out / "figures")
   (out / "report.md").write_text(report_markdown(cfg, result, figure_files, stage_reports(cfg)))

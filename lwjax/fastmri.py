@@ -8,7 +8,6 @@ encoding, oversampled 2x in fastMRI knee data) and W the phase encoding; ``recon
 file, the HDF5 key and what was expected vs found.
 """
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Optional
 import xml.etree.ElementTree as ElementTree

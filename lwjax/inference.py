@@ -26,8 +26,10 @@ from lwjax import fastmri
 from lwjax.mri import masks
 from lwjax import nets
 from lwjax.mri import sense
-from lwjax import train
 from lwjax.config import Config
+from lwjax import experiment
+from lwjax.models import cnn
+from lwjax.training import workdir as workdir_lib
 
 RECONSTRUCTION = "reconstruction"  # fastMRI's submission key: (slices, h, w) float32 magnitudes
 
@@ -43,7 +45,7 @@ def choose_network(cfg: Config, method: Optional[str] = None,
     raise ValueError(f"--method={method!r}: expected one method the run trained{one}: "
                      f"{', '.join(deepest)}")
   depths = [d for m, d in evaluate.trained_networks(cfg) if m == method]
-  saved = [d for d in depths if train.params_dir(cfg.workdir, method, d).exists()]
+  saved = [d for d in depths if workdir_lib.params_dir(cfg.workdir, method, d).exists()]
   if not saved:
     raise ValueError(f"--method={method}: no {method} network of {cfg.workdir} is trained yet")
   depth = depth or max(saved)  # An unfinished run: its deepest network so far.
@@ -69,7 +71,7 @@ class Reconstructor:
 
   def channels(self, x: np.ndarray) -> np.ndarray:
     """The network on (N, H, W, 2) float images already scaled as in training (max |x| = 1)."""
-    net = train.network_template(self.cfg).clone(depth=self.depth)
+    net = cnn.network_template(self.cfg).clone(depth=self.depth)
     out = [np.asarray(_forward(net)(self.params, x[i:i + self.batch_size]))
            for i in range(0, len(x), self.batch_size)]
     return np.concatenate(out) if out else np.zeros_like(x)
@@ -142,7 +144,7 @@ def file_inputs(path, cfg: Config, run_mask: np.ndarray, *, log=logging.warning)
   path = Path(path)
   info = fastmri.open_volume(path, undersampled=True)
   own = fastmri.read_mask(path)
-  prep = train.prep_config(cfg)
+  prep = experiment.prep_config(cfg)
   if own is None:
     size, mask = (cfg.image_size, cfg.image_size), run_mask
   else:

@@ -31,7 +31,8 @@ from lwjax import figures
 from lwjax import inference
 from lwjax import metrics as metrics_lib
 from lwjax import nets
-from lwjax import train
+from lwjax import data as data_lib
+from lwjax.models import cnn
 
 
 
@@ -106,7 +107,7 @@ def effective_filter(net: nets.DeepNet, params, x, pixel: Sequence[int],
   """The Jacobian row at ``pixel`` of the network's output minus the skip, w.r.t. the input.
 
   Args:
-    net: the architecture (``train.network_template``); the depth comes from ``params``.
+    net: the architecture (``cnn.network_template``); the depth comes from ``params``.
     params: a ``DeepNet`` parameter tree.
     x: (*spatial, 2) one input image (or volume patch of a 3D network).
     pixel: (row, col), or (plane, row, col) for a 3D network.
@@ -229,7 +230,7 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
     method, depth: the network (default: the run's first method at its largest trained depth).
     slice_index: index into the validation split's kept slices, in file then slice order
       (skipped empty slices are not counted; default: its middle slice). A 3D network sees
-      the volume patch (``train.example_arrays``) that holds the slice, and the figures show it.
+      the volume patch (``data_lib.example_arrays``) that holds the slice, and the figures show it.
     pixel: (row, col) (default: the image centre).
     out_dir: default ``WORKDIR/figures/interpret/<method>_d<depth>``; for other data than the
       run's, under the evaluation's folder (``evaluate.output_dir``), never over the run's own.
@@ -244,7 +245,7 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   method, depth = inference.choose_network(cfg, method, depth)
   params = evaluate.load_network(cfg, method, depth)
   val = evaluate.validation_split(cfg)
-  arrays, slices = train.example_arrays(cfg, val, keys=("x",))
+  arrays, slices = data_lib.example_arrays(cfg, val, keys=("x",))
   n, size = len(val.x), val.x.shape[1:3]
   slice_index = int(slices[len(slices) // 2]) if slice_index is None else slice_index
   pixel = tuple(pixel) if pixel is not None else (size[0] // 2, size[1] // 2)
@@ -267,6 +268,6 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   out_dir = Path(out_dir or base / "figures" / "interpret" / f"{method}_d{depth}")
   result = {"method": method, "depth": depth, "slice": list(val.ids[slice_index]),
             "data_dir": cfg.data_dir, "own_data": own,  # as in eval.json
-            **draw(train.network_template(cfg), params, arrays["x"][example], pixel, out_dir)}
+            **draw(cnn.network_template(cfg), params, arrays["x"][example], pixel, out_dir)}
   (out_dir / "interpret.json").write_text(json.dumps(result, indent=1))
   return result

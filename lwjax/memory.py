@@ -3,8 +3,8 @@
 Layer-wise training fits larger batches than end-to-end training: a stage differentiates a
 two-layer net only, and its frozen prefix runs under ``stop_gradient``, so no activation of the
 prefix is kept for a backward pass. This module measures that without training: it lowers the
-trainer's own jitted step (``train.make_step`` with ``train.e2e_loss`` or ``train.stage_loss`` and
-the stage's solver) on abstract inputs (``jax.ShapeDtypeStruct``, ``jax.eval_shape`` of the
+trainer's own jitted step (``loop.make_step`` with the model family's ``abstract_step``: its
+loss and solver) on abstract inputs (``jax.ShapeDtypeStruct``, ``jax.eval_shape`` of the
 initialisers), compiles it, and reads XLA's buffer assignment (``Compiled.memory_analysis()``).
 Nothing is allocated, so it runs on a CPU for any image or network size.
 
@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwjax import nets
-from lwjax import train
+from lwjax import models
+from lwjax.training import loop
+from lwjax.training import runtime
 from lwjax.config import Config
 from lwjax.config import LAYERWISE
 
@@ -63,35 +64,11 @@ class Network:
 
 
 def networks(cfg: Config, coils: int = 15) -> list[Network]:
-  """e2e at ``--depth``, every non-convex stage (paper figure 4's layer-wise reference), and every
-  stage of the other layer-wise methods the run trains;
-  for ``--model=unrolled``: e2e through ``--unroll_iters`` iterations and one stage (each stage
-  trains one iteration on the frozen earlier ones' output: the same step), with ``coils`` coils."""
-  if cfg.model == "unrolled":
-    return [Network("e2e", cfg.unroll_iters, coils), Network("layerwise", 1, coils)]
-  layerwise = ["layerwise"] + [m for m in LAYERWISE if m != "layerwise" and m in cfg.methods]
-  return [Network("e2e", cfg.depth)] + [Network(m, d) for m in layerwise
-                                        for d in range(2, cfg.depth + 1)]
-
-
-def _step_inputs(cfg: Config, network: Network):
-  """(loss_fn, tx, abstract params, abstract frozen prefix) of the trainer for ``network``."""
-  template = train.network_template(cfg)
-  x_shape = (1,) + cfg.spatial + (2,)
-  deep = jax.eval_shape(lambda k: nets.init(k, x_shape, depth=network.depth, ndim=cfg.ndim,
-                                            features=cfg.features, kernel_size=cfg.kernel),
-                        jax.random.key(0))
-  if network.method == "e2e":
-    return train.e2e_loss(template), train.adam(cfg, 1, cfg.weight_decay), deep, {}
-  stage = train.make_stage(network.method, cfg, num_examples=cfg.batch_size,
-                           index=network.stage - 1)
-  index = network.stage - 1
-  h_shape = x_shape[:-1] + (2 if index == 0 else cfg.features,)
-  if stage.abstract_prepare is not None:  # A solver built from the data: its shapes only.
-    stage = stage.abstract_prepare(h_shape)
-  params = jax.eval_shape(lambda k: stage.init(k, h_shape), jax.random.key(0))
-  frozen = {f"convs_{i}": deep[f"convs_{i}"] for i in range(index)}
-  return train.stage_loss(template, stage, index), stage.tx, params, frozen
+  """The distinct training steps of the run's model family (``Family.memory_networks``): for the
+  CNN e2e, every non-convex stage and every stage of the run's other layer-wise methods; for the
+  unrolled model e2e and one stage, with ``coils`` coils."""
+  fam = models.family(cfg)
+  return [Network(m, d, coils if fam.data_consistency else 0) for m, d in fam.memory_networks(cfg)]
 
 
 def compiled_memory(compiled) -> dict:
@@ -110,21 +87,8 @@ def compiled_memory(compiled) -> dict:
 def abstract_step(cfg: Config, network: Network, batch_size: int):
   """``(loss_fn, tx, state, frozen, batch)`` of the trainer's step for ``network``; ``state``,
   ``frozen`` and ``batch`` abstract (``jax.ShapeDtypeStruct``), ``batch_size`` examples."""
-  if network.coils:
-    from lwjax import unrolled  # It imports train; only its own steps need it here.
-    return unrolled.abstract_step(cfg, network.method, batch_size, coils=network.coils)
-  loss_fn, tx, params, frozen = _step_inputs(cfg, network)
-  state = jax.eval_shape(lambda p: train.init_state(p, tx), params)
-  image = jax.ShapeDtypeStruct((batch_size,) + cfg.spatial + (2,), jnp.float32)
-  batch = {"x": image, "y": image}
-  if network.method != "e2e" and network.stage > 1 and cfg.cache_features != "none":
-    # The trainer's cached step (train.stage_loss): h comes with the batch, in the dtype the
-    # prefix computes it in (disk caches hold float32).
-    h = jax.eval_shape(lambda f, x: nets.prefix_features(train.network_template(cfg), f, x,
-                                                         network.stage - 1), frozen, image)
-    dtype = jnp.float32 if cfg.cache_features == "disk" else h.dtype
-    batch[train.FEATURES], frozen = jax.ShapeDtypeStruct(h.shape, dtype), {}
-  return loss_fn, tx, state, frozen, batch
+  return models.family(cfg).abstract_step(cfg, network.method, network.depth, batch_size,
+                                          network.coils)
 
 
 def step_memory(cfg: Config, network: Network, batch_size: int, *, mesh=None) -> dict:
@@ -133,7 +97,7 @@ def step_memory(cfg: Config, network: Network, batch_size: int, *, mesh=None) ->
   Returns ``compiled_memory``'s dict. Compiles the step (seconds), allocates nothing.
   """
   loss_fn, tx, state, frozen, batch = abstract_step(cfg, network, batch_size)
-  step = train.make_step(loss_fn, tx, mesh or train.make_mesh(1))
+  step = loop.make_step(loss_fn, tx, mesh or runtime.make_mesh(1))
   return compiled_memory(step.lower(state, frozen, batch).compile())
 
 
@@ -204,11 +168,12 @@ def report(cfg: Config, budget_bytes: int, *, coils: int = 15,
   "layerwise": [entry per stage], "layerwise_convex": [...] (if the run trains it)}`` with the
   entries of ``analyse``.
   """
+  fam = models.family(cfg)
   keys = ("model", "image_size", "ndim", "volume_depth", "depth", "features", "kernel_size",
-          "compute_dtype") + (("unroll_iters", "cg_iters") if cfg.model == "unrolled" else ())
+          "compute_dtype") + fam.settings
   out = {"budget_bytes": int(budget_bytes), "batch_size": cfg.batch_size,
          "backend": jax.default_backend(), "config": {k: getattr(cfg, k) for k in keys}}
-  if cfg.model == "unrolled":
+  if fam.data_consistency:
     out["config"]["coils"] = coils
   for network in networks(cfg, coils):
     entry = analyse(cfg, network, budget_bytes, batch_size=cfg.batch_size, mesh=mesh)
@@ -251,14 +216,14 @@ def format_table(rep: dict) -> str:
 def run_steps(cfg: Config, network: Network, batch_size: int, *, steps: int = 3,
               mesh=None) -> None:
   """Runs ``steps`` real training steps of ``network`` on zeros (for a measured peak)."""
-  mesh = mesh or train.make_mesh(1)
+  mesh = mesh or runtime.make_mesh(1)
   loss_fn, tx, state, frozen, batch = abstract_step(cfg, network, batch_size)
   # The same shapes as the analysed step, now allocated (the values do not change the memory).
   materialise = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
   params, frozen = materialise(state["params"]), materialise(frozen)
-  state = jax.device_put(train.init_state(params, tx), train.replicated(mesh))
-  batch = train.put_batch({k: np.zeros(v.shape, v.dtype) for k, v in batch.items()}, mesh)
-  step = train.make_step(loss_fn, tx, mesh)
+  state = jax.device_put(loop.init_state(params, tx), runtime.replicated(mesh))
+  batch = runtime.put_batch({k: np.zeros(v.shape, v.dtype) for k, v in batch.items()}, mesh)
+  step = loop.make_step(loss_fn, tx, mesh)
   for _ in range(steps):
     state, measurements = step(state, frozen, batch)
   jax.block_until_ready((state, measurements))

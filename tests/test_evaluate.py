@@ -17,7 +17,8 @@ from lwjax import data as data_lib
 from lwjax import evaluate
 from lwjax import figures
 from lwjax import metrics
-from lwjax import train
+from lwjax import experiment
+from lwjax.training import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = config_lib.Config(
@@ -27,13 +28,13 @@ TINY = config_lib.Config(
 
 
 def _mesh():
-  return train.make_mesh(2)  # the subprocess below sees 2 devices too
+  return runtime.make_mesh(2)  # the subprocess below sees 2 devices too
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  summary = train.run(dataclasses.replace(TINY, workdir=str(workdir)), mesh=_mesh())
+  summary = experiment.run(dataclasses.replace(TINY, workdir=str(workdir)), mesh=_mesh())
   return workdir, summary, evaluate.run(workdir, mesh=_mesh())
 
 
@@ -276,8 +277,8 @@ def test_representative_slices():
 def test_unrolled_and_3d_runs_evaluate_like_their_trainer(tmp_path, changes, networks):
   # The trainer's summary.json (its own prediction code) and evaluate's eval.json must agree.
   cfg = dataclasses.replace(TINY, workdir=str(tmp_path), **changes)
-  summary = train.run(cfg, mesh=train.make_mesh(1))
-  result = evaluate.run(tmp_path, mesh=train.make_mesh(1))
+  summary = experiment.run(cfg, mesh=runtime.make_mesh(1))
+  result = evaluate.run(tmp_path, mesh=runtime.make_mesh(1))
   assert sorted(p for p, _ in _leaves(result["mean"])) == sorted(networks)
   for path, means in _leaves(result["mean"]):
     expected = summary

@@ -17,7 +17,11 @@ import pytest
 
 from lwjax import files
 from lwjax import config as config_lib
-from lwjax import train
+from lwjax import experiment
+from lwjax.training import checkpoints
+from lwjax.training import loop
+from lwjax.training import runtime
+from lwjax.training import workdir as workdir_lib
 from test_train import CFG, fit_e2e, toy_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,14 +54,14 @@ def _damage(kind: str, step_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path_factory.mktemp("full")))
-  return jax.device_get(fit_e2e(cfg, toy_arrays(), train.make_mesh(1), 4).state)
+  return jax.device_get(fit_e2e(cfg, toy_arrays(), runtime.make_mesh(1), 4).state)
 
 
 @pytest.fixture(scope="module")
 def three_epochs(tmp_path_factory):
   """The workdir of the same phase stopped after epoch 3 (copied by each test)."""
   workdir = tmp_path_factory.mktemp("three")
-  fit_e2e(dataclasses.replace(CFG, workdir=str(workdir)), toy_arrays(), train.make_mesh(1), 3)
+  fit_e2e(dataclasses.replace(CFG, workdir=str(workdir)), toy_arrays(), runtime.make_mesh(1), 3)
   return workdir
 
 
@@ -77,7 +81,7 @@ def _assert_same(a, b):
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_bitwise(
     tmp_path, kind, uninterrupted, three_epochs, caplog):
   cfg, workdir = _copy(three_epochs, tmp_path)
-  arrays, mesh = toy_arrays(), train.make_mesh(1)
+  arrays, mesh = toy_arrays(), runtime.make_mesh(1)
   ckpt_dir = workdir / "checkpoints" / "e2e_test"
   steps = _steps(ckpt_dir)
   assert len(steps) >= 2, "two checkpoints are kept"
@@ -93,7 +97,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_bitwise(
 
 def test_no_intact_checkpoint_restarts_the_phase(tmp_path, uninterrupted, three_epochs, caplog):
   cfg, workdir = _copy(three_epochs, tmp_path)
-  arrays, mesh = toy_arrays(), train.make_mesh(1)
+  arrays, mesh = toy_arrays(), runtime.make_mesh(1)
   ckpt_dir = workdir / "checkpoints" / "e2e_test"
   for step in _steps(ckpt_dir):
     _damage("no_metadata", ckpt_dir / str(step))
@@ -112,8 +116,8 @@ TINY = config_lib.Config(
 
 
 def _run(workdir, **change):
-  return train.run(dataclasses.replace(TINY, workdir=str(workdir), **change),
-                   mesh=train.make_mesh(2))
+  return experiment.run(dataclasses.replace(TINY, workdir=str(workdir), **change),
+                   mesh=runtime.make_mesh(2))
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +146,8 @@ def test_damaged_finished_network_and_stage_report_are_trained_again(finished, t
   shutil.copytree(finished[0], workdir)
   (workdir / "params" / "e2e" / "depth_2" / "_METADATA").unlink()
   (workdir / "stages" / "layerwise" / "stage_1.json").write_text('{"mse": 0.1')
-  with pytest.raises(train.DamagedNetwork, match=r"depth_2: the saved network is damaged"):
-    train.load_params(train.params_dir(workdir, "e2e", 2))
+  with pytest.raises(checkpoints.DamagedNetwork, match=r"depth_2: the saved network is damaged"):
+    checkpoints.load_params(workdir_lib.params_dir(workdir, "e2e", 2))
   with caplog.at_level(logging.WARNING):
     summary = _run(workdir)
   for method in ("e2e", "layerwise"):
@@ -158,7 +162,7 @@ def test_diverged_training_is_marked_not_reported(tmp_path):
   summary = _run(tmp_path / "run", method="e2e", lr=100.0)
   why = summary["diverged"]["e2e"]["2"]
   assert "below the zero-filled input's" in why and "times that of its first step" in why
-  assert "e2e depth 2" in train.diverged_message(summary)
+  assert "e2e depth 2" in loop.diverged_message(summary)
   records = files.read_json_lines(tmp_path / "run" / "metrics.jsonl")
   assert any(r.get("event") == "diverged" and r["phase"] == "e2e_d2" for r in records)
 
@@ -167,12 +171,12 @@ def test_loss_divergence_thresholds():
   records = [{"phase": "p", "epoch": 1, "loss": 5.0, "loss_first_step": 1.0},
              {"phase": "p", "epoch": 2, "loss": 9.0},
              {"phase": "p", "epoch": 2, "event": "check", "loss": 1e9}]
-  assert train.loss_divergence(records, "p") is None
-  assert "11 times" in train.loss_divergence(records + [{"phase": "p", "epoch": 3, "loss": 11.0}],
+  assert loop.loss_divergence(records, "p") is None
+  assert "11 times" in loop.loss_divergence(records + [{"phase": "p", "epoch": 3, "loss": 11.0}],
                                              "p")
   zero = {"psnr": 20.0}
-  assert train.network_divergence({"psnr": 10.5}, zero, records, "p") is None
-  assert "10.5 dB below" in train.network_divergence({"psnr": 9.5}, zero, records, "p")
+  assert loop.network_divergence({"psnr": 10.5}, zero, records, "p") is None
+  assert "10.5 dB below" in loop.network_divergence({"psnr": 9.5}, zero, records, "p")
 
 
 @pytest.mark.parametrize("where", ["workdir", "cache_dir", "readonly"])
@@ -186,8 +190,8 @@ def test_unwritable_folder_is_refused_up_front(tmp_path, where):
   else:
     change, flag = {where: str(blocker / "sub")}, where
   with pytest.raises(ValueError, match=rf"^--{flag}=.*: cannot write there .*expected a folder"):
-    train.run(dataclasses.replace(TINY, **{"workdir": str(tmp_path / "w"), **change}),
-              mesh=train.make_mesh(2))
+    experiment.run(dataclasses.replace(TINY, **{"workdir": str(tmp_path / "w"), **change}),
+              mesh=runtime.make_mesh(2))
   assert not (tmp_path / "w").exists()
 
 

@@ -18,7 +18,11 @@ from lwjax import evaluate
 from lwjax import figures
 from lwjax import interpret
 from lwjax import nets
-from lwjax import train
+from lwjax import experiment
+from lwjax.models import cnn
+from lwjax.training import checkpoints
+from lwjax.training import runtime
+from lwjax.training import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 NET = nets.DeepNet(depth=3, features=8, kernel_size=3)
@@ -159,7 +163,7 @@ TINY = config_lib.Config(
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  train.run(dataclasses.replace(TINY, workdir=str(workdir)), mesh=train.make_mesh(2))
+  experiment.run(dataclasses.replace(TINY, workdir=str(workdir)), mesh=runtime.make_mesh(2))
   return workdir
 
 
@@ -204,7 +208,7 @@ def test_run_rejects_what_the_run_does_not_have(workdir):
 
 
 def test_an_unfinished_run_shows_its_deepest_trained_network(workdir, tmp_path):
-  d3 = train.params_dir(workdir, "e2e", 3)
+  d3 = workdir_lib.params_dir(workdir, "e2e", 3)
   d3.rename(tmp_path / "d3")  # as if the run were still training it
   try:
     assert interpret.run(workdir, out_dir=tmp_path / "out")["depth"] == 2
@@ -247,7 +251,7 @@ def test_run_3d_draws_the_patch_that_holds_the_slice(tmp_path):
   # 3 slices, patches of 2: the patch holds slices 0 and 1; slice 2 is in none.
   cfg = dataclasses.replace(TINY, workdir=str(tmp_path), ndim=3, volume_depth=2, synth_slices=3,
                             kernel_depth=1, batch_size=1)
-  train.run(cfg, mesh=train.make_mesh(1))
+  experiment.run(cfg, mesh=runtime.make_mesh(1))
   result = interpret.run(tmp_path, slice_index=1, pixel=(10, 20), out_dir=tmp_path / "fig")
   assert result["slice"][1] == 1 and result["pixel"] == [1, 10, 20]
   assert result["receptive_radius"] == [0, 2, 2]  # 1x3x3 kernels see one plane
@@ -256,9 +260,9 @@ def test_run_3d_draws_the_patch_that_holds_the_slice(tmp_path):
   assert e["response"] + e["bias"] == pytest.approx(e["residual"], abs=1e-6)
   # A 1xkxk network is the 2D network on each plane: its effective filter lives in the
   # pixel's plane, and the figures show that plane.
-  params = train.load_params(train.params_dir(tmp_path, "e2e", 3))
+  params = checkpoints.load_params(workdir_lib.params_dir(tmp_path, "e2e", 3))
   val = evaluate.validation_split(evaluate.load_config(tmp_path))
-  net = train.network_template(evaluate.load_config(tmp_path))
+  net = cnn.network_template(evaluate.load_config(tmp_path))
   patch = np.stack([val.x[0], val.x[1]])
   jac = interpret.effective_filter(net, params, patch, (1, 10, 20))
   assert not jac[0].any() and jac[1].any()

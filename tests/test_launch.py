@@ -45,10 +45,11 @@ def test_invalid_flags_fail_before_any_work(tmp_path, flags, needle):
 
 
 def load_params_npz(workdir, method, depth):
-  from lwjax import train
+  from lwjax.training import checkpoints
+  from lwjax.training import workdir as workdir_lib
   import jax
   return [np.asarray(a) for a in jax.tree.leaves(
-      train.load_params(train.params_dir(workdir, method, depth)))]
+      checkpoints.load_params(workdir_lib.params_dir(workdir, method, depth)))]
 
 
 def test_summary_and_resume_after_sigkill(tmp_path):
@@ -141,27 +142,29 @@ def test_two_hosts_train_the_same_networks_as_one(tmp_path):
 def test_configure_xla_disables_conv_fusion_and_keeps_the_users_flags():
   script = """if True:
     import json, os
-    from lwjax import train
+    from lwjax.training import runtime
+    from lwjax.training import checkpoints
+    from lwjax.training import workdir as workdir_lib
     out = {}
     os.environ["XLA_FLAGS"] = "--xla_disable_hlo_passes=foo"
-    out["users_passes"] = train.configure_xla(False)
+    out["users_passes"] = runtime.configure_xla(False)
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    out["fusion_on"] = train.configure_xla(True)
-    out["set"] = train.configure_xla(False)
+    out["fusion_on"] = runtime.configure_xla(True)
+    out["set"] = runtime.configure_xla(False)
     import jax
     out["devices"] = jax.device_count()  # XLA accepted the combined flags.
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    out["started"] = train.configure_xla(False)
+    out["started"] = runtime.configure_xla(False)
     print(json.dumps(out))
   """
   result = run([sys.executable, "-c", script])
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
-  from lwjax import train
+  from lwjax.training import runtime
   assert out["users_passes"] == "--xla_disable_hlo_passes=foo"
   assert out["fusion_on"] == "--xla_force_host_platform_device_count=2"
   assert out["set"].split() == ["--xla_force_host_platform_device_count=2",
-                                f"--xla_disable_hlo_passes={train.CONV_FUSION_PASS}"]
+                                f"--xla_disable_hlo_passes={runtime.CONV_FUSION_PASS}"]
   assert out["devices"] == 2
   assert out["started"] == "--xla_force_host_platform_device_count=2"  # Too late: left alone.
   assert "already started" in result.stderr

@@ -13,7 +13,12 @@ import pytest
 from lwjax import config as config_lib
 from lwjax import data as data_lib
 from lwjax import nets
-from lwjax import train
+from lwjax import experiment
+from lwjax.models import cnn
+from lwjax.training import feature_cache
+from lwjax.training import loop
+from lwjax.training import runtime
+from lwjax.training import workdir as workdir_lib
 
 CFG = config_lib.Config(depth=3, features=4, kernel_size=3, batch_size=4, epochs=3, lr=3e-3,
                         lr_decay_every=2, log_every=0, method="layerwise,e2e")
@@ -28,18 +33,18 @@ def toy_arrays(n=8, size=8, seed=0):
 
 
 def fit_e2e(cfg, arrays, mesh, epochs, phase="e2e_test"):
-  net = train.network_template(cfg)
+  net = cnn.network_template(cfg)
   params = nets.init(jax.random.key(0), (1,) + arrays["x"].shape[1:], depth=cfg.depth,
                      features=cfg.features, kernel_size=cfg.kernel_size)
   spe = len(arrays["x"]) // cfg.batch_size
-  return train.fit(phase, train.e2e_loss(net), train.adam(cfg, spe), params, {}, arrays, cfg=cfg,
-                   mesh=mesh, epochs=epochs, log=train.MetricsLog(cfg.workdir))
+  return loop.fit(phase, cnn.e2e_loss(net), loop.adam(cfg, spe), params, {}, arrays, cfg=cfg,
+                   mesh=mesh, epochs=epochs, log=workdir_lib.MetricsLog(cfg.workdir))
 
 
 def test_loss_decreases_and_metrics_are_logged(tmp_path):
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path))
   arrays = toy_arrays()
-  fit_e2e(cfg, arrays, train.make_mesh(1), epochs=4)
+  fit_e2e(cfg, arrays, runtime.make_mesh(1), epochs=4)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in records] == [1, 2, 3, 4]
   assert records[-1]["loss"] < records[0]["loss"]
@@ -52,14 +57,14 @@ def test_one_and_four_devices_agree(tmp_path):
   results = []
   for n in (1, 4):
     cfg = dataclasses.replace(CFG, workdir=str(tmp_path / f"dev{n}"))
-    results.append(jax.device_get(fit_e2e(cfg, arrays, train.make_mesh(n), epochs=2).state))
+    results.append(jax.device_get(fit_e2e(cfg, arrays, runtime.make_mesh(n), epochs=2).state))
   for a, b in zip(jax.tree.leaves(results[0]["params"]), jax.tree.leaves(results[1]["params"])):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
 def test_resume_is_bitwise(tmp_path):
   arrays = toy_arrays()
-  mesh = train.make_mesh(2)
+  mesh = runtime.make_mesh(2)
   full = fit_e2e(dataclasses.replace(CFG, workdir=str(tmp_path / "full")), arrays, mesh, 4)
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path / "split"))
   fit_e2e(cfg, arrays, mesh, 2)
@@ -73,7 +78,7 @@ def test_resume_is_bitwise(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path))
   arrays = toy_arrays()
-  mesh = train.make_mesh(1)
+  mesh = runtime.make_mesh(1)
   fit_e2e(cfg, arrays, mesh, 1)
   bad = dict(arrays, y=arrays["y"].copy())
   bad["y"][3, 0, 0, 0] = np.inf
@@ -89,14 +94,14 @@ def test_a_diverged_last_update_is_never_saved(tmp_path):
   # checkpoint, whose save was still in flight, is committed.
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path))
   arrays = toy_arrays()
-  net = train.network_template(cfg)
+  net = cnn.network_template(cfg)
   params = nets.init(jax.random.key(0), (1,) + arrays["x"].shape[1:], depth=cfg.depth,
                      features=cfg.features, kernel_size=cfg.kernel_size)
   blow_up = optax.scale_by_schedule(lambda count: jnp.where(count == 3, jnp.inf, 1.0))
   tx = optax.chain(optax.sgd(1e-3), blow_up)  # 2 steps per epoch: update 3 ends epoch 2
   with pytest.raises(FloatingPointError, match=r"non-finite param_norm inf .* epoch 2.*epoch 1"):
-    train.fit("e2e_test", train.e2e_loss(net), tx, params, {}, arrays, cfg=cfg,
-              mesh=train.make_mesh(1), epochs=3, log=train.MetricsLog(cfg.workdir))
+    loop.fit("e2e_test", cnn.e2e_loss(net), tx, params, {}, arrays, cfg=cfg,
+              mesh=runtime.make_mesh(1), epochs=3, log=workdir_lib.MetricsLog(cfg.workdir))
   ckpts = sorted(p.name for p in (tmp_path / "checkpoints" / "e2e_test").iterdir())
   assert ckpts == ["1"]
 
@@ -105,8 +110,8 @@ def test_layerwise_freezes_the_prefix_and_ends_as_a_deep_net(tmp_path):
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path), method="layerwise", epochs=2)
   arrays = toy_arrays()
   seen = {}
-  params = train.train_layerwise(
-      cfg, "layerwise", arrays, mesh=train.make_mesh(2), log=train.MetricsLog(tmp_path),
+  params = cnn.train_layerwise(
+      cfg, "layerwise", arrays, mesh=runtime.make_mesh(2), log=workdir_lib.MetricsLog(tmp_path),
       on_depth=lambda d, p, r: seen.setdefault(d, jax.device_get(p)))
   assert sorted(seen) == [2, 3]
   # Stage 2 trained on top of stage 1's layer without changing it.
@@ -114,8 +119,8 @@ def test_layerwise_freezes_the_prefix_and_ends_as_a_deep_net(tmp_path):
   e2e = nets.init(jax.random.key(0), (1, 8, 8, 2), depth=3, features=4, kernel_size=3)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, e2e)
   # A finished stage is loaded, not retrained: a second call reads the saved reports.
-  again = train.train_layerwise(cfg, "layerwise", arrays, mesh=train.make_mesh(2),
-                                log=train.MetricsLog(tmp_path))
+  again = cnn.train_layerwise(cfg, "layerwise", arrays, mesh=runtime.make_mesh(2),
+                                log=workdir_lib.MetricsLog(tmp_path))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
 
@@ -126,11 +131,11 @@ def test_the_prefix_is_compiled_once_for_every_pass(monkeypatch):
   traces = []
   prefix = nets.prefix_features
   monkeypatch.setattr(nets, "prefix_features", lambda *a: traces.append(1) or prefix(*a))
-  train._prefix_fn.cache_clear()
-  net = train.network_template(CFG)
+  feature_cache._prefix_fn.cache_clear()
+  net = cnn.network_template(CFG)
   params = nets.init(jax.random.key(0), (1, 8, 8, 2), depth=3, features=4, kernel_size=3)
   x = toy_arrays()["x"]
-  passes = [np.concatenate(list(train._features(net, params, x, 2, 4))) for _ in range(3)]
+  passes = [np.concatenate(list(feature_cache.prefix_batches(net, params, x, 2, 4))) for _ in range(3)]
   assert len(traces) == 1
   np.testing.assert_array_equal(passes[0], passes[2])
   np.testing.assert_allclose(passes[0], prefix(net, params, x, 2), rtol=1e-5, atol=1e-6)
@@ -142,7 +147,7 @@ def test_config_names_every_kind_the_code_builds():
   import sys
   from lwjax.mri import coils, masks
   from lwjax import convex
-  assert set(config_lib.LAYERWISE) == set(train.STAGES)
+  assert set(config_lib.LAYERWISE) == set(cnn.STAGES)
   assert set(config_lib.SOLVERS) == set(convex.SOLVERS)
   assert config_lib.MASKS == masks.KINDS and config_lib.MAPS == coils.METHODS
   loaded = subprocess.run([sys.executable, "-c", "import sys, lwjax.config; print('jax' in "
@@ -182,12 +187,12 @@ def test_validate_rejects_bad_settings():
 def test_cached_features_give_the_same_network(tmp_path, cache):
   arrays = toy_arrays()
   results = {}
-  mesh = train.make_mesh(4 if cache == "device" else 1)  # Device caches are copied to each device.
+  mesh = runtime.make_mesh(4 if cache == "device" else 1)  # Device caches are copied to each device.
   for mode in ("none", cache):
     cfg = dataclasses.replace(CFG, workdir=str(tmp_path / mode), method="layerwise", epochs=2,
                               cache_features=mode)
-    results[mode] = train.train_layerwise(cfg, "layerwise", arrays, mesh=mesh,
-                                          log=train.MetricsLog(cfg.workdir))
+    results[mode] = cnn.train_layerwise(cfg, "layerwise", arrays, mesh=mesh,
+                                          log=workdir_lib.MetricsLog(cfg.workdir))
   for a, b in zip(jax.tree.leaves(results["none"]), jax.tree.leaves(results[cache])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   if cache == "disk":
@@ -196,22 +201,22 @@ def test_cached_features_give_the_same_network(tmp_path, cache):
 
 
 def test_take_batch_gathers_on_device_and_splits_over_the_mesh():
-  mesh = train.make_mesh(4)
+  mesh = runtime.make_mesh(4)
   h = np.random.default_rng(0).normal(size=(10, 3, 3, 2)).astype(np.float32)
-  resident = {"h": jax.device_put(h, train.replicated(mesh))}
+  resident = {"h": jax.device_put(h, runtime.replicated(mesh))}
   idx = np.array([7, 2, 9, 0])
-  out = train.take_batch(mesh)(resident, idx)["h"]
+  out = runtime.take_batch(mesh)(resident, idx)["h"]
   np.testing.assert_array_equal(np.asarray(out), h[idx])
-  assert out.sharding.is_equivalent_to(train.batch_sharded(mesh), out.ndim)
+  assert out.sharding.is_equivalent_to(runtime.batch_sharded(mesh), out.ndim)
 
 
 def test_device_cache_that_does_not_fit_is_refused_before_training(tmp_path, monkeypatch):
-  monkeypatch.setattr(train, "free_device_bytes", lambda device: 1000)  # 1 kB free per device
+  monkeypatch.setattr(runtime, "free_device_bytes", lambda device: 1000)  # 1 kB free per device
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path), method="layerwise", epochs=1,
                             cache_features="device")
   with pytest.raises(ValueError, match=r"--cache_features=device: the features h_1 need .* GiB"):
-    train.train_layerwise(cfg, "layerwise", toy_arrays(), mesh=train.make_mesh(1),
-                          log=train.MetricsLog(cfg.workdir))
+    cnn.train_layerwise(cfg, "layerwise", toy_arrays(), mesh=runtime.make_mesh(1),
+                          log=workdir_lib.MetricsLog(cfg.workdir))
   assert not (tmp_path / "checkpoints" / "layerwise_s2").exists()
 
 
@@ -221,7 +226,7 @@ def test_data_on_device_trains_the_same_networks(tmp_path, monkeypatch):
   arrays = toy_arrays(n=10)
   cfg = dataclasses.replace(CFG, depth=2, epochs=1, convex_solver="fista", rho=0.0, fista_iters=2,
                             batch_size=4)
-  mesh = train.make_mesh(2)
+  mesh = runtime.make_mesh(2)
   results, host_keys = {}, set()
   gather = data_lib.gather
   monkeypatch.setattr(data_lib, "gather", lambda arrays, *a, **k: host_keys.update(arrays) or
@@ -229,9 +234,9 @@ def test_data_on_device_trains_the_same_networks(tmp_path, monkeypatch):
   for on in (False, True):
     host_keys.clear()
     run_cfg = dataclasses.replace(cfg, data_on_device=on, workdir=str(tmp_path / str(on)))
-    log = train.MetricsLog(run_cfg.workdir)
-    results[on] = (train.train_e2e(run_cfg, 2, arrays, mesh=mesh, log=log),
-                   train.train_layerwise(run_cfg, "layerwise_convex", arrays, mesh=mesh, log=log))
+    log = workdir_lib.MetricsLog(run_cfg.workdir)
+    results[on] = (cnn.train_e2e(run_cfg, 2, arrays, mesh=mesh, log=log),
+                   cnn.train_layerwise(run_cfg, "layerwise_convex", arrays, mesh=mesh, log=log))
     assert host_keys == (set() if on else {"x", "y"})  # Where the batches were gathered.
   for a, b in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
     np.testing.assert_array_equal(a, b)
@@ -239,15 +244,15 @@ def test_data_on_device_trains_the_same_networks(tmp_path, monkeypatch):
   host_keys.clear()
   cached = dataclasses.replace(cfg, depth=3, epochs=1, data_on_device=True, cache_features="host",
                                workdir=str(tmp_path / "cached"))
-  train.train_layerwise(cached, "layerwise", arrays, mesh=mesh,
-                        log=train.MetricsLog(cached.workdir))
+  cnn.train_layerwise(cached, "layerwise", arrays, mesh=mesh,
+                        log=workdir_lib.MetricsLog(cached.workdir))
   assert host_keys == {"h"}
 
-  monkeypatch.setattr(train, "free_device_bytes", lambda device: 1000)  # 1 kB free per device
+  monkeypatch.setattr(runtime, "free_device_bytes", lambda device: 1000)  # 1 kB free per device
   cfg = dataclasses.replace(cfg, data_on_device=True, workdir=str(tmp_path / "full"))
   with pytest.raises(ValueError, match=r"--data_on_device: e2e_d2's training arrays \(x, y\) "
                                        r"need .* GiB on every device"):
-    train.train_e2e(cfg, 2, arrays, mesh=mesh, log=train.MetricsLog(cfg.workdir))
+    cnn.train_e2e(cfg, 2, arrays, mesh=mesh, log=workdir_lib.MetricsLog(cfg.workdir))
 
 
 def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
@@ -256,7 +261,7 @@ def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
       image_size=16, calib=4, synth_train_subjects=1, synth_val_subjects=1, synth_slices=2,
       synth_coils=2, maps="lowres", depth=2, features=4, kernel_size=3, epochs=1, batch_size=2,
       method="e2e", log_every=0, workdir=str(tmp_path / "run"))
-  train.run(tiny, mesh=train.make_mesh(1))
+  experiment.run(tiny, mesh=runtime.make_mesh(1))
   record = json.loads((tmp_path / "run" / "data.json").read_text())
   assert record["train"]["files"] == [["synth_train_000.h5", 2]]
   assert len(record["val"]["scale"]) == 2
@@ -266,8 +271,8 @@ def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
   # Resumed from the moved data, held on disk this time (a setting a resumed run may change),
   # named relative to the working directory: config.json names it absolutely, for evaluate.py.
   relative = os.path.relpath(moved)
-  train.run(dataclasses.replace(tiny, data_dir=relative, host_data="disk"),
-            mesh=train.make_mesh(1))
+  experiment.run(dataclasses.replace(tiny, data_dir=relative, host_data="disk"),
+            mesh=runtime.make_mesh(1))
   saved = config_lib.load(tmp_path / "run" / "config.json").data_dir
   assert os.path.isabs(saved) and os.path.samefile(saved, moved)
 
@@ -275,13 +280,13 @@ def test_a_workdir_refuses_other_data_but_not_moved_data(tmp_path):
       tmp_path / "other", train_subjects=1, val_subjects=1, slices=2, coils=2, size=16, seed=7)
   with pytest.raises(ValueError, match=r"data.json: this workdir was trained on other train data: "
                                        r"the files have the same names but other content"):
-    train.run(dataclasses.replace(tiny, data_dir=str(other)), mesh=train.make_mesh(1))
+    experiment.run(dataclasses.replace(tiny, data_dir=str(other)), mesh=runtime.make_mesh(1))
   (other / "val" / "synth_val_000.h5").rename(other / "val" / "another.h5")
   (other / "train" / "synth_train_000.h5").unlink()
   (moved / "train" / "synth_train_000.h5").rename(other / "train" / "synth_train_000.h5")
   with pytest.raises(ValueError, match=r"other val data: synth_val_000.h5 \(2 slices\) there, "
                                        r"another.h5 \(2\) now;"):
-    train.run(dataclasses.replace(tiny, data_dir=str(other)), mesh=train.make_mesh(1))
+    experiment.run(dataclasses.replace(tiny, data_dir=str(other)), mesh=runtime.make_mesh(1))
 
 
 def test_runs_share_a_slice_cache_folder(tmp_path):
@@ -294,7 +299,7 @@ def test_runs_share_a_slice_cache_folder(tmp_path):
                               workdir=str(tmp_path / run), cache_dir=str(tmp_path / "shared"),
                               prep_workers=1)
     logs[run] = []
-    train.load_data(cfg, log=logs[run].append)
+    experiment.load_data(cfg, log=logs[run].append)
   done = lambda run: [m for m in logs[run] if "prepared 2/2" in m]
   assert done("a") == ["train: prepared 2/2 slices (0 from cache)",
                        "val: prepared 2/2 slices (0 from cache)"]
@@ -315,7 +320,7 @@ def test_settings_refused_by_the_data_leave_the_workdir_free(tmp_path):
                       ({"ndim": 3, "volume_depth": 3},
                        r"--volume_depth=3: .*longest run of consecutive slices of a file \(2;")):
     with pytest.raises(ValueError, match=needle):
-      train.run(dataclasses.replace(tiny, **bad), mesh=train.make_mesh(1))
+      experiment.run(dataclasses.replace(tiny, **bad), mesh=runtime.make_mesh(1))
     assert not (tmp_path / "run" / "config.json").exists()
   # A training file also in val (a symlink): refused as a subject in two splits.
   leak = tmp_path / "leak"
@@ -323,9 +328,9 @@ def test_settings_refused_by_the_data_leave_the_workdir_free(tmp_path):
                                   size=16)
   (leak / "val" / "copy.h5").symlink_to(leak / "train" / "synth_train_000.h5")
   with pytest.raises(ValueError, match=r"copy.h5 \(val\) is the same file as"):
-    train.run(dataclasses.replace(tiny, data_dir=str(leak)), mesh=train.make_mesh(1))
+    experiment.run(dataclasses.replace(tiny, data_dir=str(leak)), mesh=runtime.make_mesh(1))
   assert not (tmp_path / "run" / "config.json").exists()
-  train.run(tiny, mesh=train.make_mesh(1))
+  experiment.run(tiny, mesh=runtime.make_mesh(1))
   assert config_lib.load(tmp_path / "run" / "config.json") == tiny
 
 
@@ -338,9 +343,9 @@ def test_fista_takes_full_batch_steps_whatever_the_batch_size(tmp_path):
   results = {}
   for b in (4, 6, 10):
     run_cfg = dataclasses.replace(cfg, batch_size=b, workdir=str(tmp_path / f"b{b}"))
-    params = train.train_layerwise(run_cfg, "layerwise_convex", arrays, mesh=train.make_mesh(2),
-                                   log=train.MetricsLog(run_cfg.workdir))
-    report = json.loads(train.stage_report_path(run_cfg.workdir, "layerwise_convex", 1).read_text())
+    params = cnn.train_layerwise(run_cfg, "layerwise_convex", arrays, mesh=runtime.make_mesh(2),
+                                   log=workdir_lib.MetricsLog(run_cfg.workdir))
+    report = json.loads(workdir_lib.stage_report_path(run_cfg.workdir, "layerwise_convex", 1).read_text())
     results[b] = (params, report)
   ref_params, ref = results[10]
   for b in (4, 6):
@@ -360,13 +365,13 @@ def test_a_bad_validation_split_fails_before_the_training_split_is_prepared(tmp_
                             workdir=str(tmp_path / "run"))
   (data_dir / "val" / "bad.h5").write_text("not hdf5")
   with pytest.raises(data_lib.fastmri.DataError, match=r"val/bad.h5: expected an HDF5 file"):
-    train.load_data(cfg)
+    experiment.load_data(cfg)
   for f in (data_dir / "val").iterdir():
     f.unlink()
   (data_dir / "val").rmdir()
   with pytest.raises(data_lib.fastmri.DataError, match=r"expected fastMRI multi-coil .h5 files "
                                                        r"for split 'val'"):
-    train.load_data(cfg)
+    experiment.load_data(cfg)
   assert not list((tmp_path / "run" / "cache").glob("*.npz"))
 
 
@@ -374,10 +379,10 @@ def _convex_run(tmp_path, name, **overrides):
   settings = dict(method="layerwise_convex", depth=2, features=8, convex_solver="pfista",
                   metric_samples=0, certify_every=5, fista_iters=200)
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path / name), **{**settings, **overrides})
-  log = train.MetricsLog(cfg.workdir)
-  params = train.train_layerwise(cfg, "layerwise_convex", toy_arrays(n=12), mesh=train.make_mesh(1),
+  log = workdir_lib.MetricsLog(cfg.workdir)
+  params = cnn.train_layerwise(cfg, "layerwise_convex", toy_arrays(n=12), mesh=runtime.make_mesh(1),
                                  log=log)
-  report = json.loads(train.stage_report_path(cfg.workdir, "layerwise_convex", 1).read_text())
+  report = json.loads(workdir_lib.stage_report_path(cfg.workdir, "layerwise_convex", 1).read_text())
   lines = [json.loads(line) for line in log.path.read_text().splitlines()]
   return params, report, [r for r in lines if r.get("event") == "check"]
 

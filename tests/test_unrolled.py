@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from lwjax import config as config_lib
-from lwjax import data, nets, train, unrolled
+from lwjax import data, nets
+from lwjax.models import unrolled
 from lwjax.mri import sense
+from lwjax.training import checkpoints
+from lwjax.training import runtime
+from lwjax.training import workdir as workdir_lib
 
 SIZE, COILS = 32, 4
 PREP = data.PrepConfig(image_size=SIZE, mask="poisson", accel=4.0, calib=8, maps="lowres")
@@ -145,8 +149,8 @@ def test_fixed_lambda_stays_and_learned_lambda_moves():
 def test_e2e_and_stagewise_run(splits, tmp_path):
   tr, va = splits
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path), epochs=1)
-  mesh = train.make_mesh(2)
-  summary = unrolled.run(cfg, tr, va, mesh=mesh, log=train.MetricsLog(tmp_path),
+  mesh = runtime.make_mesh(2)
+  summary = unrolled.run(cfg, tr, va, mesh=mesh, log=workdir_lib.MetricsLog(tmp_path),
                          summary_path=tmp_path / "summary.json")
   assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
   assert set(summary["unrolled_e2e"]) == {"2"} and set(summary["unrolled_stagewise"]) == {"1", "2"}
@@ -155,7 +159,7 @@ def test_e2e_and_stagewise_run(splits, tmp_path):
     assert set(entry) == {"psnr", "ssim", "nmse"} and all(np.isfinite(list(entry.values())))
   assert len(summary["lambda"]["unrolled_e2e"]["2"]) == 2
 
-  load = lambda method, k: train.load_params(train.params_dir(tmp_path, method, k))
+  load = lambda method, k: checkpoints.load_params(workdir_lib.params_dir(tmp_path, method, k))
   stage1, stage2, e2e = load("unrolled_stagewise", 1), load("unrolled_stagewise", 2), load(
       "unrolled_e2e", 2)
   # Stage 2 trained iteration 1 on top of iteration 0 without changing it ...
@@ -177,7 +181,7 @@ def test_e2e_and_stagewise_run(splits, tmp_path):
   # A finished run is loaded, not retrained.
   seen = {}
   again = unrolled.train_unrolled(cfg, "layerwise", unrolled.dc_arrays(cfg, tr), tr.mask,
-                                  mesh=mesh, log=train.MetricsLog(tmp_path),
+                                  mesh=mesh, log=workdir_lib.MetricsLog(tmp_path),
                                   on_depth=lambda k, p, r: seen.setdefault(k, r))
   assert sorted(seen) == [1, 2] and seen[2]["lambda"] == summary["stages"][
       "unrolled_stagewise"]["2"]["lambda"]

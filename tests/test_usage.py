@@ -21,7 +21,11 @@ from lwjax.mri import masks
 from lwjax.mri import sense
 from lwjax import synthetic
 from lwjax import tensorboard
-from lwjax import train
+from lwjax import experiment
+from lwjax.models import cnn
+from lwjax.training import checkpoints
+from lwjax.training import runtime
+from lwjax.training import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = config_lib.Config(
@@ -34,7 +38,7 @@ TINY = config_lib.Config(
 def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   cfg = dataclasses.replace(TINY, workdir=str(workdir))
-  return cfg, train.run(cfg, mesh=train.make_mesh(2))
+  return cfg, experiment.run(cfg, mesh=runtime.make_mesh(2))
 
 
 def test_summary_leads_with_the_metrics(run):
@@ -94,8 +98,8 @@ def test_loaded_network_reconstructs_as_the_trainer_predicts(run):
   recon = inference.load(cfg.workdir, "e2e")
   assert (recon.method, recon.depth) == ("e2e", 3)
   val = evaluate.validation_split(cfg)
-  params = train.load_params(train.params_dir(cfg.workdir, "e2e", 3))
-  expected = train.predict(train.network_template(cfg), params, val.x, mesh=train.make_mesh(1),
+  params = checkpoints.load_params(workdir_lib.params_dir(cfg.workdir, "e2e", 3))
+  expected = cnn.predict(cnn.network_template(cfg), params, val.x, mesh=runtime.make_mesh(1),
                            batch_size=4)
   np.testing.assert_allclose(recon(val.x), expected, rtol=1e-4, atol=1e-5)
   # Complex images at another scale: scaled on the way in and back on the way out.
@@ -103,7 +107,7 @@ def test_loaded_network_reconstructs_as_the_trainer_predicts(run):
   np.testing.assert_allclose(recon(z), sense.to_complex(expected) * 7.0, rtol=1e-4, atol=1e-4)
   # From k-space, mask and maps: the zero-filled image of the trainer's preparation.
   kspace = fastmri.to_grid(fastmri.read_slice(val.paths[0], 0), cfg.image_size)
-  prepared = data_lib.network_input(kspace, val.mask, train.prep_config(cfg))
+  prepared = data_lib.network_input(kspace, val.mask, experiment.prep_config(cfg))
   np.testing.assert_allclose(recon.from_kspace(kspace, val.mask, prepared["maps"]),
                              sense.to_complex(expected[0]) * prepared["scale"], rtol=1e-3,
                              atol=1e-3 * prepared["scale"])

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from lwjax import config as config_lib
-from lwjax import data, metrics, nets, train, unrolled
+from lwjax import data, metrics, nets
+from lwjax.models import unrolled
+from lwjax.models import cnn
+from lwjax.training import loop
+from lwjax.training import runtime
+from lwjax.training import workdir as workdir_lib
 
 SIZE, COILS = 8, 2
 
@@ -98,8 +103,8 @@ def test_3d_deep_net_trains_end_to_end_through_fit(tmp_path):
   params = nets.init(jax.random.key(0), (1,) + arrays["x"].shape[1:], depth=3, features=4,
                      kernel_size=3, ndim=3)
   assert params["convs_0"]["kernel"].shape == (3, 3, 3, 2, 4)
-  result = train.fit("e2e_3d", train.e2e_loss(net), train.adam(cfg, 2), params, {}, arrays,
-                     cfg=cfg, mesh=train.make_mesh(2), epochs=1, log=train.MetricsLog(tmp_path))
+  result = loop.fit("e2e_3d", cnn.e2e_loss(net), loop.adam(cfg, 2), params, {}, arrays,
+                     cfg=cfg, mesh=runtime.make_mesh(2), epochs=1, log=workdir_lib.MetricsLog(tmp_path))
   assert int(result.state["step"]) == 2
   out = nets.forward(net, jax.device_get(result.state["params"]), arrays["x"])
   assert out.shape == arrays["x"].shape and np.all(np.isfinite(out))
@@ -107,11 +112,11 @@ def test_3d_deep_net_trains_end_to_end_through_fit(tmp_path):
 
 def test_3d_convex_stages_train_through_train_layerwise(tmp_path):
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path))
-  assert train.network_template(cfg).ndim == 3
+  assert cnn.network_template(cfg).ndim == 3
   arrays = toy_volumes()
   seen = {}
-  params = train.train_layerwise(cfg, "layerwise_convex", arrays, mesh=train.make_mesh(2),
-                                 log=train.MetricsLog(tmp_path),
+  params = cnn.train_layerwise(cfg, "layerwise_convex", arrays, mesh=runtime.make_mesh(2),
+                                 log=workdir_lib.MetricsLog(tmp_path),
                                  on_depth=lambda d, p, r: seen.setdefault(d, (p, r)))
   assert sorted(seen) == [2, 3]
   # Each convex stage became one 3D ReLU layer of `features` channels; the first stayed frozen.
@@ -132,7 +137,7 @@ def test_unrolled_3d_applies_data_consistency_per_slice():
   split.mask[::2] = False
   vol = data.to_volumes(split, 2)
   cfg = config_lib.Config(depth=2, features=4, kernel_size=3, ndim=3, cg_iters=4)
-  net = train.network_template(cfg)
+  net = cnn.network_template(cfg)
   params = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), jax.eval_shape(
       lambda: unrolled.init(jax.random.key(0), (1, 2, SIZE, SIZE, 2), iters=1, depth=2,
                             features=4, kernel_size=3, ndim=3, dc_lambda=0.1)))
@@ -168,12 +173,12 @@ def test_kernel_depth_one_is_the_2d_network_on_every_slice():
 def test_kernel_depth_reaches_every_stage_and_is_validated(tmp_path):
   cfg = dataclasses.replace(CFG, workdir=str(tmp_path), kernel_depth=1, kernel_size=3)
   assert cfg.kernel == (1, 3, 3)
-  params = train.train_layerwise(cfg, "layerwise_convex", toy_volumes(),
-                                 mesh=train.make_mesh(2), log=train.MetricsLog(tmp_path))
+  params = cnn.train_layerwise(cfg, "layerwise_convex", toy_volumes(),
+                                 mesh=runtime.make_mesh(2), log=workdir_lib.MetricsLog(tmp_path))
   assert params["convs_0"]["kernel"].shape == (1, 3, 3, 2, 4)
   assert params["convs_1"]["kernel"].shape == (1, 3, 3, 4, 4)
-  e2e = train.train_e2e(dataclasses.replace(cfg, workdir=str(tmp_path / "e2e")), 3, toy_volumes(),
-                        mesh=train.make_mesh(2), log=train.MetricsLog(tmp_path / "e2e"))
+  e2e = cnn.train_e2e(dataclasses.replace(cfg, workdir=str(tmp_path / "e2e")), 3, toy_volumes(),
+                        mesh=runtime.make_mesh(2), log=workdir_lib.MetricsLog(tmp_path / "e2e"))
   assert e2e["convs_1"]["kernel"].shape == (1, 3, 3, 4, 4)
   with pytest.raises(ValueError, match="--kernel_depth=3: applies to 3D"):
     config_lib.validate(dataclasses.replace(CFG, ndim=2, kernel_depth=3), num_devices=2)

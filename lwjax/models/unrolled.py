@@ -22,7 +22,7 @@ inside the DC step; ``kspace`` and ``maps`` are ``(N, *lead, C, H, W)`` complex6
 ``kspace``/``maps`` ``(N, D, C, H, W)`` (``data.to_volumes``): the CNN is 3D and the DC step acts
 slice by slice, each slice its own CG system, as a 2D multi-slice acquisition is encoded.
 
-Training (``train_unrolled``), through ``train.fit``:
+Training (``train_unrolled``), through ``loop.fit``:
 * ``--method=e2e`` ("unrolled_e2e"): all iterations jointly. The backward pass runs through every
   CNN and every CG step, so training memory grows with K * (CNN activations + cg_iters * coil
   images).
@@ -48,8 +48,13 @@ from lwjax import metrics
 from lwjax import nets
 from lwjax.mri import sense
 from lwjax import stage as stage_lib
-from lwjax import train as train_lib
 from lwjax.config import Config
+from lwjax.models import cnn
+from lwjax.models.family import Family
+from lwjax.training import checkpoints
+from lwjax.training import loop
+from lwjax.training import runtime
+from lwjax.training import workdir as workdir_lib
 
 Params = dict
 # The run's --method -> its networks' name (summary.json, params/, stages/): e2e trains all
@@ -107,10 +112,10 @@ def init(rng, x_shape, *, iters, **kwargs) -> Params:
 
 
 # ----------------------------------------------------------------------------------------------
-# Objectives and the optimiser (for train.fit: loss_fn(params, frozen, batch)).
+# Objectives and the optimiser (for loop.fit: loss_fn(params, frozen, batch)).
 # ``frozen = {"mask": (H, W)}``; ``batch = {"x", "y", "kspace", "maps"}`` (+ "x_in" for a stage).
 
-def e2e_loss(net: nets.DeepNet, *, cg_iters: int) -> train_lib.LossFn:
+def e2e_loss(net: nets.DeepNet, *, cg_iters: int) -> loop.LossFn:
   """All iterations jointly: ``half_mse(forward(params, x_zf), y)``."""
   def loss_fn(params, frozen, batch):
     pred = forward(net, params, batch["x"], batch["kspace"], batch["maps"], frozen["mask"],
@@ -121,7 +126,7 @@ def e2e_loss(net: nets.DeepNet, *, cg_iters: int) -> train_lib.LossFn:
   return loss_fn
 
 
-def stage_loss(net: nets.DeepNet, index: int, *, cg_iters: int) -> train_lib.LossFn:
+def stage_loss(net: nets.DeepNet, index: int, *, cg_iters: int) -> loop.LossFn:
   """Stage ``index + 1``: iteration ``index`` (``variables = {"iter_<index>": ...}``) on
   ``batch["x_in"]``, the output of the frozen iterations ``0 .. index - 1`` (``x`` for the first).
 
@@ -143,14 +148,14 @@ def optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation
   rate per step: at 1e-4 lambda changes by ~1% per 100 steps), or not at all with
   ``--nolearn_lambda`` (lambda stays exactly ``--dc_lambda``)."""
   lam_cfg = dataclasses.replace(cfg, lr=cfg.lambda_lr or cfg.lr)
-  lam_tx = train_lib.adam(lam_cfg, steps_per_epoch) if cfg.learn_lambda else optax.set_to_zero()
+  lam_tx = loop.adam(lam_cfg, steps_per_epoch) if cfg.learn_lambda else optax.set_to_zero()
 
   def labels(params):
     return {k: {"cnn": jax.tree.map(lambda _: "cnn", v["cnn"]), "log_lam": "lam"}
             for k, v in params.items()}
 
   return optax.multi_transform(
-      {"cnn": train_lib.adam(cfg, steps_per_epoch, cfg.weight_decay), "lam": lam_tx}, labels)
+      {"cnn": loop.adam(cfg, steps_per_epoch, cfg.weight_decay), "lam": lam_tx}, labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,14 +169,14 @@ def dc_arrays(cfg: Config, split: data_lib.Split) -> dict:
   if split.kspace is None or split.maps is None:
     raise ValueError("the unrolled model needs the coil maps and the sampled k-space: load the "
                      "split with data.load_split(..., with_maps=True, with_kspace=True)")
-  return train_lib.example_arrays(cfg, split, DC_KEYS)[0]
+  return data_lib.example_arrays(cfg, split, DC_KEYS)[0]
 
 
 def _batched(fn, params, arrays: dict, mask, *, mesh, batch_size: int) -> np.ndarray:
   """``fn((params, mask), batch)`` over every example of ``arrays`` in order, on the host (one
   compilation per (fn, mesh): the stage-wise driver evaluates the same prefix for its input and
   for the summary)."""
-  return train_lib.map_batches(fn, (params, jnp.asarray(mask, jnp.float32)),
+  return runtime.map_batches(fn, (params, jnp.asarray(mask, jnp.float32)),
                                {k: arrays[k] for k in ("x", "kspace", "maps")}, mesh=mesh,
                                batch_size=batch_size)
 
@@ -212,16 +217,16 @@ def cg_sense(arrays: dict, mask, *, iters: int, mesh, batch_size: int) -> np.nda
 
 def _key(cfg: Config, k: int) -> jax.Array:
   """Iteration k's initialisation: the same for the end-to-end and the stage-wise network."""
-  return train_lib.phase_key(cfg, train_lib.UNROLLED_SALT + k)
+  return loop.phase_key(cfg, loop.UNROLLED_SALT + k)
 
 
 def _init_iteration(cfg: Config, k: int, x_shape) -> Params:
-  return init_iteration(_key(cfg, k), (1,) + tuple(x_shape[1:]), depth=cfg.depth,
-                        features=cfg.features, kernel_size=cfg.kernel, ndim=cfg.ndim,
-                        dc_lambda=cfg.dc_lambda)
+  """Iteration k: the run's CNN (``cnn.init_params``) and ``log_lam = log(--dc_lambda)``."""
+  return {"cnn": cnn.init_params(cnn.network_template(cfg), _key(cfg, k), (1,) + tuple(x_shape[1:])),
+          "log_lam": jnp.asarray(np.log(cfg.dc_lambda), jnp.float32)}
 
 
-def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh, log: train_lib.MetricsLog,
+def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh, log: workdir_lib.MetricsLog,
                    on_depth: Callable[[int, Params, dict], None] = lambda k, p, r: None) -> Params:
   """Train the ``cfg.unroll_iters``-iteration network end to end or stage by stage.
 
@@ -235,33 +240,33 @@ def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh, log: t
       after every stage for layerwise (the run evaluates it there).
 
   Finished networks and stages are loaded, not retrained; an interrupted one resumes from its
-  per-epoch checkpoint (``train.fit``). Returns the final parameters.
+  per-epoch checkpoint (``loop.fit``). Returns the final parameters.
   """
   if method not in NAMES:
     raise ValueError(f"method: expected one of {', '.join(NAMES)}, found {method!r}")
   name, iters = NAMES[method], cfg.unroll_iters
-  net = train_lib.network_template(cfg)
+  net = cnn.network_template(cfg)
   arrays = {k: arrays[k] for k in DC_KEYS}
   frozen = {"mask": jnp.asarray(mask, jnp.float32)}
   spe = data_lib.steps_per_epoch(len(arrays["x"]), cfg.batch_size)
   x_shape = arrays["x"].shape
 
   if method == "e2e":
-    out = train_lib.params_dir(cfg.workdir, name, iters)
-    params = train_lib.load_finished(out, cfg.workdir)  # None: not finished, or set aside
+    out = workdir_lib.params_dir(cfg.workdir, name, iters)
+    params = checkpoints.load_finished(out, cfg.workdir)  # None: not finished, or set aside
     if params is None:
       params = {f"iter_{k}": _init_iteration(cfg, k, x_shape) for k in range(iters)}
-      result = train_lib.fit(f"{name}_k{iters}", e2e_loss(net, cg_iters=cfg.cg_iters),
+      result = loop.fit(f"{name}_k{iters}", e2e_loss(net, cg_iters=cfg.cg_iters),
                              optimizer(cfg, spe), params, frozen, arrays, cfg=cfg, mesh=mesh,
                              epochs=cfg.epochs, log=log)
       params = jax.device_get(result.state["params"])
-      train_lib.save_params(out, params)
+      checkpoints.save_params(out, params)
     on_depth(iters, params, {f"lambda_{k}": lam for k, lam in enumerate(lambdas(params))})
     return params
 
   params: Params = {}
   for k in range(iters):
-    finished = train_lib.finished_stage(cfg.workdir, name, k + 1, k + 1)
+    finished = workdir_lib.finished_stage(cfg.workdir, name, k + 1, k + 1)
     if finished:
       params = finished[0]
       on_depth(k + 1, *finished)
@@ -271,32 +276,33 @@ def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh, log: t
     x_in = arrays["x"] if k == 0 else predict(net, params, arrays, mask, cg_iters=cfg.cg_iters,
                                               mesh=mesh, batch_size=cfg.eval_batch_size)
     variables = {f"iter_{k}": _init_iteration(cfg, k, x_shape)}
-    result = train_lib.fit(f"{name}_s{k + 1}", stage_loss(net, k, cg_iters=cfg.cg_iters),
+    result = loop.fit(f"{name}_s{k + 1}", stage_loss(net, k, cg_iters=cfg.cg_iters),
                            optimizer(cfg, spe), variables, frozen, {**arrays, "x_in": x_in},
                            cfg=cfg, mesh=mesh, epochs=cfg.epochs, log=log)
     params = {**params, **jax.device_get(result.state["params"])}
-    on_depth(k + 1, params, train_lib.finish_stage(cfg, log, name, k + 1, k + 1, params,
+    on_depth(k + 1, params, workdir_lib.finish_stage(cfg, log, name, k + 1, k + 1, params,
                                                    {"lambda": lambdas(params)[k]}))
   return params
 
 
-def abstract_step(cfg: Config, method: str, batch_size: int, *, coils: int):
+def abstract_step(cfg: Config, method: str, depth: int, batch_size: int, coils: int):
   """``(loss_fn, tx, state, frozen, batch)`` of one training step, ``state``, ``frozen`` and
   ``batch`` abstract (``jax.ShapeDtypeStruct``): what ``memory.step_memory`` compiles.
 
   ``method`` "e2e": all ``cfg.unroll_iters`` iterations; "layerwise": one stage (one iteration on
-  its precomputed input), the same for every stage. ``batch_size`` examples of ``cfg.spatial``
-  with ``coils`` coils.
+  its precomputed input), the same for every stage (``depth`` is not read). ``batch_size``
+  examples of ``cfg.spatial`` with ``coils`` coils.
   """
+  del depth
   spatial = cfg.spatial
-  net = train_lib.network_template(cfg)
+  net = cnn.network_template(cfg)
   iters = cfg.unroll_iters if method == "e2e" else 1
   params = jax.eval_shape(lambda: {f"iter_{k}": _init_iteration(cfg, k, (1,) + spatial + (2,))
                                    for k in range(iters)})
   loss = (e2e_loss(net, cg_iters=cfg.cg_iters) if method == "e2e"
           else stage_loss(net, 0, cg_iters=cfg.cg_iters))
   tx = optimizer(cfg, 1)
-  state = jax.eval_shape(lambda p: train_lib.init_state(p, tx), params)
+  state = jax.eval_shape(lambda p: loop.init_state(p, tx), params)
   image = jax.ShapeDtypeStruct((batch_size,) + spatial + (2,), jnp.float32)
   coil = jax.ShapeDtypeStruct((batch_size,) + spatial[:-2] + (coils,) + spatial[-2:],
                               jnp.complex64)
@@ -313,8 +319,8 @@ def phase_of(method: str, iters: int) -> str:
 
 
 def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
-        log: train_lib.MetricsLog, summary_path) -> dict:
-  """``train.run`` for ``--model=unrolled``: every method of ``cfg``, evaluated on ``val``.
+        log: workdir_lib.MetricsLog, summary_path) -> dict:
+  """``Family.run`` of the unrolled model: every method of ``cfg``, evaluated on ``val``.
 
   ``--method=e2e`` trains ``unrolled_e2e`` (evaluated at K iterations), ``layerwise`` trains
   ``unrolled_stagewise`` (evaluated after every stage, i.e. at 1..K iterations). summary.json:
@@ -323,7 +329,7 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
   "lambda": {method: {k: [lambda_0, ...]}}, "config"}``; the metric means are per 2D slice.
   """
   summary_path = Path(summary_path)
-  net = train_lib.network_template(cfg)
+  net = cnn.network_template(cfg)
   mask = np.asarray(train.mask, np.float32)
   train_arrays, val_arrays = dc_arrays(cfg, train), dc_arrays(cfg, val)
   slice_means = lambda pred: metrics.means(metrics.per_slice(pred=pred, target=val_arrays["y"]))
@@ -331,20 +337,20 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
              "cg_sense": slice_means(cg_sense(val_arrays, mask, iters=cfg.cg_iters, mesh=mesh,
                                               batch_size=cfg.eval_batch_size)),
              "stages": {}, "lambda": {}, "config": dataclasses.asdict(cfg)}
-  train_lib.write_json(summary_path, train_lib.results_first(summary), sort_keys=False)
+  workdir_lib.write_json(summary_path, workdir_lib.results_first(summary), sort_keys=False)
 
   def record(method, iters, params, report):
     pred = predict(net, params, val_arrays, mask, cg_iters=cfg.cg_iters, mesh=mesh,
                    batch_size=cfg.eval_batch_size)
     summary["lambda"].setdefault(method, {})[str(iters)] = lambdas(params)
     means = slice_means(pred)
-    why = train_lib.network_divergence(means, summary["zero_filled"], log.records(),
+    why = loop.network_divergence(means, summary["zero_filled"], log.records(),
                                        phase_of(method, iters))
     if why:
       summary.setdefault("diverged", {}).setdefault(method, {})[str(iters)] = why
       logging.error("%s, %d iterations DIVERGED: %s; its metrics are not a result", method,
                     iters, why)
-    means = train_lib.record_eval(
+    means = workdir_lib.record_eval(
         summary, summary_path, log, method, iters, means,
         report if method == NAMES["layerwise"] else None, stage=iters, phase=f"{method}_k{iters}")
     logging.info("%s, %d iterations: %s (zero-filled %.2f dB, CG-SENSE %.2f dB)", method, iters,
@@ -355,3 +361,33 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
     train_unrolled(cfg, method, train_arrays, mask, mesh=mesh, log=log,
                    on_depth=lambda k, p, r, m=NAMES[method]: record(m, k, p, r))
   return summary
+
+
+def trained_networks(cfg: Config) -> list[tuple[str, int]]:
+  """(name, iterations) of every saved network: e2e at ``--unroll_iters``, stage-wise after each
+  stage."""
+  out = []
+  for method in cfg.methods:
+    iters = range(1, cfg.unroll_iters + 1) if method == "layerwise" else [cfg.unroll_iters]
+    out += [(NAMES[method], k) for k in iters]
+  return out
+
+
+def predictor(cfg: Config, arrays: dict, mask, mesh) -> Callable[[Params], np.ndarray]:
+  net, mask = cnn.network_template(cfg), np.asarray(mask, np.float32)
+  return lambda params: predict(net, params, arrays, mask, cg_iters=cfg.cg_iters, mesh=mesh,
+                                batch_size=cfg.eval_batch_size)
+
+
+def baselines(cfg: Config, arrays: dict, mask, mesh) -> dict[str, np.ndarray]:
+  return {"cg_sense": cg_sense(arrays, np.asarray(mask, np.float32), iters=cfg.cg_iters,
+                               mesh=mesh, batch_size=cfg.eval_batch_size)}
+
+
+FAMILY = Family(
+    name="unrolled", data_consistency=True, image_to_image=False, example_keys=DC_KEYS,
+    reference=NAMES["e2e"], depth_unit="iterations", depth_axis="unrolled iterations",
+    settings=("unroll_iters", "cg_iters"), trained_networks=trained_networks,
+    stage_of=lambda iters: iters, phase_of=phase_of, predictor=predictor, baselines=baselines,
+    run=run, memory_networks=lambda cfg: [("e2e", cfg.unroll_iters), ("layerwise", 1)],
+    abstract_step=abstract_step)
