@@ -31,7 +31,7 @@ class Config:
   # Data.
   data_dir: str = ""  # fastMRI root holding train/ and val/ (or multicoil_*); empty: synthetic data in WORKDIR/data
   image_size: int = 320  # side of the square image grid every slice is cropped to
-  mask: str = "poisson"  # undersampling mask: poisson (2D Poisson disc), cartesian (random 1D lines) or equispaced (1D lines)
+  mask: str = "poisson"  # undersampling mask: poisson (2D Poisson disc), cartesian (random 1D lines) or equispaced
   accel: float = 4.0  # acceleration factor of the mask
   calib: int = 16  # side of the fully sampled centre of Poisson masks, and of the coil maps' calibration region
   center_fraction: float = 0.04  # fully sampled centre fraction of 1D Cartesian masks
@@ -64,7 +64,7 @@ class Config:
   weight_decay: float = 0.0  # decoupled weight decay of the non-convex methods (e2e, layerwise)
   seed: int = 0  # seed of initialisation and shuffling
   # Convex stage.
-  convex_solver: str = "pfista"  # solver of the convex stages: pfista (FISTA in the patch-covariance metric), fista, or adam (the paper's)
+  convex_solver: str = "pfista"  # convex-stage solver: pfista (FISTA in the patch-covariance metric), fista or adam (the paper's)
   beta: float = 0.01  # group-lasso weight: a fraction of each stage's beta_max with --beta_relative, else absolute
   beta_relative: bool = True  # read --beta as a fraction of each stage's beta_max (one pass before the stage)
   rho: float = 0.0  # ReLU-cone penalty (0: the gated-ReLU relaxation, mapped to ReLU by a head refit; > 0: adam only)
@@ -74,7 +74,7 @@ class Config:
   certify_every: int = 10  # passes between a convex stage's duality-gap certificates (and its checkpoints)
   metric_samples: int = 64  # pfista: patches per patch dimension for the covariance metric; 0: every patch
   convex_init: str = "zeros"  # start of the convex stages: zeros or random (a convex stage reaches one optimum)
-  convex_precision: str = "default"  # matmul precision of the convex stages' training step: default (TF32 on NVIDIA GPUs), high or highest
+  convex_precision: str = "default"  # matmul precision of the convex stages' training step: default (TF32 on GPUs), high or highest
   gate_seed: int = 0  # seed of the convex stages' fixed gate filters
   # Runtime.
   workdir: str = "workdir"  # everything a run writes: checkpoints, metrics, summary.json

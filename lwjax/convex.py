@@ -1,31 +1,19 @@
 """The convex layer-wise stage: gated-ReLU group lasso, FISTA, certificate, mapping to a ReLU layer.
 
-A two-layer conv net ``f(relu(g(h))) + skip`` (g: k x k, f: 1x1) acts on k x k patches, and with
-weight decay it has an exact convex reformulation (Pilanci & Ergen 2020; Sahiner et al. 2021).
-With P fixed random gate filters ``U_p`` and gates ``D_p = 1[conv(h, U_p) >= 0]``:
+The two-layer net ``f(relu(g(h))) + skip`` (g: k x k, f: 1x1) has an exact convex reformulation
+(Pilanci & Ergen 2020; Sahiner et al. 2021). With P fixed random gate filters ``U_p`` and gates
+``D_p = 1[conv(h, U_p) >= 0]``:
 
   pred = skip + sum_p D_p * (conv(h, V_p) - conv(h, Z_p))
-  objective = 0.5 * mean((pred - y)**2)                                       (stage.half_mse)
-            + beta * sum_{p,c} (|V_pc| + |Z_pc|)                               (group lasso)
+  objective = 0.5 * mean((pred - y)**2) + beta * sum_{p,c} (|V_pc| + |Z_pc|)
             + rho * sum_{p,c} mean_pixels relu(-(2 D_p - 1) * conv(h, V_pc))  (+ same for Z)
 
-Shapes: ``h`` (N, *spatial, C_in), ``skip`` and ``y`` (N, *spatial, C_out); ``spatial`` is (H, W)
-(``ndim=2``) or (D, H, W) (``ndim=3``). Variables ``{"v": V, "z": Z}``, each (*k, C_in, P, C_out);
-group (p, c) of V or Z is one filter ``V[..., p, c]`` of shape (*k, C_in), i.e. one ReLU neuron.
-
-Scale of ``beta``: the data term is a mean over all M = N * prod(spatial) * C_out elements, so a
-group is zero at the optimum iff ``|A_g^T e| / M <= beta`` (``A_g`` the gated conv of group g, ``e``
-the residual): beta is in units of (residual x feature) per element and does not grow with the
-data set. Every finalize report gives ``beta_max``, the beta at and above which all groups are 0.
-
-rho = 0 is the gated-ReLU relaxation (a group lasso; FISTA or Adam); rho > 0 is an exact penalty
-driving the solution onto the ReLU cones ``(2 D_p - 1) * conv(h, V_pc) >= 0`` (Adam). Where those
-hold, ``relu(conv(h, V_pc)) = D_p * conv(h, V_pc)`` and the mapped ReLU layer (``to_layer``)
-predicts exactly what the convex model predicts; ``finalize`` reports how far from that a stage is.
-The gated program only sees ``V_pc - Z_pc``: started from zero it splits each neuron evenly
-between V_pc and -Z_pc, which the +-1 head maps to ``relu(u) - relu(-u) = u``, a linear unit. So
-a rho = 0 stage becomes a ReLU layer through ``refit_head``: the filters stay, the 1x1 head is
-refit by least squares on the ReLU features ``relu(+-u)``.
+``h`` (N, *spatial, C_in); ``skip``, ``y`` (N, *spatial, C_out); spatial (H, W) or (D, H, W).
+V and Z are (*k, C_in, P, C_out); group (p, c), one filter, is one ReLU neuron. beta is per
+element of the mean data term (it does not grow with the data); ``beta_max`` zeroes every group.
+rho = 0 (FISTA or Adam) is the gated relaxation: it splits each neuron evenly between V and -Z, a
+linear unit under the +-1 head, so ``refit_head`` refits the head on the ReLU features. rho > 0
+(Adam) drives the solution onto the ReLU cones, where the mapped ReLU layer predicts the same.
 """
 import dataclasses
 import functools
@@ -56,8 +44,8 @@ _LIPSCHITZ_MARGIN = 1.1
 def gate_filters(seed: int, kernel_size, ndim: int, c_in: int, num: int) -> np.ndarray:
   """The fixed gate filters ``U``: (*k, c_in, num) i.i.d. standard normal float32, from ``seed``.
 
-  Drawn with NumPy: the same on every backend, and a constant inside a jitted loss (threefry
-  traced into every step function would add seconds of compile time to each).
+  NumPy: the same on every backend, and a constant in a jitted loss (threefry would be traced
+  into, and compiled with, every step).
   """
   shape = nets.kernel_shape(kernel_size, ndim) + (c_in, num)
   return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
@@ -66,9 +54,8 @@ def gate_filters(seed: int, kernel_size, ndim: int, c_in: int, num: int) -> np.n
 def conv(h, kernel, dtype=None):
   """SAME, stride-1 conv without bias: (N, *spatial, I) x (*k, I, O) -> (N, *spatial, O) float32.
 
-  Runs in ``dtype`` (default: ``h``'s) with its output in ``dtype`` too, as flax's layers do,
-  then widens it. (Asking a bf16 conv for a float32 result instead made the bf16 convex stage only
-  1.3x faster than float32 on an H200, against 2x for the other steps: see BUILD_NOTES.md.)
+  Runs in ``dtype`` (default: ``h``'s) with its output in ``dtype`` too, as flax's layers do, then
+  widens it: a float32 result from bf16 operands is not a cuDNN bf16 conv (BUILD_NOTES.md, speed).
   """
   ndim = h.ndim - 2
   sp = "DHW"[3 - ndim:]
@@ -82,11 +69,9 @@ def conv(h, kernel, dtype=None):
 def gates(h, u):
   """``D = 1[conv(h, U) >= 0]``: (N, *spatial, P) float32 0/1, from float32 operands.
 
-  At the matmul precision in effect: the default in the training steps (TF32 on NVIDIA GPUs),
-  "highest" in ``prepare`` and ``finalize``. On a GPU a gate whose pre-activation lies within
-  TF32's rounding of 0 can differ between the two (~1e-4 of the gates of a 7x7x256 gate conv,
-  emulated on the CPU), so the certificate is that of the float32-exact program. (HIGHEST in the
-  training step too would cost several times this conv's TF32 time.)"""
+  At the matmul precision in effect: TF32 in GPU training steps, "highest" in ``prepare`` and
+  ``finalize``, so a gate near 0 can differ between the two: the certificate is that of the
+  float32-exact program (BUILD_NOTES.md, known limits)."""
   return (conv(h.astype(jnp.float32), u) >= 0).astype(jnp.float32)
 
 
@@ -111,9 +96,7 @@ def _gated_sum(out, d):
 
 def gated(w, h, d, dtype=None):
   """``sum_p D_p conv(h, W_p)``: (N, *spatial, C_out) for W (*k, C_in, P, C_out) and gates ``d``
-  (N, *spatial, P). The gated program sees only W = V - Z: one conv of P * C_out channels, and
-  its gradient in W one transposed conv of h with the gated residual (nothing of 2 * P * C_out
-  channels is kept for the backward pass)."""
+  (N, *spatial, P). The gated program sees only W = V - Z: half the channels of ``branches``."""
   p, c = w.shape[-2:]
   out = conv(h, w.reshape(w.shape[:-2] + (p * c,)), dtype)
   return jnp.sum(d[..., None] * out.reshape(out.shape[:-1] + (p, c)), axis=-2)
@@ -132,10 +115,7 @@ def objective_value(data, norm_sum, cone_penalty, *, beta, rho):
 
 
 def predict(variables, h, skip, u, dtype=None):
-  """The convex model's prediction ``skip + sum_p D_p (conv(h, V_p) - conv(h, Z_p))``.
-
-  ``u``: the gate filters (``gate_filters``), (*k, C_in, P).
-  """
+  """``skip + sum_p D_p (conv(h, V_p) - conv(h, Z_p))``; ``u`` the gate filters (*k, C_in, P)."""
   w = variables["v"] - variables["z"]
   return skip + gated(w, h, gates(h, u), dtype).astype(skip.dtype)
 
@@ -161,11 +141,8 @@ def _terms(variables, h, skip, y, u, dtype, weight=None):
 
 
 def objective(variables, h, skip, y, u, *, beta, rho, dtype=None, weight=None):
-  """``(objective, aux)`` of the convex stage on one batch (see the module docstring).
-
-  ``u``: the gate filters (``gate_filters``). aux: "mse" (mean squared error of the convex
-  prediction), "objective", "group_norm_sum", "constraint_violation" (sum of cone violations /
-  sum of |conv(h, V_pc)|, 0 on the ReLU cones).
+  """``(objective, aux)`` on one batch; ``u`` the gate filters. aux: "mse", "objective",
+  "group_norm_sum", "constraint_violation" (cone violations / sum |conv(h, V_pc)|, 0 on the cones).
   """
   t = _terms(variables, h, skip, y, u, dtype, weight)
   value = objective_value(t["data"], t["norm_sum"], t["cone_penalty"], beta=beta, rho=rho)
@@ -178,11 +155,8 @@ def objective(variables, h, skip, y, u, *, beta, rho, dtype=None, weight=None):
 # Back to a ReLU layer.
 
 def to_layer(variables):
-  """One hidden ReLU layer and its 1x1 head in the ``nets.DeepNet`` layout.
-
-  conv kernel: ``kernel(variables)`` (*k, C_in, 2 * P * C_out), channel ``s*P*C_out + p*C_out + c``
-  (s = 0: V_pc, s = 1: Z_pc), zero bias. head: +1 from V_pc and -1 from Z_pc to output c
-  (1, ..., 2 * P * C_out, C_out), zero bias; or ``variables["head"]`` after a refit.
+  """One ReLU layer and its 1x1 head in the ``nets.DeepNet`` layout: conv ``kernel(variables)``,
+  zero bias; head +1 from V_pc and -1 from Z_pc to output c, zero bias (or ``variables["head"]``).
   """
   v = variables["v"]
   ndim = v.ndim - 3
@@ -235,12 +209,9 @@ def _np_norms(w):
 def duality_gap(variables, neg_grad, *, data, beta):
   """Duality gap and KKT residual of a point of the gated (rho = 0) program, in float64 NumPy.
 
-  As a group lasso ``P(w) = 0.5 |A w - r|^2 + beta sum_g |w_g|`` (A and r scaled by 1/sqrt(M) to
-  match the mean loss), the dual is ``D(theta) = 0.5 |r|^2 - 0.5 |r - theta|^2`` subject to
-  ``|A_g^T theta| <= beta``. With the residual ``e = r - A w``, ``q = A^T e`` and
-  ``theta = s e``, ``s = min(1, beta / max_g |q_g|)`` is feasible, and
-  ``P - D = 0.5 (1 - s)^2 |e|^2 + sum_g (beta |w_g| - s <w_g, q_g>)``: a sum of non-negative
-  terms, free of the cancellation of ``P - D`` computed directly. It is 0 exactly at the optimum.
+  The dual point ``theta = s e`` (e the residual, ``s = min(1, beta / max_g |q_g|)``, q = A^T e)
+  is feasible, and ``P - D = 0.5 (1 - s)^2 |e|^2 + sum_g (beta |w_g| - s <w_g, q_g>)``: a sum of
+  non-negative terms, free of the cancellation of ``P - D`` computed directly.
 
   Args:
     variables: ``{"v", "z"}``.
@@ -249,8 +220,7 @@ def duality_gap(variables, neg_grad, *, data, beta):
     beta: the group-lasso weight (> 0).
   Returns:
     {"objective", "gap", "rel_gap" (gap / objective), "kkt_violation" (RMS over groups of the
-    distance of q_g from beta * the subdifferential of |w_g|, relative to beta; groups below 1e-3
-    of the largest norm count as zero)}.
+    distance of q_g from beta * the subdifferential of |w_g|, over beta; see NEAR_ZERO)}.
   """
   w, q = _np_groups(variables), _np_groups(neg_grad)
   axes = tuple(range(1, w.ndim - 2))
@@ -267,8 +237,7 @@ def duality_gap(variables, neg_grad, *, data, beta):
 
 
 def _gate_filters_of(variables, gate_seed):
-  """The gate filters that belong to ``variables``: their kernel extent per spatial dimension
-  (anisotropic 3D kernels too), C_in and P. The one place every pass derives the gates from."""
+  """The gate filters of ``variables`` (from their kernel shape, C_in and P); every pass uses it."""
   v = variables["w" if "w" in variables else "v"]
   spatial = v.shape[:-3]
   return gate_filters(gate_seed, spatial, len(spatial), v.shape[-3], v.shape[-2])
@@ -276,12 +245,9 @@ def _gate_filters_of(variables, gate_seed):
 
 @functools.partial(jax.jit, static_argnames=("gate_seed", "refit"))
 def _batch_sums(variables, h, skip, y, *, gate_seed, refit):
-  """Sums over one batch for ``finalize`` (float32, the caller adds them up in float64).
-
-  ``at_e`` and ``at_r`` are ``A^T e`` and ``A^T r`` (A the gated conv operator, e the residual,
-  r = y - skip), one transposed conv for both: M times minus the data gradient at the
-  solution and at zero.
-  """
+  """Sums over one batch for ``finalize`` (float32; the caller adds them in float64). ``at_e``,
+  ``at_r``: ``A^T e`` and ``A^T r`` (e the residual, r = y - skip), M times minus the data
+  gradient at the solution and at zero."""
   u = _gate_filters_of(variables, gate_seed)
   out, transpose = jax.vjp(lambda w: branches(w, h, jnp.float32), variables)
   d = gates(h, u)
@@ -319,9 +285,8 @@ def _gap_sums(variables, h, skip, y, *, gate_seed):
 
 
 def certificate(variables, feature_batches, *, beta, gate_seed) -> dict:
-  """How far a solution ``{"v", "z"}`` of the gated (rho = 0) program is from its optimum, over
-  the training set in one pass: {"objective", "mse", "rel_gap", "kkt_violation"}
-  (``duality_gap``)."""
+  """``duality_gap`` of a gated (rho = 0) solution over the training set, in one pass:
+  {"objective", "mse", "rel_gap", "kkt_violation"}."""
   vz = {"v": variables["v"], "z": variables["z"]}
   with jax.default_matmul_precision("highest"):
     total = None
@@ -377,9 +342,8 @@ def _vdot(a, b):
 def fista(step: float, beta: float) -> optax.GradientTransformation:
   """Accelerated proximal gradient with group soft-thresholding and adaptive restart.
 
-  Gradients are those of the smooth part at the params ``y_k``; the update moves the params to
-  ``y_{k+1}`` and the state keeps ``x_{k+1} = prox(y_k - step * grad)`` (read it with
-  ``fista_solution``). Needs ``params`` in ``update``.
+  The params are the extrapolated point ``y_k`` (gradients of the smooth part are taken there);
+  the state keeps ``x_{k+1}`` (``fista_solution``). Needs ``params`` in ``update``.
   """
   def init_fn(params):
     # A copy: a training state that donates its buffers must not hold one array twice.
@@ -390,8 +354,7 @@ def fista(step: float, beta: float) -> optax.GradientTransformation:
       raise ValueError("fista needs the params in update()")
     x = group_shrink(jax.tree.map(lambda y, g: y - step * g, params, grads), step * beta)
     dx = jax.tree.map(jnp.subtract, x, state.x)
-    # Gradient restart (O'Donoghue & Candes 2015): drop the momentum once it points uphill;
-    # this keeps FISTA fast and stable on the strongly convex parts of the problem.
+    # Gradient restart (O'Donoghue & Candes 2015): drop the momentum once it points uphill.
     uphill = _vdot(jax.tree.map(jnp.subtract, params, x), dx) > 0
     t = jnp.where(uphill, 1.0, state.t)
     t_next = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
@@ -447,53 +410,37 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
                  relative_beta=False, power_iters=None, metric_samples=64, metric_floor=1e-6,
                  num_examples=None, init="zeros", dtype=jnp.float32,
                  precision=None) -> stage.Stage:
-  """The convex layer-wise stage ("layerwise_convex") behind the ``stage.Stage`` interface.
+  """The convex layer-wise stage ("layerwise_convex") as a ``stage.Stage``.
 
   Args:
-    features: hidden channels of the mapped ReLU layer, ``2 * P * out_channels`` (P arrangements;
-      256 with 2 outputs gives the paper's P = 64).
-    kernel_size, ndim: k and the number of spatial dimensions (2: NHWC, 3: NDHWC).
-    beta: group-lasso weight (> 0), relative to the 0.5 * mean squared-error data term; with
-      ``relative_beta`` a fraction of ``beta_max`` (the beta that zeroes every group).
+    features: hidden channels of the mapped ReLU layer, ``2 * P * out_channels``.
+    kernel_size, ndim: k and the spatial dimensions (2: NHWC, 3: NDHWC).
+    beta: group-lasso weight (> 0); with ``relative_beta`` a fraction of this stage's ``beta_max``
+      (found in ``prepare``: each stage's features have their own scale).
     rho: ReLU-cone penalty (>= 0); 0 is the gated-ReLU relaxation.
-    solver: "pfista" (rho = 0: FISTA in the metric of the stage input's patch covariance,
-      ``precond``), "fista" (rho = 0: plain accelerated proximal gradient) or "adam" (the
-      objective minimised by ``tx``, any rho). Both FISTAs take one iteration per epoch on the
-      full-batch gradient.
-    tx: the Adam transformation with the run's schedule (required for "adam", unused by the
-      FISTAs, which build their own in ``prepare``).
+    solver: "pfista" (FISTA in the metric of the input's patch covariance, ``precond``), "fista"
+      or "adam" (``tx``, any rho). The FISTAs take one iteration per epoch, full-batch, rho = 0.
+    tx: Adam with the run's schedule; required for "adam", unused by the FISTAs.
     gate_seed: seed of the fixed gate filters (give each stage its own).
     refit_head: let ``finalize`` refit the 1x1 head on the ReLU features by least squares.
-    fista_iters: FISTA iterations (= the stage's epochs, at most); None: the run's epochs.
-    steps_per_epoch: minibatches per epoch, accumulated into one FISTA gradient: with FISTA the
-      stage is ``full_pass``, so ``data.steps_per_epoch(n, batch_size, full_pass=True)``.
-    relative_beta: scale ``beta`` by this stage's ``beta_max``, found in ``prepare`` (one pass):
-      the features of each stage have their own scale, so an absolute beta means something
-      different at every stage.
-    power_iters: passes of the power iteration for the FISTAs' Lipschitz constant; None: 20 for
-      fista, 10 for pfista (whose Rayleigh quotient converges faster than fista's norm ratio).
-    metric_samples: pfista: patches per patch dimension d sampled for the covariance (spread
-      evenly over the examples); 0: every patch.
-    metric_floor: pfista: the covariance's eigenvalues are clipped below at this fraction of the
-      largest.
-    num_examples: pfista: training examples, over which the metric's patches are spread; None:
-      counted in ``prepare`` (one more pass over the stage's features).
-    init: "zeros" or "random" (a seeded normal point): a convex stage ends at the same optimum.
-    dtype: compute dtype of the V/Z conv (the gates, certificate and refit use float32).
-    precision: matmul precision of the training step's convolutions (``jax.default_matmul_precision``
-      names; None: the default, TF32 on NVIDIA GPUs, whose rounding can keep the gap from falling).
+    fista_iters: FISTA iterations (the stage's epochs, at most); None: the run's epochs.
+    steps_per_epoch: minibatches accumulated into one FISTA gradient
+      (``data.steps_per_epoch(n, batch_size, full_pass=True)``).
+    power_iters: power-iteration passes for the Lipschitz constant; None: 20 fista, 10 pfista.
+    metric_samples: pfista: patches per patch dimension for the covariance; 0: every patch.
+    metric_floor: pfista: covariance eigenvalues are clipped below at this fraction of the largest.
+    num_examples: pfista: training examples; None: counted in ``prepare`` (one more pass).
+    init: "zeros" or "random" (a seeded normal start); both end at the same optimum.
+    dtype: compute dtype of the V/Z conv (gates, certificate and refit use float32).
+    precision: ``jax.default_matmul_precision`` of the training step's convs; None: the default.
 
   Returns:
-    The stage. With a FISTA its ``tx`` only works after ``prepare``; with ``relative_beta`` the
-    objective's beta is set there. ``prepare`` returns the stage to train and a report
-    ({"beta_max", "beta"}, {"lipschitz"}, {"metric_rows", "metric_clipped"}). ``certificate``
-    (rho = 0) gives the duality gap of a solution in one pass. ``finalize`` reports over the
-    training set: "objective", "mse" (the convex model), "rel_gap" and "kkt_violation" (rho = 0
-    only, see ``duality_gap``), "constraint_violation" (sum of cone violations / sum of
-    |conv(h, V_pc)|), "relu_mismatch" (|pred_relu - pred| / |pred - skip| with pred_relu the +-1
-    mapped ReLU net: 0 where the ReLU layer predicts exactly what the convex model does; it can
-    exceed 1), "mse_relu", "beta_max", "active_groups" and, with ``refit_head``, "mse_refit"
-    (the returned variables then carry the refit head, which ``to_layer`` uses).
+    The stage. With a FISTA its ``tx`` works only after ``prepare``, which returns the stage to
+    train and a report ({"beta_max", "beta"}, {"lipschitz"}, {"metric_rows", "metric_clipped"}).
+    ``finalize`` reports "objective", "mse", "rel_gap" and "kkt_violation" (rho = 0),
+    "constraint_violation", "relu_mismatch" (|pred_relu - pred| / |pred - skip|, may exceed 1),
+    "mse_relu", "beta_max", "active_groups" and, with ``refit_head``, "mse_refit" (the returned
+    variables then carry the refit head).
   """
   if features % (2 * out_channels):
     raise ValueError(f"features ({features}) must be divisible by 2 * out_channels "
@@ -518,16 +465,16 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
       power_iters=power_iters or (10 if solver == "pfista" else 20),
       metric_samples=metric_samples, metric_floor=metric_floor, num_examples=num_examples,
       init_kind=init, dtype=None if dtype is None else jnp.dtype(dtype), precision=precision)
-  # Adam's state does not depend on beta, so before ``prepare`` the stage already has its real
-  # optimiser (the memory analysis compiles the step from it); the FISTAs' steps need the data.
+  # Adam's state does not depend on beta, so the memory planner can compile its real step before
+  # ``prepare``; the FISTAs' steps need the data.
   return _stage(program, tx if solver == "adam" else _needs_prepare(),
                 prepared=solver == "adam" and not relative_beta)
 
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """One stage's convex program and solver settings (``convex_stage``'s arguments), without
-  the data. ``beta`` is absolute once ``relative_beta`` is False (``_prepare`` makes it so)."""
+  """``convex_stage``'s settings, without the data; ``beta`` is absolute once ``relative_beta``
+  is False (``_prepare`` makes it so)."""
   num: int  # P, the arrangements (gate filters)
   out_channels: int  # C_out
   kernel_shape: tuple[int, ...]  # (*k)
@@ -552,8 +499,7 @@ class Program:
     return self.kernel_shape + (c_in, self.num, self.out_channels)
 
   def init(self, rng, h_shape):
-    """``Stage.init``: ``{"w": W}`` for pfista, else ``{"v": V, "z": Z}``; zeros, or normal with
-    std 1 / sqrt(d) per entry (a start away from the optimum, for ``init="random"``)."""
+    """``{"w": W}`` for pfista, else ``{"v": V, "z": Z}``: zeros, or normal with std 1 / sqrt(d)."""
     shape = self.shape(h_shape[-1])
     names = ("w",) if self.solver == "pfista" else ("v", "z")
     if self.init_kind == "zeros":  # One array each: a donated state must not hold one twice.
@@ -563,9 +509,8 @@ class Program:
     return {k: scale * jax.random.normal(key, shape, jnp.float32) for k, key in zip(names, keys)}
 
   def loss(self, variables, h, skip, y, weight=None):
-    """``Stage.loss``: the objective; the FISTAs differentiate its smooth part only (their prox
-    step handles the group lasso), pfista in W = V - Z without the V/Z branches. At
-    ``precision``, its gradient too (the transposed convs keep their forward's precision)."""
+    """The objective at ``precision`` (its gradient too); the FISTAs get its smooth part only
+    (their prox handles the group lasso), pfista in W = V - Z."""
     with jax.default_matmul_precision(self.precision):
       return self._loss(variables, h, skip, y, weight)
 
@@ -611,8 +556,7 @@ def _fista_tx(program: Program, inner: optax.GradientTransformation):
 
 
 def _abstract_prepare(program: Program, tx, h_shape) -> stage.Stage:
-  """What ``_prepare`` returns, with the data's arrays (pfista's metric) abstract: the stage
-  whose step the memory planner compiles (never trained)."""
+  """What ``_prepare`` returns, pfista's metric abstract: for the memory planner, never trained."""
   program = dataclasses.replace(program, relative_beta=False)
   if program.solver == "pfista":
     d = math.prod(program.shape(h_shape[-1])[:-2])
@@ -625,9 +569,8 @@ def _abstract_prepare(program: Program, tx, h_shape) -> stage.Stage:
 
 
 def _prepare(program: Program, tx, feature_batches, h_shape) -> tuple[stage.Stage, dict]:
-  """``Stage.prepare``: a pass for ``beta_max`` (``relative_beta``), then for FISTA
-  ``power_iters`` passes for its Lipschitz constant, for pfista a pass for the patch covariance
-  and ``power_iters`` for the constant in its metric. Returns the ready stage and its report."""
+  """``Stage.prepare``: ``beta_max`` (one pass, ``relative_beta``), then the FISTAs' Lipschitz
+  constant (``power_iters`` passes; pfista's metric first, one pass). Returns (stage, report)."""
   report, shape = {}, program.shape(h_shape[-1])
   with jax.default_matmul_precision("highest"):
     if program.relative_beta:
@@ -717,9 +660,8 @@ def _lipschitz(feature_batches, shape, gate_seed, iters):
 
 
 def _metric_lipschitz(feature_batches, shape, gate_seed, basis, lam, iters):
-  """``L_H``, the largest eigenvalue of ``S^-1 K`` (K = A^T A / M on W, S = Q diag(lam) Q^T per
-  group), by power iteration in S's basis from a seeded start; the Rayleigh quotient of the
-  last iterate, a lower bound."""
+  """``L_H``, the largest eigenvalue of ``S^-1 K`` (K = A^T A / M on W, S = Q diag(lam) Q^T), by
+  seeded power iteration in S's basis: the last Rayleigh quotient, a lower bound."""
   q = jnp.asarray(basis, jnp.float32)
   lam = jnp.asarray(lam, jnp.float32)[:, None]
   v = jnp.asarray(np.random.default_rng((gate_seed, 1)).standard_normal(

@@ -1,19 +1,11 @@
 """Looking inside a trained network: its filters, active units and the linear filter behind a pixel.
 
-The network ``out = head(h_{L-1}) + x`` is piecewise linear in its input (ReLU layers, no
-normalisation): around an input x it is affine, ``out(x + d) = out(x) + J d``, for as long as no
-unit changes sign. The row of the Jacobian J at pixel p is therefore the filter that produced p:
-
-  out_p - x_p = sum(J_p * x) + b_p,
-
-with ``b_p`` the effective bias (the biases passed on by the active units; 0 without biases).
-``effective_filter`` computes ``J_p`` by one vector-Jacobian product, on the crop of the input the
-pixel depends on (its receptive field), which gives the same row as the whole image at a fraction
-of the cost.
-
-Images are (H, W, 2) (real, imaginary) float32 as everywhere, or (D, H, W, 2) volume patches
-for 3D networks; filters are HWIO (DHWIO) kernels. A pixel is (row, col), or (plane, row, col) in a
-patch; the figures of a 3D network show the pixel's plane (filters: their centre plane).
+The network is piecewise linear in its input (ReLU layers, no normalisation), so around x the
+row ``J_p`` of its Jacobian at pixel p is the filter that produced p:
+``out_p - x_p = sum(J_p * x) + b_p`` (b_p the effective bias), computed by one vector-Jacobian
+product on the pixel's receptive field (``effective_filter``). Images are (H, W, 2) or 3D patches
+(D, H, W, 2); kernels HWIO (DHWIO); a pixel is (row, col) or (plane, row, col); a 3D network's
+figures show the pixel's plane.
 """
 import functools
 import json
@@ -81,7 +73,7 @@ def _share_active(pre) -> np.ndarray:
 
 
 def active_maps(net: nets.DeepNet, params, x) -> list[np.ndarray]:
-  """Per hidden layer, the share of its units active (> 0) at each pixel: (N, *spatial) in [0, 1]."""
+  """Per hidden layer, the share of units active (> 0) at each pixel: (N, *spatial) in [0, 1]."""
   return [_share_active(z) for z in forward_with_pre_activations(net, params, x)[1]]
 
 
@@ -161,14 +153,12 @@ def _near_zero(kernel) -> int:
 
 def draw(net: nets.DeepNet, params, x, pixel: Sequence[int], out_dir, *,
          max_filters: int = 64) -> dict:
-  """Draws what the network does to one image ``x`` (*spatial, 2) and returns the numbers.
+  """Draws what the network does to one image ``x`` (*spatial, 2); returns a JSON-ready dict of
+  the numbers and the figures' paths.
 
-  Writes to ``out_dir``: ``filters_layer<i>.png`` per hidden layer (``filter_tiles``),
-  ``active_units.png`` (share of active units per pixel, per layer), ``effective_filter.png``
-  (|input|, |output|, and |J| of the pixel's magnitude over the image) and
-  ``effective_filter_zoom.png`` (J on the real and imaginary input, receptive field only; for a
-  3D network one row per plane of the receptive field). The images of a 3D network are the
-  pixel's plane of the patch. Returns a JSON-ready dict: the numbers, and the figures' paths.
+  Writes to ``out_dir``: ``filters_layer<i>.png`` per hidden layer, ``active_units.png`` (share of
+  active units per pixel, per layer), ``effective_filter.png`` (|input|, |output|, |J|) and
+  ``effective_filter_zoom.png`` (J on the real and imaginary input, receptive field only).
   """
   out_dir = Path(out_dir)
   x = jnp.asarray(x, jnp.float32)

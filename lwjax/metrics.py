@@ -1,20 +1,10 @@
-"""Slice-based image quality metrics: PSNR, SSIM and NMSE on magnitude images (and fastMRI's
-volume-wise variant, ``volume_metrics``).
+"""PSNR, SSIM and NMSE of magnitude images, per slice, and fastMRI's per-volume variant.
 
-They reproduce fastMRI's ``evaluate.py``, which computes them with scikit-image
-(``peak_signal_noise_ratio``, ``structural_similarity`` with its defaults: 7x7 uniform window,
-K1 = 0.01, K2 = 0.03, sample covariance) and with ``data_range`` the target's maximum. fastMRI takes
-that maximum over a whole volume; here it is each target slice's maximum, because the paper reports
-slice-based numbers. An all-zero target slice therefore has no defined PSNR or SSIM.
-
-The metric functions are pure and jitted (inside a caller's jit they are simply inlined), batched
-over any leading axes, and computed in the inputs' floating dtype (float32 unless x64 is enabled).
-``NAMES`` lists what ``slice_metrics`` and ``volume_metrics`` return: reports, tables and printed
-lines are built from it, so a new metric is one function, one entry there and one key in each.
-
-Every metric function takes its images as keyword-only arguments, ``pred=`` and ``target=``:
-scikit-image and fastMRI take (target, prediction), the reverse order, and PSNR, SSIM and NMSE all
-change (silently) when the two are swapped, so a positional call is an error.
+As fastMRI's ``evaluate.py`` (scikit-image defaults: 7x7 uniform window, K1 = 0.01, K2 = 0.03,
+sample covariance), but ``data_range`` is each target slice's maximum (the paper reports
+slice-based numbers), so an all-zero target slice has no PSNR or SSIM. The metric functions are
+jitted, batched over leading axes, and take ``pred=`` and ``target=`` as keywords only: fastMRI's
+order is (target, pred), and a swap silently changes every metric. ``NAMES`` drives every report.
 """
 import functools
 
@@ -95,9 +85,8 @@ def _box_mean(x, size):
 def ssim(*, pred, target, data_range=None, win_size=7, k1=0.01, k2=0.03):
   """Mean structural similarity, as scikit-image's defaults: ``(..., H, W) -> (...)``.
 
-  Uniform ``win_size`` window, sample covariance, averaged over the windows that lie inside the image
-  (scikit-image's crop of ``(win_size - 1) // 2`` pixels per side, so no boundary padding is needed).
-  ``data_range`` (scalar or ``(...)``) defaults to each target image's maximum.
+  Averaged over the windows inside the image (scikit-image's crop of ``(win_size - 1) // 2``
+  pixels per side); ``data_range`` (scalar or ``(...)``) defaults to each target's maximum.
   """
   pred, target = _as_float_pair(pred, target)
   if win_size % 2 != 1 or win_size > min(target.shape[-2:]):
@@ -160,10 +149,8 @@ def volume_metrics(*, pred, target):
 def per_slice(*, pred, target, chunk_slices=64) -> dict[str, np.ndarray]:
   """``slice_metrics`` of host arrays: ``{name: (S,) float64}``, S slices (N, or N * D).
 
-  Runs on ``chunk_slices`` 2D slices at a time (the last chunk padded with copies of its last
-  row, whose values are dropped: one compiled shape): SSIM's intermediates take ~5 MB per
-  320 x 320 slice, so a whole validation set at once (fastMRI knee's: ~7,000 slices) would not
-  fit a GPU."""
+  Runs ``chunk_slices`` slices at a time, the last chunk padded (one compiled shape): SSIM's
+  intermediates for a whole validation set would not fit a GPU (BUILD_NOTES.md, memory)."""
   pred, target = np.asarray(pred), np.asarray(target)
   if pred.shape != target.shape or pred.ndim not in (4, 5):
     raise ValueError(f"expected (N, H, W, 2) or (N, D, H, W, 2) images of one shape, got "

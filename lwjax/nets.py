@@ -1,11 +1,9 @@
-"""The networks: one deep conv ReLU net and the two-layer net a layer-wise stage trains.
+"""The networks: the deep conv ReLU net and the two-layer net a layer-wise stage trains.
 
-Images are channels-last float32, ``(N, *spatial, C)`` with C = 2 (real, imaginary) at the input and
-output; ``spatial`` is ``(H, W)`` for 2D and ``(D, H, W)`` for 3D networks (``ndim=3``).
-
-Parameter layout of ``DeepNet(depth=L)``: ``{"convs_0": ..., ..., "convs_{L-2}": ..., "head": ...}``,
-each ``{"kernel": (*k, C_in, C_out), "bias": (C_out,)}`` (Flax ``nn.Conv``, HWIO). A layer-wise run
-builds exactly this tree stage by stage, so both methods are evaluated by the same ``DeepNet``.
+Images are channels-last float32 ``(N, *spatial, 2)`` (real, imaginary); spatial is (H, W) or
+(D, H, W) (``ndim=3``). ``DeepNet(depth=L)`` parameters: ``{"convs_0" .. "convs_{L-2}", "head"}``,
+each Flax ``nn.Conv`` ``{"kernel": (*k, C_in, C_out), "bias": (C_out,)}``; a layer-wise run builds
+this tree stage by stage, so both methods are evaluated by the same ``DeepNet``.
 """
 from typing import Any
 
@@ -15,7 +13,7 @@ import jax.numpy as jnp
 
 
 def kernel_shape(kernel_size, ndim: int) -> tuple[int, ...]:
-  """The spatial extent of a kernel: ``k`` -> ``(k,) * ndim``; a tuple must have ``ndim`` entries."""
+  """A kernel's spatial extent: ``k`` -> ``(k,) * ndim``; a tuple must have ``ndim`` entries."""
   if isinstance(kernel_size, int):
     return (kernel_size,) * ndim
   shape = tuple(int(k) for k in kernel_size)
@@ -25,11 +23,8 @@ def kernel_shape(kernel_size, ndim: int) -> tuple[int, ...]:
 
 
 class DeepNet(nn.Module):
-  """``out = head(h_{L-1}) + x`` with ``h_0 = x``, ``h_i = relu(conv_i(h_{i-1}))``.
-
-  ``depth`` counts conv layers including the 1x1 head (the paper's 5-layer net has depth 5:
-  four k x k ReLU layers of ``features`` channels and the head).
-  """
+  """``out = head(h_{L-1}) + x``, ``h_0 = x``, ``h_i = relu(conv_i(h_{i-1}))``; ``depth`` counts
+  the 1x1 head too."""
   depth: int = 5
   features: int = 256
   kernel_size: Any = 7  # k in every spatial dimension, or one extent per dimension (3, 7, 7)
@@ -78,21 +73,14 @@ def depth_of(params) -> int:
 
 
 def forward(net: DeepNet, params, x):
-  """The one forward function: the deep network ``params`` on ``x`` (N, *spatial, 2).
-
-  ``net`` carries the architecture (features, kernel size, ndim, dtype); the depth is read from
-  ``params``, so the same call evaluates an end-to-end net and a layer-wise net after any stage.
-  """
+  """The deep network ``params`` on ``x`` (N, *spatial, 2); ``net`` gives the architecture, and
+  the depth is read from ``params`` (an e2e net, or a layer-wise net after any stage)."""
   return net.clone(depth=depth_of(params)).apply({"params": params}, x)
 
 
 def prefix_features(net: DeepNet, params, x, n: int):
-  """``h_n``: the first ``n`` ReLU layers of ``params`` on ``x`` (N, *spatial, 2), without
-  gradient: (N, *spatial, features), or ``x`` itself for ``n = 0``.
-
-  The frozen prefix of layer-wise training: under ``stop_gradient`` no backward pass runs through
-  it, so XLA keeps none of its activations alive for one.
-  """
+  """``h_n`` (N, *spatial, features): the first ``n`` ReLU layers on ``x`` (``x`` for n = 0), under
+  ``stop_gradient`` so XLA keeps none of the frozen prefix's activations for a backward pass."""
   if n == 0:
     return x
   h = net.clone(depth=n + 1).apply({"params": params}, x, n, method=DeepNet.hidden)
@@ -100,11 +88,8 @@ def prefix_features(net: DeepNet, params, x, n: int):
 
 
 def stack_layer(params, layer, index):
-  """Deep-net parameters with hidden layer ``index`` and the head taken from ``layer``.
-
-  ``params`` holds at least ``convs_0 .. convs_{index-1}``; ``layer`` is a stage's
-  ``{"conv": ..., "head": ...}``. Returns the tree of a ``DeepNet`` of depth ``index + 2``.
-  """
+  """The ``DeepNet`` tree of depth ``index + 2``: ``convs_0 .. convs_{index-1}`` of ``params``,
+  then a stage's ``layer`` ``{"conv", "head"}`` as ``convs_{index}`` and the head."""
   out = {f"convs_{i}": params[f"convs_{i}"] for i in range(index)}
   out[f"convs_{index}"] = layer["conv"]
   out["head"] = layer["head"]

@@ -1,10 +1,8 @@
-"""What a layer-wise stage is, and the non-convex stage (the ablation).
+"""The layer-wise stage interface (``Stage``) and the non-convex stage (the ablation).
 
-A stage sees the frozen features ``h = h_{i}`` (N, *spatial, C_in) of the network built so far, the
-skip (the zero-filled input x, (N, *spatial, 2)) and the target y, and trains its own variables.
-When it is done, ``to_layer`` turns them into one hidden ReLU layer and a 1x1 head in the
-``DeepNet`` layout (``nets.stack_layer``), so every stage of every kind plugs into one training
-loop (``train.fit``) and one forward code (``nets.forward``).
+A stage trains on the frozen features ``h`` (N, *spatial, C_in) of the net built so far, the skip
+(zero-filled input, (N, *spatial, 2)) and the target y; ``to_layer`` turns its variables into one
+ReLU layer and a 1x1 head in the ``nets.DeepNet`` layout.
 """
 import dataclasses
 from typing import Any, Callable, Iterable, Optional
@@ -16,8 +14,7 @@ import optax
 from lwjax import nets
 
 Params = Any
-# (variables, h, skip, y, weight) -> (objective to minimise, dict of scalar diagnostics); weight
-# (N,) or None: per-example weights of the data term (``half_mse``).
+# (variables, h, skip, y, weight (N,) or None) -> (objective, dict of scalar diagnostics)
 StageLoss = Callable[[Params, jax.Array, jax.Array, jax.Array, Optional[jax.Array]],
                      tuple[jax.Array, dict]]
 # () -> iterable of (h, skip, y) batches covering the training set once
@@ -25,11 +22,7 @@ FeatureBatches = Callable[[], Iterable[tuple[jax.Array, jax.Array, jax.Array]]]
 
 
 def half_mse(pred, y, weight=None):
-  """The data term of every objective here: ``0.5 * mean((pred - y)**2)`` over all elements.
-
-  ``weight`` (N,): each example's squared errors count ``weight[i]`` times (the padding of a
-  full-pass epoch weighs 0, ``data.gather``).
-  """
+  """``0.5 * mean((pred - y)**2)``; ``weight`` (N,) scales each example (0: padding rows)."""
   sq = jnp.square(pred.astype(jnp.float32) - y)
   if weight is not None:
     sq = sq * weight.reshape(weight.shape + (1,) * (sq.ndim - 1))
@@ -38,46 +31,27 @@ def half_mse(pred, y, weight=None):
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One layer-wise stage: its variables, objective, solver and the way back to a ReLU layer.
-
-  Attributes:
-    init: ``(rng, h_shape) -> variables``, ``h_shape = (1, *spatial, C_in)`` the stage's input
-      features (the prefix's output, or the 2-channel image for stage 1).
-    loss: ``(variables, h, skip, y, weight=None) -> (scalar objective, aux)``: ``h`` (B, *spatial,
-      C_in), ``skip`` and ``y`` (B, *spatial, 2), ``weight`` (B,) or None; ``aux`` must contain
-      ``"mse"``. ``train.stage_loss`` wraps it as the loop's ``train.LossFn``.
-    tx: the solver as an optax transformation (Adam, or FISTA for the convex stage).
-    to_layer: ``variables -> {"conv": {"kernel", "bias"}, "head": {"kernel", "bias"}}``.
-    solution: ``(variables, opt_state) -> variables`` to keep; FISTA's iterate lives in its state.
-    finalize: optional ``(variables, feature_batches) -> (variables, report)`` run once after
-      training over the whole training set: certificates, head refits. ``report`` is a flat dict
-      of floats that goes to the metrics log and summary.json.
-    prepare: optional ``(feature_batches, h_shape) -> (Stage, report)`` run before training, for a
-      solver that needs a pass over the data first (FISTA's step size from a power iteration).
-      It must be deterministic: a resumed run calls it again and must get the same stage.
-    abstract_prepare: with ``prepare``, ``h_shape -> Stage``: what ``prepare`` returns, its
-      data-dependent arrays abstract (``jax.ShapeDtypeStruct``), for the memory planner.
-    certificate: optional ``(solution, feature_batches) -> dict`` with "rel_gap": how far a
-      solution is from the stage's optimum (a convex stage's duality gap), in one pass.
-    epochs: passes over the training data for this stage; None means the run's ``--epochs``.
-    full_pass: every epoch must see every example (a full-batch solver: FISTA accumulates one
-      gradient per epoch); ``train.fit`` then pads the last batch with weight-0 rows.
-  """
-  init: Callable[[jax.Array, tuple], Params]
-  loss: StageLoss
-  tx: optax.GradientTransformation
-  to_layer: Callable[[Params], dict]
+  """One layer-wise stage; ``h_shape`` is ``(1, *spatial, C_in)``, ``batches`` a FeatureBatches."""
+  init: Callable[[jax.Array, tuple], Params]  # (rng, h_shape) -> variables
+  loss: StageLoss  # its aux must hold "mse"
+  tx: optax.GradientTransformation  # the solver
+  to_layer: Callable[[Params], dict]  # -> {"conv": {kernel, bias}, "head": {kernel, bias}}
+  # (variables, opt_state) -> the variables to keep (FISTA's iterate lives in its state).
   solution: Callable[[Params, Any], Params] = lambda variables, opt_state: variables
+  # (variables, batches) -> (variables, report of floats), once after training.
   finalize: Optional[Callable[[Params, FeatureBatches], tuple[Params, dict]]] = None
+  # (batches, h_shape) -> (Stage, report), before training; deterministic: a resume calls it again.
   prepare: Optional[Callable[[FeatureBatches, tuple], tuple["Stage", dict]]] = None
+  # h_shape -> what prepare returns, its data-dependent arrays abstract (for the memory planner).
   abstract_prepare: Optional[Callable[[tuple], "Stage"]] = None
+  # (solution, batches) -> dict with "rel_gap", the distance to the optimum.
   certificate: Optional[Callable[[Params, FeatureBatches], dict]] = None
-  epochs: Optional[int] = None
-  full_pass: bool = False
+  epochs: Optional[int] = None  # None: the run's --epochs
+  full_pass: bool = False  # every epoch sees every example (the last batch padded, weight 0)
 
 
 def nonconvex(*, features, kernel_size, ndim, tx, dtype=jnp.float32) -> Stage:
-  """The two-layer stage trained as an ordinary net: random init, ``tx`` (Adam + weight decay)."""
+  """The two-layer stage trained as an ordinary net from a random init by ``tx``."""
   module = nets.TwoLayer(features=features, kernel_size=kernel_size, ndim=ndim, dtype=dtype)
 
   def init(rng, h_shape):

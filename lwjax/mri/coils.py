@@ -1,10 +1,8 @@
-"""Coil sensitivity maps from the fully sampled k-space centre, NumPy only.
+"""Coil sensitivity maps from the fully sampled k-space centre, NumPy only (float64 inside).
 
-k-space is (C, H, W) with its centre at (H // 2, W // 2); only the central calibration block is
-read (the rest may be zero). ``calib`` is its size: an int for a square, or (rows, columns), e.g.
-all fully sampled centre lines of a 1D Cartesian mask. Computation is in float64; maps are
-returned as complex64 (C, H, W) with ``sum_c |S_c|^2 = 1`` where they are kept and 0 where they
-are not (outside the object and its surroundings).
+k-space is (C, H, W), centre at (H // 2, W // 2); only the central ``calib`` block is read (an int
+for a square, or (rows, columns)). Maps are complex64 (C, H, W) with ``sum_c |S_c|^2 = 1`` where
+kept and 0 elsewhere (outside the object and its surroundings).
 """
 import numpy as np
 
@@ -25,12 +23,9 @@ def _calibration(kspace, calib):
 
 
 def _dominant_rows(matrix, threshold):
-  """Orthonormal basis (n, cols) of the row space of ``matrix`` spanned by the right singular
-  vectors with singular value above ``threshold * s_max``, largest first.
-
-  Found from the eigen-decomposition of the smaller Gram matrix: the kept singular values are at
-  least ``threshold * s_max``, far above the rounding that squaring the condition number costs
-  in float64, and a small Hermitian eigenproblem is much cheaper than an SVD here.
+  """Orthonormal basis (n, cols) of the right singular vectors of ``matrix`` with singular value
+  above ``threshold * s_max``, largest first; from the smaller Gram matrix's ``eigh`` (cheaper than
+  an SVD, and the kept values lie far above the rounding that squaring costs in float64).
   """
   if matrix.shape[0] <= matrix.shape[1]:
     s2, u = np.linalg.eigh(matrix @ matrix.conj().T)
@@ -74,18 +69,15 @@ def _fourier_matrix(n, size):
   return np.exp(2j * np.pi * np.outer(np.arange(size) - size // 2, delta) / size)
 
 
-# Power iteration on G^(2^5), 4 times: converged to (lambda_2 / lambda_1)^128. Where the object
-# is cut by the grid's edge (fastMRI knees after the 320 crop) ESPIRiT's second eigenvalue comes
-# within 3% of the first: 32 (2^3 x 4) products left those pixels' maps unsettled (0.97^32 = 0.4),
-# lowering the SENSE target there; two more squarings cost no measurable time at 320 x 320.
+# Power iteration on G^(2^5), 4 times: converged to (lambda_2 / lambda_1)^128, enough where the
+# object is cut by the grid's edge and lambda_2 nears lambda_1 (BUILD_NOTES.md, ESPIRiT).
 EIG_SQUARINGS, EIG_ITERS = 5, 4
 
 
 def _top_eigenpairs(g, start, squarings=EIG_SQUARINGS, iters=EIG_ITERS):
   """Dominant eigenpairs of Hermitian PSD matrices g (..., C, C): values (...), vectors (..., C).
 
-  Power iteration on ``g^(2^squarings)``: a batched squaring costs a few matrix-vector products
-  but doubles the convergence exponent, ``(lambda_2 / lambda_1)^(iters 2^squarings)``.
+  Power iteration on ``g^(2^squarings)``: each squaring doubles the convergence exponent.
   """
   power = g
   for _ in range(squarings):
@@ -99,8 +91,7 @@ def _top_eigenpairs(g, start, squarings=EIG_SQUARINGS, iters=EIG_ITERS):
 
 
 ESPIRIT_KERNEL = 6  # side of the k-space kernels
-# The calibration block a useful ESPIRiT needs: from 15-coil 64x64 phantoms, a 10x10 block
-# left every map empty (no eigenvalue near 1) and 11x11 covered 38% of the object's pixels.
+# The smallest calibration block with useful ESPIRiT maps (BUILD_NOTES.md, Cartesian masks).
 ESPIRIT_MIN_CALIB = 2 * ESPIRIT_KERNEL
 
 
@@ -108,13 +99,10 @@ def espirit(kspace, *, calib=16, kernel=ESPIRIT_KERNEL, threshold=0.02,
             crop=0.95) -> np.ndarray:
   """ESPIRiT coil maps (Uecker et al., MRM 2014), (C, H, W) complex64.
 
-  Kernels are the right singular vectors of the calibration matrix (``kernel`` x ``kernel``
-  patches of the calibration block) with singular values above ``threshold * s_max``. Per pixel,
-  the map is the eigenvector of the image-space operator with eigenvalue ~1 (power iteration,
-  converged to about (lambda_2 / lambda_1)^128; the operator is built a block of rows at a time,
-  so memory stays bounded), set to zero where that eigenvalue is below ``crop``. The arbitrary
-  per-pixel phase is fixed relative to a virtual body coil (the dominant coil combination of the
-  calibration data), which keeps it smooth where any single coil is weak.
+  Kernels: the calibration matrix's right singular vectors above ``threshold * s_max``. Per pixel
+  the map is the image-space operator's dominant eigenvector, zero where its eigenvalue is below
+  ``crop``; its phase is taken relative to a virtual body coil (the dominant coil combination),
+  which keeps it smooth where any single coil is weak.
   """
   region = _calibration(kspace, calib)
   if not 0 < kernel <= min(region.shape[1:]):
@@ -137,18 +125,14 @@ def espirit(kspace, *, calib=16, kernel=ESPIRIT_KERNEL, threshold=0.02,
   return maps.transpose(2, 0, 1).astype(np.complex64)
 
 
-# A calibration block below this side makes low-resolution maps so coarse that the SENSE-combined
-# target loses intensity: over the object of 8-coil 64x64 phantoms, the 5th percentile of
-# |sum_c conj(S_c) x_c| / RSS is 0.96 at 8x8, 0.92 at 16x6, 0.64 at 16x2 (0.99 at 16x16).
+# Below this calibration side low-resolution maps lose the SENSE-combined target's intensity
+# (BUILD_NOTES.md, Cartesian masks).
 LOWRES_GOOD_CALIB = 8
 
 
 def lowres(kspace, *, calib=16, floor=0.05) -> np.ndarray:
-  """Low-resolution coil maps, (C, H, W) complex64.
-
-  The calibration block, Hann-windowed and zero-padded, gives smooth coil images; each is divided
-  by their root-sum-of-squares. Pixels whose RSS is below ``floor`` times its maximum
-  (background) are set to zero.
+  """Low-resolution coil maps, (C, H, W) complex64: the Hann-windowed, zero-padded calibration
+  block's coil images over their root-sum-of-squares; 0 where the RSS is below ``floor * max``.
   """
   region = _calibration(kspace, calib)
   # No zero end points (n + 2 points, ends dropped): every calibration line counts.

@@ -176,14 +176,11 @@ def poisson_disc(shape, accel, *, calib=(16, 16), seed=0, tol=0.01, crop_corner=
   """Variable-density 2D Poisson-disc mask with a fully sampled centre, (H, W) bool, as
   ``sigpy.mri.poisson`` draws it.
 
-  Samples are drawn by ``_bridson`` with an exclusion radius of ``1 + s * |k|`` pixels around
-  each, ``|k|`` the normalised distance from the ``calib`` block (``calib_distance``), so the
-  density falls as about ``1 / (1 + s * |k|)^2`` from the block's edge. The ``calib`` block is then
-  fully sampled and, with ``crop_corner``, the corners ``|k| >= 1`` are left unsampled. The slope
-  ``s`` is searched (bracketed, each try proposed by a packing model refitted to the tries) until
-  ``H * W / samples`` is within ``tol`` (relative; at least 1.5 samples) of ``accel``; each try
-  restarts the random stream from ``seed``, so the mask is a deterministic function of the
-  arguments.
+  Exclusion radius ``1 + s * |k|`` pixels (``|k|`` from ``calib_distance``): density falls as
+  about ``1 / (1 + s * |k|)^2``. The ``calib`` block is fully sampled; with ``crop_corner`` the
+  corners ``|k| >= 1`` are empty. The slope ``s`` is searched until ``H * W / samples`` is within
+  ``tol`` (relative; at least 1.5 samples) of ``accel``; every try restarts from ``seed``, so the
+  mask is a deterministic function of the arguments.
   """
   _check_accel(accel)
   h, w = shape

@@ -60,11 +60,9 @@ def _ratio(xp, num, den, ok):
 def cg_sense(kspace, maps, mask, *, lam=0.0, x0=None, iters=10):
   """Solves ``(A^H A + lam I) x = A^H y + lam x0`` by ``iters`` conjugate-gradient steps.
 
-  Each image of the batch is its own system (own step sizes). CG starts from ``x0`` (zeros by
-  default), so with ``lam > 0`` this is the MoDL data-consistency step around a prior ``x0``. The
-  iteration count is fixed, so the function jits and differentiates (a ``fori_loop`` under JAX).
-
-  Returns the image estimate (..., H, W).
+  Each image of the batch is its own system. Starts from ``x0`` (default zeros): with ``lam > 0``
+  the MoDL data-consistency step around a prior ``x0``. A fixed iteration count, so it jits and
+  differentiates. Returns the image (..., H, W).
   """
   xp = array_module(kspace, maps, mask, x0)
   b = adjoint(kspace, maps, mask)
@@ -74,9 +72,8 @@ def cg_sense(kspace, maps, mask, *, lam=0.0, x0=None, iters=10):
     x = x0 + xp.zeros_like(b)  # broadcast x0 to the batch shape of b
     b = b + lam * x0
   r = b - normal(x, maps, mask, lam)
-  # Each system is scaled so its initial residual has unit norm, and steps stop once the residual
-  # norm is below eps of that. Otherwise a converged float32 CG drives the squared residuals into
-  # underflow, and the gradients of the step ratios (num / den^2) become inf * 0 = NaN.
+  # Unit initial residual, and no steps below eps of it: a converged float32 CG would underflow
+  # the squared residuals, and the step ratios' gradients (num / den^2) would be NaN.
   rs = _dot(xp, r, r)
   started = rs > 0
   scale = xp.where(started, xp.sqrt(xp.where(started, rs, 1)), 1)
