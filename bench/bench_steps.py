@@ -621,7 +621,7 @@ def agreement_check(env, cfg) -> dict:
   jax, jnp, np, torch, ref = env.jax, env.jax.numpy, env.np, env.torch, env.ref
   runtime, loop, cnn = env.runtime, env.loop, env.cnn
   import optax
-  from lwjax import convex
+  from lwjax.stages import convex
   from lwjax import nets
   s = min(cfg.image_size, 32)
   cfg = dataclasses.replace(cfg, image_size=s, compute_dtype="float32")

@@ -12,8 +12,8 @@ from typing import Optional
 from lwjax import files
 
 # Plain tuples, so that importing this module (every launch script's --help) does not load JAX;
-# tests check them against ``train.STAGES``, ``masks.KINDS`` and ``coils.METHODS``.
-# The layer-wise stage kinds (``train.STAGES`` builds each) and the end-to-end baseline.
+# tests check them against ``cnn.STAGES``, ``masks.KINDS`` and ``coils.METHODS``.
+# The layer-wise stage kinds (``models.cnn.STAGES`` builds each) and the end-to-end baseline.
 LAYERWISE = ("layerwise_convex", "layerwise")
 METHODS = LAYERWISE + ("e2e",)
 MASKS = ("poisson", "cartesian", "equispaced")

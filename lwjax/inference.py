@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from lwjax import models
 from lwjax import files
 from lwjax import data as data_lib
 from lwjax import evaluate
@@ -102,7 +103,7 @@ def load(workdir, method: Optional[str] = None, depth: Optional[int] = None, *,
   ``Reconstructor``. 2D CNN runs only; raises ValueError or FileNotFoundError naming what is
   missing."""
   cfg = evaluate.load_config(workdir)
-  if cfg.model != "cnn" or cfg.ndim != 2:
+  if not models.family(cfg).image_to_image or cfg.ndim != 2:
     raise ValueError(f"{workdir}: reconstruction covers 2D CNN runs; this run has "
                      f"--model={cfg.model} --ndim={cfg.ndim}")
   method, depth = choose_network(cfg, method, depth)

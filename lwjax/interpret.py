@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwjax import convex
+from lwjax import models
+from lwjax.stages import convex
 from lwjax import evaluate
 from lwjax import figures
 from lwjax import inference
@@ -229,7 +230,7 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   Writes ``interpret.json`` (``draw``'s numbers, the slice, the network) next to the figures.
   """
   cfg = evaluate.load_config(workdir, **overrides)
-  if cfg.model != "cnn":
+  if not models.family(cfg).image_to_image:
     raise ValueError(f"{workdir}: interpretation covers CNN runs; this run has "
                      f"--model={cfg.model} (launch/evaluate.py evaluates it)")
   method, depth = inference.choose_network(cfg, method, depth)

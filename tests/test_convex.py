@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from lwjax import convex, nets, precond
+from lwjax import nets
+from lwjax.stages import convex, precond
 
 K, C_IN, P, C_OUT = 3, 3, 2, 2
 FEATURES = 2 * P * C_OUT

@@ -146,7 +146,7 @@ def test_config_names_every_kind_the_code_builds():
   import subprocess
   import sys
   from lwjax.mri import coils, masks
-  from lwjax import convex
+  from lwjax.stages import convex
   assert set(config_lib.LAYERWISE) == set(cnn.STAGES)
   assert set(config_lib.SOLVERS) == set(convex.SOLVERS)
   assert config_lib.MASKS == masks.KINDS and config_lib.MAPS == coils.METHODS

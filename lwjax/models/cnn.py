@@ -16,7 +16,7 @@ from lwjax import data as data_lib
 from lwjax import files
 from lwjax import metrics as metrics_lib
 from lwjax import nets
-from lwjax import stage as stage_lib
+from lwjax import stages as stage_lib
 from lwjax.config import Config
 from lwjax.config import LAYERWISE
 from lwjax.models.family import Family
@@ -109,7 +109,7 @@ def _nonconvex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.St
 
 
 def _convex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.Stage:
-  from lwjax import convex  # The convex stage is only needed by this method.
+  from lwjax.stages import convex  # The convex stage is only needed by this method.
   fista = cfg.convex_solver != "adam"  # One full-batch step per epoch, over every example.
   spe = data_lib.steps_per_epoch(num_examples, cfg.batch_size)
   return convex.convex_stage(

@@ -47,7 +47,7 @@ from lwjax import data as data_lib
 from lwjax import metrics
 from lwjax import nets
 from lwjax.mri import sense
-from lwjax import stage as stage_lib
+from lwjax import stages as stage_lib
 from lwjax.config import Config
 from lwjax.models import cnn
 from lwjax.models.family import Family

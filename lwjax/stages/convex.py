@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 from lwjax import nets
-from lwjax import precond
-from lwjax import stage
+from lwjax.stages import precond
+from lwjax import stages as stage
 
 Params = Any
 
