@@ -35,7 +35,8 @@ def main(argv):
   for name in ("data_dir", "out_dir"):
     if not fv[name].value:
       return cli.fail(ValueError(f"--{name} is required"))
-  from lwjax import data, fastmri, inference, train  # After the flags: --help stays fast.
+  from lwjax import data, inference, train  # After the flags: --help stays fast.
+  from lwjax.data import fastmri
   train.configure_xla(fv.conv_fusion)
   try:
     recon = inference.load(fv.workdir, fv.method if fv["method"].present else None,

@@ -22,7 +22,7 @@ from absl import logging
 from lwjax import files
 from lwjax import data as data_lib
 from lwjax import evaluate
-from lwjax import fastmri
+from lwjax.data import fastmri
 from lwjax.mri import masks
 from lwjax import nets
 from lwjax.mri import sense

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lwjax import files
 from lwjax import console
 from lwjax import data as data_lib
-from lwjax import fastmri
+from lwjax.data import fastmri
 from lwjax.mri import masks
 from lwjax import metrics as metrics_lib
 from lwjax import nets

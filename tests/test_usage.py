@@ -15,11 +15,11 @@ import pytest
 from lwjax import config as config_lib
 from lwjax import data as data_lib
 from lwjax import evaluate
-from lwjax import fastmri
+from lwjax.data import fastmri
 from lwjax import inference
 from lwjax.mri import masks
 from lwjax.mri import sense
-from lwjax import synthetic
+from lwjax.data import synthetic
 from lwjax import tensorboard
 from lwjax import train
 
