@@ -35,9 +35,9 @@ def main(argv):
   for name in ("data_dir", "out_dir"):
     if not fv[name].value:
       return cli.fail(ValueError(f"--{name} is required"))
-  from lwjax import data, fastmri, inference  # After the flags: --help stays fast.
+  from lwjax import data, inference  # After the flags: --help stays fast.
+  from lwjax.data import fastmri
   from lwjax.training import runtime
-  from lwjax import experiment
   runtime.configure_xla(fv.conv_fusion)
   try:
     recon = inference.load(fv.workdir, fv.method if fv["method"].present else None,
@@ -47,7 +47,7 @@ def main(argv):
     files = inference.h5_files(fv.data_dir)
     for path in files:  # Every file is checked before any is written.
       fastmri.open_volume(path, undersampled=True)
-    run_mask = data.checked_mask(experiment.prep_config(recon.cfg))
+    run_mask = data.checked_mask(data.prep_config(recon.cfg))
     logging.info("%s depth %d of %s on %d file(s) of %s", recon.method, recon.depth, fv.workdir,
                  len(files), fv.data_dir)
     for i, path in enumerate(files, 1):

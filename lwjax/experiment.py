@@ -21,15 +21,9 @@ from lwjax.training import runtime
 from lwjax.training import workdir as workdir_lib
 
 
-def prep_config(cfg: Config) -> data_lib.PrepConfig:
-  """The data-preparation settings of ``cfg`` (``PrepConfig``'s fields are ``Config`` fields)."""
-  return data_lib.PrepConfig(**{f.name: getattr(cfg, f.name)
-                                for f in dataclasses.fields(data_lib.PrepConfig)})
-
-
 def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Split, ...]:
   workdir = Path(cfg.workdir).absolute()
-  prep = prep_config(cfg)
+  prep = data_lib.prep_config(cfg)
   mask = data_lib.checked_mask(prep)  # Bad mask or map settings fail before any data is read.
   warning = data_lib.calibration_warning(prep, mask)
   if warning:
@@ -39,10 +33,7 @@ def _load_data(cfg: Config, log, splits: tuple[str, ...]) -> tuple[data_lib.Spli
     log(f"synthetic data: {cfg.synth_train_subjects} + {cfg.synth_val_subjects} files of "
         f"{cfg.synth_slices} slices, {cfg.synth_coils} coils, {cfg.image_size}x{cfg.image_size} "
         f"in {workdir_lib.data_folder(cfg)} (generated once, then reused)")
-    data_dir = data_lib.make_synthetic_dataset(
-        workdir_lib.data_folder(cfg), train_subjects=cfg.synth_train_subjects,
-        val_subjects=cfg.synth_val_subjects, slices=cfg.synth_slices, coils=cfg.synth_coils,
-        size=cfg.image_size, seed=cfg.synth_seed, noise_std=cfg.synth_noise)
+    data_dir = data_lib.synthetic_dataset(cfg, workdir_lib.data_folder(cfg))
   limits = {"train": cfg.max_train_volumes, "val": cfg.max_val_volumes}
   for split in splits[1:]:  # A missing or bad file fails now, not after preparing the others.
     data_lib.volume_infos(data_dir, split, limits[split] or None)

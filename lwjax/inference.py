@@ -23,12 +23,11 @@ from lwjax import models
 from lwjax import files
 from lwjax import data as data_lib
 from lwjax import evaluate
-from lwjax import fastmri
+from lwjax.data import fastmri
 from lwjax.mri import masks
 from lwjax import nets
 from lwjax.mri import sense
 from lwjax.config import Config
-from lwjax import experiment
 from lwjax.models import cnn
 from lwjax.training import workdir as workdir_lib
 
@@ -145,7 +144,7 @@ def file_inputs(path, cfg: Config, run_mask: np.ndarray, *, log=logging.warning)
   path = Path(path)
   info = fastmri.open_volume(path, undersampled=True)
   own = fastmri.read_mask(path)
-  prep = experiment.prep_config(cfg)
+  prep = data_lib.prep_config(cfg)
   if own is None:
     size, mask = (cfg.image_size, cfg.image_size), run_mask
   else:

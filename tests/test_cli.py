@@ -52,7 +52,7 @@ def test_help_shows_the_launchers_flags_by_topic_and_exits_0(launcher):
                    "out_dir"},
       "interpret": {"workdir", "method", "depth", "slice", "pixel", "out_dir"},
       "memory": {"budget_gb", "batch_size", "depth", "measure"},
-      "make_data": {"out_dir", "size", "coils", "slices"},
+      "make_data": {"out_dir", "image_size", "synth_coils", "synth_slices"},
       "reconstruct": {"workdir", "data_dir", "out_dir", "method", "depth"},
   }[launcher]
   assert expected <= set(names)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lwjax import synthetic
+from lwjax.data import synthetic
 from lwjax.mri import coils, masks, sense
 from lwjax.mri.fft import fft2c
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lwjax import data, fastmri, synthetic
+from lwjax import data
+from lwjax.data import fastmri, synthetic
 from lwjax.mri import sense
 
 SIZE, COILS, SLICES = 48, 4, 3
@@ -33,7 +34,7 @@ def count_prepare(monkeypatch):
     calls.append(1)
     return prepare(*args, **kwargs)
 
-  monkeypatch.setattr(data, "prepare_slice", counted)
+  monkeypatch.setattr(data.cache, "prepare_slice", counted)
   return calls
 
 
@@ -439,7 +440,8 @@ def test_make_synthetic_dataset_is_idempotent(tmp_path, monkeypatch):
 def test_make_data_script(tmp_path):
   result = subprocess.run(
       [sys.executable, str(REPO / "launch" / "make_data.py"), f"--out_dir={tmp_path}",
-       "--size=16", "--coils=2", "--train_subjects=1", "--val_subjects=1", "--slices=2"],
+       "--image_size=16", "--synth_coils=2", "--synth_train_subjects=1", "--synth_val_subjects=1",
+       "--synth_slices=2"],
       capture_output=True, text=True, check=True, timeout=120)
   assert "synth_train_000.h5" in result.stdout
   for split in ("train", "val"):

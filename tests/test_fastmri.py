@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lwjax import files
-from lwjax import fastmri, synthetic
+from lwjax.data import fastmri, synthetic
 from lwjax.mri.fft import fft2c, ifft2c
 
 NS = {"m": "http://www.ismrm.org/ISMRMRD"}

@@ -205,7 +205,7 @@ def test_run_refused_on_its_data_leaves_no_new_workdir(tmp_path):
 _POOL_SCRIPT = """
 import sys, time
 sys.path.insert(0, {root!r})
-from lwjax import data
+from lwjax.data import cache as data
 if __name__ == "__main__":
   pool = data._worker_pool(2)
   busy = [pool.submit(time.sleep, 120) for _ in range(2)]
@@ -316,7 +316,8 @@ def test_damaged_json_file_is_named_in_the_error(finished, tmp_path, name):
 
 
 def test_kspace_near_float32_maximum_is_explained(tmp_path):
-  from lwjax import data, fastmri, synthetic
+  from lwjax import data
+  from lwjax.data import fastmri, synthetic
   volume = synthetic.make_volume(np.random.default_rng(0), size=32, coils=4, slices=2)
   kspace = volume["kspace"] / np.abs(volume["kspace"]).max() * np.float32(3e38)
   (tmp_path / "train").mkdir()

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lwjax import synthetic
+from lwjax.data import synthetic
 from lwjax.mri import masks, sense
 
 

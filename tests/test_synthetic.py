@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lwjax import synthetic
+from lwjax.data import synthetic
 from lwjax.mri import sense
 from lwjax.mri.fft import center_slices, fft2c, ifft2c
 

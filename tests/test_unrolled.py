@@ -64,7 +64,8 @@ def test_kspace_is_scaled_like_the_input_and_cached(splits, tmp_path, monkeypatc
                               size=SIZE)
   calls = []
   prepare = data.prepare_slice
-  monkeypatch.setattr(data, "prepare_slice", lambda *a, **k: calls.append(1) or prepare(*a, **k))
+  monkeypatch.setattr(data.cache, "prepare_slice",
+                      lambda *a, **k: calls.append(1) or prepare(*a, **k))
   load = lambda **kw: data.load_split(dataset, "train", PREP, cache_dir=tmp_path / "c", **kw)
   plain = load()
   assert plain.kspace is None and len(calls) == 2

@@ -15,11 +15,11 @@ import pytest
 from lwjax import config as config_lib
 from lwjax import data as data_lib
 from lwjax import evaluate
-from lwjax import fastmri
+from lwjax.data import fastmri
 from lwjax import inference
 from lwjax.mri import masks
 from lwjax.mri import sense
-from lwjax import synthetic
+from lwjax.data import synthetic
 from lwjax import tensorboard
 from lwjax import experiment
 from lwjax.models import cnn
@@ -107,7 +107,7 @@ def test_loaded_network_reconstructs_as_the_trainer_predicts(run):
   np.testing.assert_allclose(recon(z), sense.to_complex(expected) * 7.0, rtol=1e-4, atol=1e-4)
   # From k-space, mask and maps: the zero-filled image of the trainer's preparation.
   kspace = fastmri.to_grid(fastmri.read_slice(val.paths[0], 0), cfg.image_size)
-  prepared = data_lib.network_input(kspace, val.mask, experiment.prep_config(cfg))
+  prepared = data_lib.network_input(kspace, val.mask, data_lib.prep_config(cfg))
   np.testing.assert_allclose(recon.from_kspace(kspace, val.mask, prepared["maps"]),
                              sense.to_complex(expected[0]) * prepared["scale"], rtol=1e-3,
                              atol=1e-3 * prepared["scale"])

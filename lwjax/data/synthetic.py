@@ -1,14 +1,21 @@
-"""Synthetic multi-coil knee-like volumes in the fastMRI layout, NumPy only.
+"""Synthetic multi-coil knee-like volumes in the fastMRI layout, and a dataset of them on disk.
 
 Everything is deterministic from a ``numpy.random.Generator``. Coordinates are normalised: the
 image grid spans [-1, 1) on both axes (rows = y, downwards; columns = x), and a volume's slices
 span z in [-1, 1].
 """
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
+from lwjax import files
+from lwjax.config import Config
+from lwjax.data import fastmri
 from lwjax.mri.fft import center_slices, fft2c
+
+SYNTHETIC_VERSION = 1  # bump when the synthetic generator changes its output
 
 # Nominal magnitudes of the tissues (proton-density-like contrast, as fastMRI's knee PD scans).
 TISSUES = dict(fluid=1.0, fat=0.9, marrow=0.72, cartilage=0.55, muscle=0.33, ligament=0.12,
@@ -184,3 +191,50 @@ def make_volume(rng, *, size=320, coils=15, slices=16, readout_oversampling=2,
     rss[s] = np.sqrt(np.sum(np.abs(coil_images[(..., *grid)]) ** 2, axis=0))
   return dict(kspace=kspace.astype(np.complex64), image=image.astype(np.complex64),
               maps=maps.astype(np.complex64), rss=rss.astype(np.float32))
+
+
+def make_synthetic_dataset(out_dir, *, train_subjects, val_subjects, slices, coils, size,
+                           seed=0, noise_std=0.01) -> Path:
+  """Writes a synthetic multi-coil dataset as ``out_dir/{train,val}/synth_<split>_<i>.h5``.
+
+  One file per subject, each from its own seed ``[seed, split, subject]``. A manifest recording the
+  arguments is written last: a finished dataset with the same arguments is reused, anything else is
+  rewritten.
+  """
+  if train_subjects < 1 or val_subjects < 1:
+    raise ValueError(f"train_subjects, val_subjects: expected >= 1, found "
+                     f"{train_subjects}, {val_subjects}")
+  out_dir = Path(out_dir)
+  manifest = out_dir / "manifest.json"
+  args = dict(version=SYNTHETIC_VERSION, train_subjects=train_subjects,
+              val_subjects=val_subjects, slices=slices, coils=coils, size=size, seed=seed,
+              noise_std=noise_std)
+  plan = {split: [out_dir / split / f"synth_{split}_{i:03d}.h5" for i in range(n)]
+          for split, n in (("train", train_subjects), ("val", val_subjects))}
+  try:
+    done = json.loads(manifest.read_text()) == args
+  except (OSError, ValueError):
+    done = False
+  if done and all(f.is_file() for paths in plan.values() for f in paths):
+    return out_dir
+  manifest.unlink(missing_ok=True)
+  for code, (split, paths) in enumerate(plan.items()):
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    for stale in set((out_dir / split).glob("synth_*.h5")) - set(paths):
+      stale.unlink()
+    for i, file in enumerate(paths):
+      volume = make_volume(np.random.default_rng([seed, code, i]), size=size, coils=coils,
+                           slices=slices, noise_std=noise_std)
+      fastmri.write_volume(file, volume["kspace"], volume["rss"],
+                           patient_id=f"synth-{split}-{i:03d}")
+  with files.atomic_write(manifest) as tmp:
+    tmp.write_text(json.dumps(args, indent=2))
+  return out_dir
+
+
+def synthetic_dataset(cfg: Config, out_dir) -> Path:
+  """``make_synthetic_dataset`` of ``cfg``'s ``synth_*`` settings at ``image_size``."""
+  return make_synthetic_dataset(
+      out_dir, train_subjects=cfg.synth_train_subjects, val_subjects=cfg.synth_val_subjects,
+      slices=cfg.synth_slices, coils=cfg.synth_coils, size=cfg.image_size, seed=cfg.synth_seed,
+      noise_std=cfg.synth_noise)
