@@ -621,7 +621,7 @@ def agreement_check(env, cfg) -> dict:
   jax, jnp, np, torch, ref = env.jax, env.jax.numpy, env.np, env.torch, env.ref
   runtime, loop, cnn = env.runtime, env.loop, env.cnn
   import optax
-  from lwjax.stages import convex
+  from lwjax.stages import gated
   from lwjax import nets
   s = min(cfg.image_size, 32)
   cfg = dataclasses.replace(cfg, image_size=s, compute_dtype="float32")
@@ -667,9 +667,9 @@ def agreement_check(env, cfg) -> dict:
         if method == "layerwise":
           tstage = ref.load_twolayer(ref.TwoLayer(c_in, cfg.features, cfg.kernel_size), variables)
         else:
-          # Assumes the stage's gates are convex.gate_filters(cfg.gate_seed, ...) as make_stage
+          # Assumes the stage's gates are gated.gate_filters(cfg.gate_seed, ...) as make_stage
           # builds them today; a per-stage seed there shows up here as a loss mismatch.
-          u = convex.gate_filters(cfg.gate_seed, cfg.kernel_size, 2, c_in, cfg.features // 4)
+          u = gated.gate_filters(cfg.gate_seed, cfg.kernel_size, 2, c_in, cfg.features // 4)
           tstage = ref.load_convex(ref.ConvexStage(c_in, cfg.features, cfg.kernel_size,
                                                    beta=cfg.beta, rho=cfg.rho), variables, u)
         tstage = ref.channels_last(tstage, dev)

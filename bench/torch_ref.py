@@ -7,7 +7,7 @@ What is here mirrors lwjax one to one, so that ``bench/bench_steps.py`` times th
 * ``DeepNet``: ``out = head(h_{L-1}) + x``, ``h_i = relu(conv_i(h_{i-1}))`` (k x k 'same' convs of
   ``features`` channels, a 1x1 head to 2 channels) = ``lwjax.nets.DeepNet``.
 * ``TwoLayer``: the non-convex stage ``head(relu(conv(h))) + skip`` = ``lwjax.nets.TwoLayer``.
-* ``ConvexStage``: the convex stage's objective (``lwjax.stages.convex.objective``): fixed gate conv
+* ``ConvexStage``: the convex stage's objective (``lwjax.stages.gated.objective``): fixed gate conv
   (P channels, float32), one conv with ``2 * P * C_out`` channels for V and Z, the gated prediction,
   ``0.5 * mean`` squared error + ``beta`` * group norms + ``rho`` * cone penalty.
 * Steps (one call = one Adam update, loss ``0.5 * mean((pred - y)**2)`` in float32): ``E2EStep``,
@@ -113,7 +113,7 @@ class TwoLayer(nn.Module):
 
 
 class ConvexStage(nn.Module):
-  """``lwjax.stages.convex.objective`` with Adam-trainable V, Z and fixed gate filters U.
+  """``lwjax.stages.gated.objective`` with Adam-trainable V, Z and fixed gate filters U.
 
   V and Z are each (P * C_out, C_in, k, k), output channel ``p * C_out + c``; one conv with
   ``cat([V, Z])`` gives channel ``s * P * C_out + p * C_out + c``, lwjax's order.

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwjax import models
-from lwjax.stages import convex
+from lwjax.stages import certificate
 from lwjax import evaluate
 from lwjax import figures
 from lwjax import inference
@@ -147,9 +147,9 @@ def filter_tiles(kernel, max_filters: int = 64) -> tuple[list[np.ndarray], list[
 
 def _near_zero(kernel) -> int:
   norms = unit_norms(kernel)
-  # Below convex.NEAR_ZERO of the layer's largest a unit counts as pruned (a convex stage's group
-  # lasso drives whole filters to zero; Adam only close to it).
-  return int(np.sum(norms < convex.NEAR_ZERO * norms.max()))
+  # Below certificate.NEAR_ZERO of the layer's largest a unit counts as pruned (a convex stage's
+  # group lasso drives whole filters to zero; Adam only close to it).
+  return int(np.sum(norms < certificate.NEAR_ZERO * norms.max()))
 
 
 def draw(net: nets.DeepNet, params, x, pixel: Sequence[int], out_dir, *,

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from lwjax import nets
-from lwjax.stages import convex, precond
+from lwjax.stages import convex, gated, precond
+from lwjax.stages import fista as fista_lib
 
 K, C_IN, P, C_OUT = 3, 3, 2, 2
 FEATURES = 2 * P * C_OUT
@@ -99,14 +100,14 @@ def _dense(h, u):
 def test_objective_and_gradient_match_numpy(rho):
   h, skip, y = _data(0)
   variables = _random_variables(1)
-  u = convex.gate_filters(3, K, 2, C_IN, P)
-  fn = lambda w: convex.objective(w, h, skip, y, u, beta=0.05, rho=rho)
+  u = gated.gate_filters(3, K, 2, C_IN, P)
+  fn = lambda w: gated.objective(w, h, skip, y, u, beta=0.05, rho=rho)
   (value, aux), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(variables)
   ref_value, ref_grad = _np_objective(variables["v"], variables["z"], h, skip, y, u, 0.05, rho)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   np.testing.assert_allclose(grad["v"], ref_grad[0], rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(grad["z"], ref_grad[1], rtol=1e-4, atol=1e-6)
-  pred = convex.predict(variables, h, skip, u)
+  pred = gated.predict(variables, h, skip, u)
   np.testing.assert_allclose(aux["mse"], np.mean((pred - y) ** 2), rtol=1e-5)
 
 
@@ -122,7 +123,7 @@ def test_duality_gap_matches_dense_primal_and_dual():
   """The certificate's gap is P(w) - D(theta) at DESIGN.md's dual point, in dense float64 form;
   finalize weights its ragged last batch by size."""
   h, skip, y = _data(1)
-  u = convex.gate_filters(0, K, 2, C_IN, P)
+  u = gated.gate_filters(0, K, 2, C_IN, P)
   beta = 0.02
   st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=beta, rho=0.0,
                            tx=optax.adam(1e-2))
@@ -151,7 +152,7 @@ def test_lipschitz_is_the_dense_operator_norm():
   st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=0.01, rho=0.0, solver="fista",
                            fista_iters=10)
   st, report = st.prepare(_batches(h, skip, y, 2), h.shape)
-  a = _dense(h, convex.gate_filters(0, K, 2, C_IN, P))
+  a = _dense(h, gated.gate_filters(0, K, 2, C_IN, P))
   exact = np.linalg.eigvalsh(a.T @ a / a.shape[0]).max()
   # The power iteration approaches L from below; FISTA's 1.1 margin must cover the rest.
   assert exact / 1.1 < report["lipschitz"] <= exact * (1 + 1e-5)
@@ -188,9 +189,9 @@ def test_fista_iterate_lives_in_the_optimizer_state():
   kwargs = dict(features=FEATURES, kernel_size=K, rho=0.0, solver="fista", fista_iters=1,
                 steps_per_epoch=2)
   variables = convex.convex_stage(beta=1.0, **kwargs).init(None, h.shape)
-  grads = jax.jit(jax.grad(lambda w: convex.objective(
-      w, h, skip, y, convex.gate_filters(0, K, 2, C_IN, P), beta=0.0, rho=0.0)[0]))(variables)
-  beta = float(np.median(convex.group_norms(grads)))  # some groups leave zero, some stay
+  grads = jax.jit(jax.grad(lambda w: gated.objective(
+      w, h, skip, y, gated.gate_filters(0, K, 2, C_IN, P), beta=0.0, rho=0.0)[0]))(variables)
+  beta = float(np.median(gated.group_norms(grads)))  # some groups leave zero, some stay
   st = convex.convex_stage(beta=beta, **kwargs)
   with pytest.raises(RuntimeError, match="prepare"):
     st.tx.init(variables)
@@ -201,10 +202,10 @@ def test_fista_iterate_lives_in_the_optimizer_state():
   x = _fit(st, variables, h, skip, y, 2, 1)
   # One iteration from zero on the accumulated full-batch gradient is one prox step.
   step = 1 / (1.1 * report["lipschitz"])
-  expected = convex.group_shrink(jax.tree.map(lambda g: -step * g, grads), step * beta)
+  expected = fista_lib.group_shrink(jax.tree.map(lambda g: -step * g, grads), step * beta)
   for k in ("v", "z"):
     np.testing.assert_allclose(x[k], expected[k], rtol=1e-5, atol=1e-8)
-  norms = np.asarray(convex.group_norms(x))
+  norms = np.asarray(gated.group_norms(x))
   assert (norms == 0).any() and (norms > 0).any()
 
 
@@ -225,7 +226,7 @@ def test_relative_beta_is_a_fraction_of_beta_max():
     st = convex.convex_stage(beta=fraction, solver="fista", fista_iters=1, **kwargs)
     st, _ = st.prepare(_batches(h, skip, y, 4), h.shape)
     x = _fit(st, st.init(None, h.shape), h, skip, y, 4, 1)
-    assert np.sum(np.asarray(convex.group_norms(x)) > 0) == moving
+    assert np.sum(np.asarray(gated.group_norms(x)) > 0) == moving
 
 
 @pytest.mark.parametrize("solver", ["adam", "fista", "pfista"])
@@ -243,10 +244,10 @@ def test_a_stage_on_zero_features_is_refused(solver):
 def test_planted_relu_net_is_recovered():
   """y = skip + a ReLU net whose hidden units follow the gates (a solution in the model class)."""
   h, skip, _ = _data(5)
-  u = convex.gate_filters(0, K, 2, C_IN, P)
+  u = gated.gate_filters(0, K, 2, C_IN, P)
   a = np.random.default_rng(0).uniform(0.5, 1.5, (P, C_OUT)).astype(np.float32)
   planted = {"v": u[..., None] * a, "z": jnp.zeros((K, K, C_IN, P, C_OUT))}  # on the ReLU cones
-  y = np.asarray(convex.predict(planted, h, skip, u))
+  y = np.asarray(gated.predict(planted, h, skip, u))
   batches = _batches(h, skip, y, 4)
   signal = np.mean((y - skip) ** 2)
 
@@ -277,7 +278,7 @@ def test_planted_relu_net_is_recovered():
 def _on_cone(seed, c_in):
   """V_pc = a_pc U_p, Z_pc = b_pc U_p (a, b > 0): every cone constraint holds by construction."""
   a, b = np.random.default_rng(seed).uniform(0.2, 1.0, (2, P, C_OUT)).astype(np.float32)
-  u = convex.gate_filters(0, K, 2, c_in, P)[..., None]
+  u = gated.gate_filters(0, K, 2, c_in, P)[..., None]
   return {"v": jnp.asarray(u * a), "z": jnp.asarray(u * b)}
 
 
@@ -292,8 +293,8 @@ def test_mapped_relu_net_reproduces_the_convex_prediction_on_the_cone():
   variables = _on_cone(0, c_in=2)
   params = nets.stack_layer({}, st.to_layer(variables), 0)
   assert params["convs_0"]["kernel"].shape == (K, K, 2, FEATURES)
-  u = convex.gate_filters(0, K, 2, 2, P)
-  np.testing.assert_allclose(forward(net, params, x), convex.predict(variables, x, x, u),
+  u = gated.gate_filters(0, K, 2, 2, P)
+  np.testing.assert_allclose(forward(net, params, x), gated.predict(variables, x, x, u),
                              rtol=1e-5, atol=1e-5)
   _, report = st.finalize(variables, _batches(x, x, y, 4))
   assert report["relu_mismatch"] < 1e-5 and report["constraint_violation"] < 1e-6
@@ -303,8 +304,8 @@ def test_mapped_relu_net_reproduces_the_convex_prediction_on_the_cone():
   h = nets.prefix_features(net, params, x, 1)
   variables = _on_cone(1, c_in=FEATURES)
   deep = nets.stack_layer(params, st.to_layer(variables), 1)
-  u = convex.gate_filters(0, K, 2, FEATURES, P)
-  np.testing.assert_allclose(forward(net, deep, x), convex.predict(variables, h, x, u),
+  u = gated.gate_filters(0, K, 2, FEATURES, P)
+  np.testing.assert_allclose(forward(net, deep, x), gated.predict(variables, h, x, u),
                              rtol=1e-5, atol=1e-5)
 
   # Off the cones the two differ, and the report says so.
@@ -340,9 +341,9 @@ def test_3d_matches_2d_on_a_single_slice():
   v2 = _random_variables(10)
   # A 3x3x3 kernel on a depth-1 volume (SAME padding) sees only its middle slice.
   v3 = {k: jnp.stack([jnp.zeros_like(w), w, jnp.zeros_like(w)]) for k, w in v2.items()}
-  u3 = convex.gate_filters(0, K, 3, C_IN, P)
-  two = convex.objective(v2, h, skip, y, u3[1], beta=0.1, rho=0.3)[0]
-  three = convex.objective(v3, h[:, None], skip[:, None], y[:, None], u3, beta=0.1, rho=0.3)[0]
+  u3 = gated.gate_filters(0, K, 3, C_IN, P)
+  two = gated.objective(v2, h, skip, y, u3[1], beta=0.1, rho=0.3)[0]
+  three = gated.objective(v3, h[:, None], skip[:, None], y[:, None], u3, beta=0.1, rho=0.3)[0]
   np.testing.assert_allclose(three, two, rtol=1e-6)
 
   # The 3D stage end to end on a (2, 4, 8, 8) volume: gradient, report, ReLU layer, deep net.
@@ -362,7 +363,7 @@ def test_3d_matches_2d_on_a_single_slice():
   layer = st.to_layer({"v": jnp.asarray(w[0], jnp.float32), "z": jnp.asarray(w[1], jnp.float32)})
   net = nets.DeepNet(features=FEATURES, kernel_size=K, ndim=3)
   np.testing.assert_allclose(nets.forward(net, nets.stack_layer({}, layer, 0), x),
-                             convex.relu_predict(layer, x, x), rtol=1e-5, atol=1e-6)
+                             gated.relu_predict(layer, x, x), rtol=1e-5, atol=1e-6)
 
 
 def test_errors():
@@ -380,11 +381,11 @@ def test_bfloat16_conv_is_a_bfloat16_convolution_close_to_float32():
   rng = np.random.default_rng(0)
   h = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
-  hlo = jax.jit(lambda h, w: convex.conv(h, w, jnp.bfloat16)).lower(h, w).as_text()
+  hlo = jax.jit(lambda h, w: gated.conv(h, w, jnp.bfloat16)).lower(h, w).as_text()
   conv_lines = [line for line in hlo.splitlines() if "convolution" in line]
   assert conv_lines and all("xbf16>" in line.split("->")[-1] for line in conv_lines), conv_lines
-  out = convex.conv(h, w, jnp.bfloat16)
-  ref = np.asarray(convex.conv(h, w, jnp.float32), np.float64)
+  out = gated.conv(h, w, jnp.bfloat16)
+  ref = np.asarray(gated.conv(h, w, jnp.float32), np.float64)
   assert out.dtype == jnp.float32
   assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-2
 
@@ -409,14 +410,14 @@ def test_anisotropic_3d_stage_uses_one_set_of_gates_everywhere():
   h, skip, y = _data(9)
   v2 = _random_variables(10)
   v3 = {k: w[None] for k, w in v2.items()}  # (1, K, K, C_in, P, C_out)
-  u3 = convex.gate_filters(0, (1, K, K), 3, C_IN, P)
-  np.testing.assert_array_equal(convex._gate_filters_of(v3, 0), u3)
+  u3 = gated.gate_filters(0, (1, K, K), 3, C_IN, P)
+  np.testing.assert_array_equal(gated._gate_filters_of(v3, 0), u3)
   st2 = convex.convex_stage(features=FEATURES, kernel_size=K, ndim=2, beta=0.01, rho=0.0,
                             refit_head=True, tx=optax.adam(1e-3))
   st3 = convex.convex_stage(features=FEATURES, kernel_size=(1, K, K), ndim=3, beta=0.01,
                             rho=0.0, refit_head=True, tx=optax.adam(1e-3))
   # Same seed and element count: the 2D gates are the 3D ones without the depth axis.
-  np.testing.assert_array_equal(u3[0], convex.gate_filters(0, K, 2, C_IN, P))
+  np.testing.assert_array_equal(u3[0], gated.gate_filters(0, K, 2, C_IN, P))
   vol = tuple(a[:, None] for a in (h, skip, y))
   np.testing.assert_allclose(st3.loss(v3, *vol)[0], st2.loss(v2, h, skip, y)[0], rtol=1e-5)
   _, rep2 = st2.finalize(v2, _batches(h, skip, y, 3))
@@ -486,7 +487,7 @@ def test_pfista_loss_and_its_gradient_match_numpy():
   """pfista's smooth part in W = V - Z and its gradient against the float64 model with Z = 0."""
   h, skip, y = _data(14)
   w = _random_variables(15)["v"]
-  u = convex.gate_filters(0, K, 2, C_IN, P)
+  u = gated.gate_filters(0, K, 2, C_IN, P)
   st = _pfista(beta=0.01)
   value, grad = jax.value_and_grad(lambda w: st.loss({"w": w}, h, skip, y)[0])(w)
   ref_value, ref_grad = _np_objective(w, np.zeros_like(w), h, skip, y, u, beta=0.0, rho=0.0)
@@ -518,7 +519,7 @@ def test_pfista_recovers_a_planted_optimum():
   """y built so that the KKT conditions hold at a chosen W*: its certificate is ~0 and pfista
   from zero finds W*."""
   h, skip, _ = _data(13, n=6, size=6)
-  u = convex.gate_filters(0, K, 2, C_IN, P)
+  u = gated.gate_filters(0, K, 2, C_IN, P)
   a = _dense(h, u)[:, : K * K * C_IN * P * C_OUT]  # the W = V - Z columns
   m = a.shape[0]
   rng = np.random.default_rng(1)
