@@ -464,7 +464,8 @@ def run(workdir, *, mesh=None, log: Callable[[str], None] = lambda s: None, out_
   workdir_lib.write_json(out / "eval.json", result)
   figure_files = draw_figures(cfg, result, example_columns(outputs, examples), records,
                               out / "figures")
-  (out / "report.md").write_text(report_markdown(cfg, result, figure_files, stage_reports(cfg)))
+  with files.atomic_write(out / "report.md") as tmp:
+    tmp.write_text(report_markdown(cfg, result, figure_files, stage_reports(cfg)))
   log(f"wrote {out / 'report.md'} (tables, stage certificates explained), {out / 'eval.json'} "
       f"(per-slice metrics) and {len(figure_files)} figures in {out / 'figures'}")
   return result

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from lwjax import files
 from lwjax import metrics
 
 DPI = 100
@@ -47,7 +48,8 @@ def method_color(method: str) -> str:
 def _save(fig, path):
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=DPI, format="png")
+  with files.atomic_write(path) as tmp:
+    fig.savefig(tmp, dpi=DPI, format="png")
   return path
 
 

@@ -8,7 +8,6 @@ product on the pixel's receptive field (``effective_filter``). Images are (H, W,
 figures show the pixel's plane.
 """
 import functools
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lwjax import files
 from lwjax import models
 from lwjax.stages import certificate
 from lwjax import evaluate
@@ -260,5 +260,5 @@ def run(workdir, *, method: Optional[str] = None, depth: Optional[int] = None,
   result = {"method": method, "depth": depth, "slice": list(val.ids[slice_index]),
             "data_dir": cfg.data_dir, "own_data": own,  # as in eval.json
             **draw(cnn.network_template(cfg), params, arrays["x"][example], pixel, out_dir)}
-  (out_dir / "interpret.json").write_text(json.dumps(result, indent=1))
+  files.write_json(out_dir / "interpret.json", result, sort_keys=False)
   return result

@@ -2,7 +2,6 @@
 (``--cache_features``: host memory, disk or the devices) so a stage need not rerun the prefix."""
 import functools
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from lwjax import files
 from lwjax import nets
 from lwjax.config import Config
 from lwjax.training import runtime
@@ -77,15 +77,14 @@ def _disk_features(cfg: Config, method: str, index: int, batches: Iterator[jax.A
     if cached.shape == shape:
       return cached
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.npy")
-  out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-  start = 0
-  for batch in batches:
-    out[start:start + len(batch)] = np.asarray(batch)
-    start += len(batch)
-  out.flush()
-  del out
-  os.replace(tmp, path)
+  with files.atomic_write(path) as tmp:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    start = 0
+    for batch in batches:
+      out[start:start + len(batch)] = np.asarray(batch)
+      start += len(batch)
+    out.flush()
+    del out
   return np.load(path, mmap_mode="r")
 
 

@@ -30,10 +30,8 @@ def enable_compilation_cache(path: str) -> Optional[str]:
   return path
 
 
-# XLA's GPU pass that fuses a convolution with its bias add and ReLU into one cuDNN call. On an
-# H200 it made the 7x7x256 bfloat16 layer slower: 14.5 ms fused against 11.2 ms for the plain
-# convolution followed by XLA's own bias+ReLU fusion (PyTorch: 12.2 ms), and evaluation of the
-# depth-5 net 43.0 -> 33.7 ms (BUILD_NOTES, speed). The pass exists only in XLA's GPU pipeline.
+# XLA's GPU pass that fuses a convolution with its bias add and ReLU into one cuDNN call: it made
+# the 7x7x256 layers slower on an H200 (BUILD_NOTES, "XLA's convolution fusion").
 CONV_FUSION_PASS = "cudnn-fused-convolution-rewriter"
 
 
