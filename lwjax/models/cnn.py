@@ -19,7 +19,8 @@ from lwjax import nets
 from lwjax import stages as stage_lib
 from lwjax.config import Config
 from lwjax.config import LAYERWISE
-from lwjax.models.family import Family
+from lwjax.models import interface
+from lwjax.models.interface import Family
 from lwjax.training import checkpoints
 from lwjax.training import feature_cache
 from lwjax.training import loop
@@ -267,17 +268,10 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh: Mesh,
     progress.end(method, depth)
     pred = predict(net, params, val_arrays["x"], mesh=mesh, batch_size=cfg.eval_batch_size)
     log.board.image(f"examples/{method}", example(pred), depth)
-    per_slice = metrics_lib.per_slice(pred=pred, target=val_arrays["y"])
-    means = metrics_lib.means(per_slice)
-    why = loop.network_divergence(means, summary["zero_filled"], log.records(),
-                             phase_of(method, depth))
-    if why:
-      summary.setdefault("diverged", {}).setdefault(method, {})[str(depth)] = why
-      logging.error("%s depth %d DIVERGED: %s; its metrics are not a result", method, depth, why)
-    workdir_lib.record_eval(summary, summary_path, log, method, depth, means, report, stage=depth - 1,
-                phase=f"{method}_d{depth}")
-    logging.info("%s depth %d: %s (zero-filled %.2f dB)", method, depth,
-                 metrics_lib.format_means(means), summary["zero_filled"]["psnr"])
+    interface.record_network(summary, summary_path, log, method=method, depth=depth, pred=pred,
+                          target=val_arrays["y"], report=report, stage=depth - 1,
+                          eval_phase=f"{method}_d{depth}", train_phase=phase_of(method, depth),
+                          name=f"{method} depth {depth}")
     if method != "e2e" and depth < cfg.depth:
       progress.start(method, depth + 1)
 
@@ -295,7 +289,7 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh: Mesh,
 
 
 # ----------------------------------------------------------------------------------------------
-# The family's interface (models.family.Family).
+# The family's interface (models.interface.Family).
 
 def trained_networks(cfg: Config) -> list[tuple[str, int]]:
   """(method, depth) of every network a finished run saves: e2e at ``--e2e_depths``, each

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
 from lwjax import data as data_lib
 from lwjax import metrics
@@ -50,7 +49,8 @@ from lwjax.mri import sense
 from lwjax import stages as stage_lib
 from lwjax.config import Config
 from lwjax.models import cnn
-from lwjax.models.family import Family
+from lwjax.models import interface
+from lwjax.models.interface import Family
 from lwjax.training import checkpoints
 from lwjax.training import loop
 from lwjax.training import runtime
@@ -343,19 +343,11 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
     pred = predict(net, params, val_arrays, mask, cg_iters=cfg.cg_iters, mesh=mesh,
                    batch_size=cfg.eval_batch_size)
     summary["lambda"].setdefault(method, {})[str(iters)] = lambdas(params)
-    means = slice_means(pred)
-    why = loop.network_divergence(means, summary["zero_filled"], log.records(),
-                                       phase_of(method, iters))
-    if why:
-      summary.setdefault("diverged", {}).setdefault(method, {})[str(iters)] = why
-      logging.error("%s, %d iterations DIVERGED: %s; its metrics are not a result", method,
-                    iters, why)
-    means = workdir_lib.record_eval(
-        summary, summary_path, log, method, iters, means,
-        report if method == NAMES["layerwise"] else None, stage=iters, phase=f"{method}_k{iters}")
-    logging.info("%s, %d iterations: %s (zero-filled %.2f dB, CG-SENSE %.2f dB)", method, iters,
-                 metrics.format_means(means), summary["zero_filled"]["psnr"],
-                 summary["cg_sense"]["psnr"])
+    interface.record_network(summary, summary_path, log, method=method, depth=iters, pred=pred,
+                          target=val_arrays["y"],
+                          report=report if method == NAMES["layerwise"] else None, stage=iters,
+                          eval_phase=f"{method}_k{iters}", train_phase=phase_of(method, iters),
+                          name=f"{method}, {iters} iterations")
 
   for method in cfg.methods:
     train_unrolled(cfg, method, train_arrays, mask, mesh=mesh, log=log,

@@ -1,12 +1,20 @@
-"""The interface of a model family: what the run, evaluation and the memory planner ask of one.
+"""The interface of a model family: what the run, evaluation and the memory planner ask of one,
+and what every family's ``run`` shares (``record_network``).
 
 A family (the CNN, the unrolled network) is one ``Family`` value; ``models.family(cfg)`` picks it.
 "Depth" is the family's own count: conv layers for the CNN, iterations for the unrolled network.
 """
 import dataclasses
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
+from absl import logging
+
+from lwjax import metrics as metrics_lib
+from lwjax.figures import BASELINES
+from lwjax.training import loop
+from lwjax.training import workdir as workdir_lib
 
 Params = Any
 # (method, depth) of a trained network: method as in summary.json, params/ and stages/.
@@ -40,3 +48,23 @@ class Family:
   memory_networks: Callable[[Any], list[Network]]
   # (cfg, method, depth, batch_size, coils) -> (loss_fn, tx, state, frozen, batch), abstract.
   abstract_step: Callable[..., tuple]
+
+
+def record_network(summary: dict, summary_path: Path, log: workdir_lib.MetricsLog, *,
+                   method: str, depth: int, pred: np.ndarray, target: np.ndarray,
+                   report: Optional[dict], stage: int, eval_phase: str, train_phase: str,
+                   name: str) -> dict:
+  """One finished network's validation means (pred, target: (N, *spatial, 2)) into summary.json
+  and metrics.jsonl (``workdir.record_eval``), marked diverged when ``loop.network_divergence``
+  says so, and one log line naming it ``name`` with the baselines' PSNR. Returns the means."""
+  means = metrics_lib.means(metrics_lib.per_slice(pred=pred, target=target))
+  why = loop.network_divergence(means, summary["zero_filled"], log.records(), train_phase)
+  if why:
+    summary.setdefault("diverged", {}).setdefault(method, {})[str(depth)] = why
+    logging.error("%s DIVERGED: %s; its metrics are not a result", name, why)
+  means = workdir_lib.record_eval(summary, summary_path, log, method, depth, means, report,
+                                  stage=stage, phase=eval_phase)
+  baselines = ", ".join(f"{label} {summary[key]['psnr']:.2f} dB"
+                        for key, label in BASELINES.items() if key in summary)
+  logging.info("%s: %s (%s)", name, metrics_lib.format_means(means), baselines)
+  return means
