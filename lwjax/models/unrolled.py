@@ -98,16 +98,17 @@ def forward(net: nets.DeepNet, params: Params, x, kspace, maps, mask, *, cg_iter
   return x
 
 
-def init_iteration(rng, x_shape, *, depth, features, kernel_size, ndim=2, dc_lambda) -> Params:
-  """One iteration's parameters: a random ``DeepNet`` and ``log_lam = log(dc_lambda)``."""
-  return {"cnn": nets.init(rng, x_shape, depth=depth, features=features,
-                           kernel_size=kernel_size, ndim=ndim),
+def init_iteration(net: nets.DeepNet, rng, x_shape, *, dc_lambda) -> Params:
+  """One iteration's parameters: random ones of the CNN ``net`` (``cnn.init_params``) and
+  ``log_lam = log(dc_lambda)``."""
+  return {"cnn": cnn.init_params(net, rng, x_shape),
           "log_lam": jnp.asarray(np.log(dc_lambda), jnp.float32)}
 
 
-def init(rng, x_shape, *, iters, **kwargs) -> Params:
-  """``iters`` iterations, iteration k from ``fold_in(rng, k)`` (``init_iteration``'s kwargs)."""
-  return {f"iter_{k}": init_iteration(jax.random.fold_in(rng, k), x_shape, **kwargs)
+def init(net: nets.DeepNet, rng, x_shape, *, iters, dc_lambda) -> Params:
+  """``iters`` iterations, iteration k from ``fold_in(rng, k)``."""
+  return {f"iter_{k}": init_iteration(net, jax.random.fold_in(rng, k), x_shape,
+                                      dc_lambda=dc_lambda)
           for k in range(iters)}
 
 
@@ -221,9 +222,9 @@ def _key(cfg: Config, k: int) -> jax.Array:
 
 
 def _init_iteration(cfg: Config, k: int, x_shape) -> Params:
-  """Iteration k: the run's CNN (``cnn.init_params``) and ``log_lam = log(--dc_lambda)``."""
-  return {"cnn": cnn.init_params(cnn.network_template(cfg), _key(cfg, k), (1,) + tuple(x_shape[1:])),
-          "log_lam": jnp.asarray(np.log(cfg.dc_lambda), jnp.float32)}
+  """Iteration k of the run's network, with ``--dc_lambda``."""
+  return init_iteration(cnn.network_template(cfg), _key(cfg, k), (1,) + tuple(x_shape[1:]),
+                        dc_lambda=cfg.dc_lambda)
 
 
 def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh, log: workdir_lib.MetricsLog,
