@@ -105,7 +105,8 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
                  "(slices that fill no patch, at a file's end or before a skipped slice, are "
                  "dropped)", cfg.volume_depth, held["train"], len(train.x), held["val"],
                  len(val.x))
-  log = workdir_lib.MetricsLog(workdir, board=tensorboard.Board(workdir / "tensorboard", enabled=runtime.is_primary()))
+  board = tensorboard.Board(workdir / "tensorboard", enabled=runtime.is_primary())
+  log = workdir_lib.MetricsLog(workdir, board=board)
   summary_path = workdir / "summary.json"
   try:
     return models.family(cfg).run(cfg, train, val, mesh=mesh, log=log, summary_path=summary_path)

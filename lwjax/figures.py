@@ -54,7 +54,8 @@ def _save(fig, path):
 
 
 def _depth_curves(summary):
-  """``{method: (depths, {metric: values})}`` for each entry of ``summary`` mapping depth -> metrics."""
+  """``{method: (depths, {metric: values})}`` for each entry of ``summary`` mapping depth to
+  metrics."""
   curves = {}
   for name, entry in summary.items():
     if not isinstance(entry, Mapping) or not entry:

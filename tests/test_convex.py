@@ -411,7 +411,7 @@ def test_anisotropic_3d_stage_uses_one_set_of_gates_everywhere():
   v2 = _random_variables(10)
   v3 = {k: w[None] for k, w in v2.items()}  # (1, K, K, C_in, P, C_out)
   u3 = gated.gate_filters(0, (1, K, K), 3, C_IN, P)
-  np.testing.assert_array_equal(gated._gate_filters_of(v3, 0), u3)
+  np.testing.assert_array_equal(gated.gate_filters_of(v3, 0), u3)
   st2 = convex.convex_stage(features=FEATURES, kernel_size=K, ndim=2, beta=0.01, rho=0.0,
                             refit_head=True, tx=optax.adam(1e-3))
   st3 = convex.convex_stage(features=FEATURES, kernel_size=(1, K, K), ndim=3, beta=0.01,

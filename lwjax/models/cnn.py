@@ -84,7 +84,8 @@ def stage_loss(net: nets.DeepNet, stage: stage_lib.Stage, index: int) -> loop.Lo
   return loss_fn
 
 
-def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: workdir_lib.MetricsLog) -> Params:
+def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh,
+              log: workdir_lib.MetricsLog) -> Params:
   """Train a ``DeepNet`` of ``depth`` end to end; returns its parameters (saved under params/)."""
   out = workdir_lib.params_dir(cfg.workdir, "e2e", depth)
   finished = checkpoints.load_finished(out, cfg.workdir)
@@ -94,8 +95,9 @@ def train_e2e(cfg: Config, depth: int, train: dict, *, mesh: Mesh, log: workdir_
   params = init_params(net, loop.phase_key(cfg, loop.E2E_SALT + depth), (1,) + train["x"].shape[1:])
 
   spe = data_lib.steps_per_epoch(len(train["x"]), cfg.batch_size)
-  result = loop.fit(phase_of("e2e", depth), e2e_loss(net), loop.adam(cfg, spe, cfg.weight_decay), params, {},
-               {"x": train["x"], "y": train["y"]}, cfg=cfg, mesh=mesh, epochs=cfg.epochs, log=log)
+  result = loop.fit(phase_of("e2e", depth), e2e_loss(net), loop.adam(cfg, spe, cfg.weight_decay),
+                    params, {}, {"x": train["x"], "y": train["y"]}, cfg=cfg, mesh=mesh,
+                    epochs=cfg.epochs, log=log)
   params = jax.device_get(result.state["params"])
   checkpoints.save_params(out, params)
   return params
@@ -156,7 +158,8 @@ def _gap_check(cfg: Config, stage: stage_lib.Stage, feature_batches: stage_lib.F
   return check
 
 
-def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: workdir_lib.MetricsLog,
+def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh,
+                    log: workdir_lib.MetricsLog,
                     on_depth: Callable[[int, Params, dict], None] = lambda d, p, r: None) -> Params:
   """Train ``cfg.depth - 1`` stages of ``method``; returns the deep network's parameters.
 
@@ -186,8 +189,8 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: w
       if h_cached is None:  # Resumed here: the whole prefix, once.
         batches = feature_cache.prefix_batches(net, frozen, train["x"], index, cfg.batch_size)
       else:  # One more layer on top of the previous stage's features.
-        batches = feature_cache.prefix_batches(net, {"convs_0": frozen[f"convs_{index - 1}"]}, h_cached, 1,
-                            cfg.batch_size)
+        batches = feature_cache.prefix_batches(net, {"convs_0": frozen[f"convs_{index - 1}"]},
+                                               h_cached, 1, cfg.batch_size)
       h_cached = feature_cache.cached_features(cfg, method, index, batches,
                                  (n,) + train["x"].shape[1:-1] + (cfg.features,), mesh=mesh)
       arrays[feature_cache.FEATURES], frozen = h_cached, {}
@@ -219,7 +222,8 @@ def train_layerwise(cfg: Config, method: str, train: dict, *, mesh: Mesh, log: w
                         "--target_gap=%g: it is not certified (raise --fista_iters)", method,
                         number, result.epochs, report["rel_gap"], cfg.target_gap)
     params = nets.stack_layer(params, jax.device_get(stage.to_layer(variables)), index)
-    on_depth(depth, params, workdir_lib.finish_stage(cfg, log, method, number, depth, params, report))
+    on_depth(depth, params,
+             workdir_lib.finish_stage(cfg, log, method, number, depth, params, report))
   return params
 
 
@@ -248,7 +252,8 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh: Mesh,
         log: workdir_lib.MetricsLog, summary_path: Path) -> dict:
   """Train every method of ``cfg`` and evaluate each network on ``val`` at every depth, as it is
   finished (summary.json rewritten each time); returns summary.json's dict."""
-  (train_arrays, _), (val_arrays, _) = data_lib.example_arrays(cfg, train), data_lib.example_arrays(cfg, val)
+  train_arrays = data_lib.example_arrays(cfg, train)[0]
+  val_arrays = data_lib.example_arrays(cfg, val)[0]
   # A rerun starts from the summary of the networks finished so far: the same values again.
   previous = files.read_json(summary_path) if summary_path.is_file() else {}
   summary = {**previous,

@@ -227,7 +227,8 @@ def _init_iteration(cfg: Config, k: int, x_shape) -> Params:
                         dc_lambda=cfg.dc_lambda)
 
 
-def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh, log: workdir_lib.MetricsLog,
+def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh,
+                   log: workdir_lib.MetricsLog,
                    on_depth: Callable[[int, Params, dict], None] = lambda k, p, r: None) -> Params:
   """Train the ``cfg.unroll_iters``-iteration network end to end or stage by stage.
 

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwjax.stages.gated import (_cone_violation, _gate_filters_of, _gated_sum, _head, branches,
-                                gates, objective_value, predict, relu_features, relu_predict,
-                                to_layer)
+from lwjax.stages.gated import (branches, cone_violation, gate_filters_of, gated_sum, gates,
+                                head_predict, objective_value, predict, relu_features,
+                                relu_predict, to_layer)
 
 # Groups below this fraction of the largest group norm count as zero in the KKT check: Adam never
 # reaches exact zeros, and the direction of a vanishing group carries no information.
@@ -20,7 +20,7 @@ def _np_groups(tree):
   return np.stack([np.asarray(jax.device_get(tree[k]), np.float64) for k in ("v", "z")])
 
 
-def _np_group_norms(tree):
+def np_group_norms(tree):
   """(2, P, C_out) group norms of ``{"v", "z"}`` in float64 NumPy."""
   return _np_norms(_np_groups(tree))
 
@@ -65,18 +65,18 @@ def _batch_sums(variables, h, skip, y, *, gate_seed, refit):
   """Sums over one batch for ``finalize`` (float32; the caller adds them in float64). ``at_e``,
   ``at_r``: ``A^T e`` and ``A^T r`` (e the residual, r = y - skip), M times minus the data
   gradient at the solution and at zero."""
-  u = _gate_filters_of(variables, gate_seed)
+  u = gate_filters_of(variables, gate_seed)
   out, transpose = jax.vjp(lambda w: branches(w, h, jnp.float32), variables)
   d = gates(h, u)
-  pred = skip + _gated_sum(out, d)
+  pred = skip + gated_sum(out, d)
   r, e = y - skip, y - pred
   sign = jnp.array([1.0, -1.0])[:, None, None]
   adjoint = lambda t: transpose(sign * d[..., None, :, None] * t[..., None, None, :])[0]
   both = jax.vmap(adjoint)(jnp.stack([e, r]))
-  violation = _cone_violation(out, d)
+  violation = cone_violation(out, d)
   layer = to_layer(variables)
   z = relu_features(layer, h, jnp.float32)
-  pred_relu = _head(layer, z, skip)
+  pred_relu = head_predict(layer, z, skip)
   sums = {"elements": y.size, "pixels": y.size // y.shape[-1],
           "sq_err": jnp.sum(jnp.square(e)), "sq_err_relu": jnp.sum(jnp.square(pred_relu - y)),
           "sq_diff": jnp.sum(jnp.square(pred_relu - pred)),
@@ -95,7 +95,7 @@ def _batch_sums(variables, h, skip, y, *, gate_seed, refit):
 def _gap_sums(variables, h, skip, y, *, gate_seed):
   """Sums over one batch for ``certificate``: the squared error and ``A^T e`` (one conv and one
   transposed conv of W = V - Z)."""
-  u = _gate_filters_of(variables, gate_seed)
+  u = gate_filters_of(variables, gate_seed)
   pred, transpose = jax.vjp(lambda w: predict(w, h, skip, u, jnp.float32), variables)
   e = y - pred
   return {"elements": y.size, "sq_err": jnp.sum(jnp.square(e)), "at_e": transpose(e)[0]}
@@ -108,7 +108,7 @@ def certificate(variables, feature_batches, *, beta, gate_seed) -> dict:
   with jax.default_matmul_precision("highest"):
     total = None
     for h, skip, y in feature_batches():
-      total = _accumulate(total, _gap_sums(vz, h, skip, y, gate_seed=gate_seed))
+      total = accumulate(total, _gap_sums(vz, h, skip, y, gate_seed=gate_seed))
   mse = total["sq_err"] / total["elements"]
   cert = duality_gap(vz, jax.tree.map(lambda g: g / total["elements"], total["at_e"]),
                      data=mse / 2, beta=beta)
@@ -121,7 +121,7 @@ def _sq_err(layer, h, skip, y):
   return jnp.sum(jnp.square(relu_predict(layer, h, skip, jnp.float32) - y))
 
 
-def _accumulate(total, sums):
+def accumulate(total, sums):
   """``total + sums`` for pytrees of per-batch sums, in float64 NumPy (``total`` None: start)."""
   sums = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.device_get(sums))
   return sums if total is None else jax.tree.map(np.add, total, sums)
@@ -136,7 +136,7 @@ def _refit(gram, cross, ndim):
           "bias": jnp.asarray(w[-1], jnp.float32)}
 
 
-def _finalize(variables, feature_batches, *, beta, rho, gate_seed, refit_head):
+def finalize_pass(variables, feature_batches, *, beta, rho, gate_seed, refit_head):
   """``Stage.finalize``: certificate, ReLU mismatch and the optional head refit (see
   ``convex_stage``); one pass over the training set, two with the refit."""
   vz = {"v": variables["v"], "z": variables["z"]}
@@ -144,10 +144,10 @@ def _finalize(variables, feature_batches, *, beta, rho, gate_seed, refit_head):
   with jax.default_matmul_precision("highest"):
     total = None
     for h, skip, y in feature_batches():
-      total = _accumulate(total, _batch_sums(vz, h, skip, y, gate_seed=gate_seed,
+      total = accumulate(total, _batch_sums(vz, h, skip, y, gate_seed=gate_seed,
                                              refit=refit_head))
     mse = total["sq_err"] / total["elements"]
-    norms = _np_group_norms(vz)
+    norms = np_group_norms(vz)
     report = {
         "objective": objective_value(mse / 2, norms.sum(), total["violation"] / total["pixels"],
                                      beta=beta, rho=rho),
@@ -155,7 +155,7 @@ def _finalize(variables, feature_batches, *, beta, rho, gate_seed, refit_head):
         "constraint_violation": total["violation"] / max(total["magnitude"], 1e-30),
         "relu_mismatch": np.sqrt(total["sq_diff"] / max(total["sq_signal"], 1e-30)),
         "mse_relu": total["sq_err_relu"] / total["elements"],
-        "beta_max": _np_group_norms(total["at_r"]).max() / total["elements"],
+        "beta_max": np_group_norms(total["at_r"]).max() / total["elements"],
         "active_groups": np.sum(norms > NEAR_ZERO * norms.max())}
     if rho == 0:
       # With rho > 0 the multipliers of the active cone constraints are unknown, and the gap of

@@ -14,9 +14,9 @@ import optax
 from lwjax import nets
 from lwjax.stages import precond
 from lwjax import stages as stage
-from lwjax.stages.certificate import _accumulate, _finalize, _np_group_norms, certificate
+from lwjax.stages.certificate import accumulate, certificate, finalize_pass, np_group_norms
 from lwjax.stages.fista import fista, fista_solution
-from lwjax.stages.gated import _gate_filters_of, gated, gates, objective, predict, to_layer
+from lwjax.stages.gated import gate_filters_of, gated, gates, objective, predict, to_layer
 
 # Power iteration approaches the Lipschitz constant from below; FISTA's step is 1/(margin * L).
 _LIPSCHITZ_MARGIN = 1.1
@@ -26,7 +26,7 @@ _LIPSCHITZ_MARGIN = 1.1
 def _adjoint(variables, h, t, *, gate_seed):
   """``A^T t`` summed over one batch: A is the gated conv operator (the prediction minus skip),
   ``t`` (N, *spatial, C_out); ``variables`` only give the shapes."""
-  u = _gate_filters_of(variables, gate_seed)
+  u = gate_filters_of(variables, gate_seed)
   zero = jnp.zeros_like(t)
   return jax.vjp(lambda w: predict(w, h, zero, u, jnp.float32), variables)[1](t)[0]
 
@@ -34,7 +34,7 @@ def _adjoint(variables, h, t, *, gate_seed):
 @functools.partial(jax.jit, static_argnames="gate_seed")
 def _normal_op(variables, h, *, gate_seed):
   """``A^T A w`` summed over one batch."""
-  u = _gate_filters_of(variables, gate_seed)
+  u = gate_filters_of(variables, gate_seed)
   zero = jnp.zeros(h.shape[:-1] + variables["v"].shape[-1:], jnp.float32)
   out, vjp = jax.vjp(lambda w: predict(w, h, zero, u, jnp.float32), variables)
   return vjp(out)[0]
@@ -163,7 +163,7 @@ class Program:
       return self._loss(variables, h, skip, y, weight)
 
   def _loss(self, variables, h, skip, y, weight):
-    u = _gate_filters_of(variables, self.gate_seed)
+    u = gate_filters_of(variables, self.gate_seed)
     if self.solver == "pfista":
       pred = skip + gated(variables["w"], h, gates(h, u), self.dtype).astype(skip.dtype)
       data = stage.half_mse(pred, y, weight)
@@ -177,8 +177,8 @@ class Program:
     return certificate(variables, feature_batches, beta=self.beta, gate_seed=self.gate_seed)
 
   def finalize(self, variables, feature_batches):
-    """``Stage.finalize``: see ``_finalize``."""
-    return _finalize(variables, feature_batches, beta=self.beta, rho=self.rho,
+    """``Stage.finalize``: see ``finalize_pass``."""
+    return finalize_pass(variables, feature_batches, beta=self.beta, rho=self.rho,
                      gate_seed=self.gate_seed, refit_head=self.refit_head)
 
 
@@ -272,9 +272,9 @@ def _beta_max(feature_batches, shape, gate_seed):
   zero = {"v": jnp.zeros(shape, jnp.float32), "z": jnp.zeros(shape, jnp.float32)}
   acc, elements = None, 0
   for h, skip, y in feature_batches():
-    acc = _accumulate(acc, _adjoint(zero, h, y - skip, gate_seed=gate_seed))
+    acc = accumulate(acc, _adjoint(zero, h, y - skip, gate_seed=gate_seed))
     elements += y.size
-  return float(_np_group_norms(acc).max() / elements)
+  return float(np_group_norms(acc).max() / elements)
 
 
 def _normal(feature_batches, w, gate_seed):

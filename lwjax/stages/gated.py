@@ -38,7 +38,7 @@ def gate_filters(seed: int, kernel_size, ndim: int, c_in: int, num: int) -> np.n
   return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def _gate_filters_of(variables, gate_seed):
+def gate_filters_of(variables, gate_seed):
   """The gate filters of ``variables`` (from their kernel shape, C_in and P); every pass uses it."""
   v = variables["w" if "w" in variables else "v"]
   spatial = v.shape[:-3]
@@ -83,7 +83,7 @@ def branches(variables, h, dtype=None):
   return out.reshape(out.shape[:-1] + (2, p, c))
 
 
-def _gated_sum(out, d):
+def gated_sum(out, d):
   """``sum_p D_p (conv(h, V_p) - conv(h, Z_p))`` from ``branches`` and ``gates``."""
   return jnp.sum(d[..., None] * (out[..., 0, :, :] - out[..., 1, :, :]), axis=-2)
 
@@ -96,7 +96,7 @@ def gated(w, h, d, dtype=None):
   return jnp.sum(d[..., None] * out.reshape(out.shape[:-1] + (p, c)), axis=-2)
 
 
-def _cone_violation(out, d):
+def cone_violation(out, d):
   """``relu(-(2 D_p - 1) * conv(h, W_pc))`` per element, W = V, Z: how far each branch of
   ``branches`` lies outside its ReLU cone; (N, *spatial, 2, P, C_out), 0 on the cones."""
   return jax.nn.relu(-(2 * d - 1)[..., None, :, None] * out)
@@ -127,8 +127,8 @@ def _terms(variables, h, skip, y, u, dtype, weight=None):
   per-example weights, ``stage.half_mse``)."""
   out = branches(variables, h, dtype)
   d = gates(h, u)
-  violation = jnp.sum(_cone_violation(out, d))
-  return {"data": stage.half_mse(skip + _gated_sum(out, d), y, weight),
+  violation = jnp.sum(cone_violation(out, d))
+  return {"data": stage.half_mse(skip + gated_sum(out, d), y, weight),
           "cone_penalty": violation / math.prod(out.shape[:-3]),
           "norm_sum": jnp.sum(group_norms(variables)), "violation": violation,
           "magnitude": jnp.sum(jnp.abs(out))}
@@ -171,7 +171,7 @@ def relu_features(layer, h, dtype=None):
   return jax.nn.relu(conv(h, layer["conv"]["kernel"], dtype) + layer["conv"]["bias"])
 
 
-def _head(layer, z, skip):
+def head_predict(layer, z, skip):
   """``skip + head(z)``: the 1x1 head of a ``to_layer`` layer on features z (N, *spatial, F)."""
   w = layer["head"]["kernel"]  # (1, ..., F, C_out)
   return skip + (z @ w.reshape(w.shape[-2:]) + layer["head"]["bias"]).astype(skip.dtype)
@@ -179,4 +179,4 @@ def _head(layer, z, skip):
 
 def relu_predict(layer, h, skip, dtype=None):
   """The two-layer ReLU net ``f(relu(g(h))) + skip`` of a ``to_layer`` layer."""
-  return _head(layer, relu_features(layer, h, dtype), skip)
+  return head_predict(layer, relu_features(layer, h, dtype), skip)

@@ -153,8 +153,9 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
       losses, last = [], {}
       order = data_lib.batch_order(n, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                    num_devices=num_devices, full_pass=full_pass)
-      batches = runtime.device_batches((data_lib.gather(host, idx, full_pass_of=n if full_pass else None)
-                                for idx in order), mesh)
+      batches = runtime.device_batches(
+          (data_lib.gather(host, idx, full_pass_of=n if full_pass else None) for idx in order),
+          mesh)
       data_s = 0.0
       for i in range(spe):
         t_data = time.perf_counter()
@@ -229,8 +230,8 @@ def loss_divergence(records: list[dict], phase: str) -> Optional[str]:
     return None
   start, end = first[-1], epochs[-1]["loss"]
   if end > DIVERGED_LOSS_RATIO * start:
-    return (f"its training loss ended at {end:.4g} (epoch {epochs[-1]['epoch']}), {end / start:.3g} "
-            f"times that of its first step ({start:.4g})")
+    return (f"its training loss ended at {end:.4g} (epoch {epochs[-1]['epoch']}), "
+            f"{end / start:.3g} times that of its first step ({start:.4g})")
   return None
 
 

@@ -30,8 +30,8 @@ Params = Any
 
 class MetricsLog:
   """Appends JSON lines to ``WORKDIR/metrics.jsonl`` (process 0 only), each stamped with its
-  ``time`` (Unix seconds); ``launch/evaluate.py`` draws the training curves from it. With a ``board`` (``tensorboard.Board``) every record also
-  goes to TensorBoard."""
+  ``time`` (Unix seconds); ``launch/evaluate.py`` draws the training curves from it. With a
+  ``board`` (``tensorboard.Board``) every record also goes to TensorBoard."""
 
   def __init__(self, workdir, board=None):
     self.path = Path(workdir) / "metrics.jsonl"
@@ -82,7 +82,8 @@ def finished_stage(workdir, method: str, index: int,
   try:
     report = files.read_json(report_path)
   except ValueError as e:
-    logging.warning("%s: moved to %s", e, checkpoints.set_aside(report_path, Path(workdir).absolute()))
+    logging.warning("%s: moved to %s", e,
+                    checkpoints.set_aside(report_path, Path(workdir).absolute()))
     return None
   params = checkpoints.load_finished(params_dir(workdir, method, depth), workdir)
   if params is None:
