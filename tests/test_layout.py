@@ -13,6 +13,7 @@ LAYERS = [
     {"lwjax.nets", "lwjax.metrics", "lwjax.stages", "lwjax.training"},
     {"lwjax.models", "lwjax.figures", "lwjax.console", "lwjax.tensorboard"},
     {"lwjax.experiment"},
+    {"lwjax.report"},
     {"lwjax.evaluate", "lwjax.memory", "lwjax.inference", "lwjax.interpret", "lwjax.cli"},
 ]
 
