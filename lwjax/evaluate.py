@@ -39,15 +39,15 @@ from typing import Callable
 import numpy as np
 from absl import logging
 
-from lwjax import files
 from lwjax import config as config_lib
 from lwjax import data as data_lib
-from lwjax.mri import masks
-from lwjax import metrics as metrics_lib
-from lwjax.config import Config
 from lwjax import experiment
-from lwjax import report
+from lwjax import files
+from lwjax import metrics as metrics_lib
 from lwjax import models
+from lwjax import report
+from lwjax.config import Config
+from lwjax.mri import masks
 from lwjax.training import checkpoints
 from lwjax.training import loop
 from lwjax.training import runtime

@@ -13,10 +13,10 @@ from jax.sharding import Mesh
 from lwjax import config as config_lib
 from lwjax import data as data_lib
 from lwjax import files
+from lwjax import models
 from lwjax import tensorboard
 from lwjax.config import Config
 from lwjax.mri import masks
-from lwjax import models
 from lwjax.training import runtime
 from lwjax.training import workdir as workdir_lib
 

@@ -19,16 +19,16 @@ import jax
 import numpy as np
 from absl import logging
 
-from lwjax import models
-from lwjax import files
 from lwjax import data as data_lib
 from lwjax import evaluate
-from lwjax.data import fastmri
-from lwjax.mri import masks
+from lwjax import files
+from lwjax import models
 from lwjax import nets
-from lwjax.mri import sense
 from lwjax.config import Config
+from lwjax.data import fastmri
 from lwjax.models import cnn
+from lwjax.mri import masks
+from lwjax.mri import sense
 from lwjax.training import workdir as workdir_lib
 
 RECONSTRUCTION = "reconstruction"  # fastMRI's submission key: (slices, h, w) float32 magnitudes

@@ -16,16 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwjax import files
-from lwjax import models
-from lwjax.stages import certificate
+from lwjax import data as data_lib
 from lwjax import evaluate
 from lwjax import figures
+from lwjax import files
 from lwjax import inference
 from lwjax import metrics as metrics_lib
+from lwjax import models
 from lwjax import nets
-from lwjax import data as data_lib
 from lwjax.models import cnn
+from lwjax.stages import certificate
 
 
 

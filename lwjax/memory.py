@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwjax import models
-from lwjax.training import loop
-from lwjax.training import runtime
 from lwjax.config import Config
 from lwjax.config import LAYERWISE
+from lwjax.training import loop
+from lwjax.training import runtime
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,12 +45,12 @@ import optax
 from lwjax import data as data_lib
 from lwjax import metrics
 from lwjax import nets
-from lwjax.mri import sense
 from lwjax import stages as stage_lib
 from lwjax.config import Config
 from lwjax.models import cnn
 from lwjax.models import interface
 from lwjax.models.interface import Family
+from lwjax.mri import sense
 from lwjax.training import checkpoints
 from lwjax.training import loop
 from lwjax.training import runtime

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 
 from lwjax import nets
-from lwjax.stages import precond
 from lwjax import stages as stage
+from lwjax.stages import precond
 from lwjax.stages.certificate import accumulate, certificate, finalize_pass, np_group_norms
 from lwjax.stages.fista import fista, fista_solution
 from lwjax.stages.gated import gate_filters_of, gated, gates, objective, predict, to_layer
