@@ -222,16 +222,15 @@ def read_metrics_log(workdir) -> list[dict]:
 
 def stage_reports(cfg: Config) -> dict:
   """``{method: {stage: report}}`` of the finished layer-wise stages that report anything."""
-  out = {}
+  out, fam = {}, models.family(cfg)
   for method, depth in trained_networks(cfg):
-    fam = models.family(cfg)
     if method == fam.reference:
       continue
     stage = fam.stage_of(depth)
     path = workdir_lib.stage_report_path(cfg.workdir, method, stage)
-    report = files.read_json(path) if path.is_file() else {}
-    if report:
-      out.setdefault(method, {})[stage] = report
+    entry = files.read_json(path) if path.is_file() else {}  # not ``report``: the module
+    if entry:
+      out.setdefault(method, {})[stage] = entry
   return out
 
 
