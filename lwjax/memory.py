@@ -126,7 +126,8 @@ def analyse(cfg: Config, network: Network, budget_bytes: int, *, batch_size: int
             mesh=None) -> dict:
   """The step's bytes at ``batch_size``, its linear model and the largest batch within budget.
 
-  ``bytes(b) = fixed + b * per_example`` is fitted from batch sizes 1 and ``max(batch_size, 2)``;
+  ``bytes(b) = fixed + b * per_example`` is fitted from batch sizes b and 2b, b = ``max(batch_size,
+  2)`` (at 1 XLA drops loops over the examples, such as the convex stage's CPU filter gradient);
   the largest batch it predicts is confirmed by compiling it and the next one (and searched
   further if the model was off), so ``bytes(max_batch) <= budget < bytes(max_batch + 1)`` holds
   for the compiled steps themselves. Returns a JSON-ready dict; ``compiled`` holds every
@@ -139,12 +140,12 @@ def analyse(cfg: Config, network: Network, budget_bytes: int, *, batch_size: int
       compiled[b] = step_memory(cfg, network, b, mesh=mesh)
     return compiled[b]["total"]
 
-  b2 = max(batch_size, 2)
-  per_example = (total(b2) - total(1)) / (b2 - 1)
+  b1 = max(batch_size, 2)
+  per_example = (total(2 * b1) - total(b1)) / b1
   if per_example <= 0:
     raise ValueError(f"{network.label}: step memory does not grow with the batch "
-                     f"({total(1)} bytes at 1, {total(b2)} at {b2})")
-  fixed = total(1) - per_example
+                     f"({total(b1)} bytes at {b1}, {total(2 * b1)} at {2 * b1})")
+  fixed = total(b1) - b1 * per_example
   max_batch = largest_fitting(lambda b: total(b) <= budget_bytes,
                               math.floor((budget_bytes - fixed) / per_example))
   step_bytes = total(batch_size)

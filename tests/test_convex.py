@@ -396,12 +396,25 @@ def test_the_step_and_its_gradient_run_at_the_stage_precision(precision):
   # reach every conv of the gradient, the transposed ones included, and only those of this stage.
   st = convex.convex_stage(features=FEATURES, kernel_size=K, beta=1e-3, rho=0.0, solver="pfista",
                            precision=precision)
-  h, skip, y = _data(0)
-  w = {"w": jnp.zeros((K, K, C_IN, P, C_OUT), jnp.float32)}
+  h, skip, y = _data(0, c_in=P * C_OUT + 1)  # wider than t: the CPU's filter gradient by example
+  w = {"w": jnp.zeros((K, K, P * C_OUT + 1, P, C_OUT), jnp.float32)}
   jaxpr = jax.make_jaxpr(jax.grad(lambda w: st.loss(w, h, skip, y)[0]))(w)
-  convs = [e.params["precision"] for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  convs = [e.params["precision"] for e in _equations(jaxpr.jaxpr)
+           if e.primitive.name == "conv_general_dilated"]
   want = None if precision is None else (jax.lax.Precision.HIGHEST,) * 2
-  assert len(convs) == 3 and all(p == want for p in convs), convs  # gates, forward, transposed
+  # gates, forward, the filter gradient's two platform branches (CPU, others), h's cotangent
+  assert len(convs) >= 5 and all(p == want for p in convs), convs
+
+
+def _equations(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs in its equations' parameters (scan, cond)."""
+  for e in jaxpr.eqns:
+    yield e
+    for value in e.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _equations(inner)
 
 
 def test_anisotropic_3d_stage_uses_one_set_of_gates_everywhere():
@@ -493,6 +506,39 @@ def test_pfista_loss_and_its_gradient_match_numpy():
   ref_value, ref_grad = _np_objective(w, np.zeros_like(w), h, skip, y, u, beta=0.0, rho=0.0)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   np.testing.assert_allclose(grad, ref_grad[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_shape", [(3, 3), (4, 3), (1, 3, 3), (2, 3, 4)])
+def test_filter_gradient_matches_numpy(kernel_shape):
+  """Both platforms' filter gradients (CPU: by example; others: batched) against float64
+  NumPy, odd and even kernels, 2D and 3D; and the h cotangent of ``gated`` against autodiff."""
+  ndim = len(kernel_shape)
+  rng = np.random.default_rng(len(kernel_shape) + sum(kernel_shape))
+  spatial = (5, 7, 6)[3 - ndim:]
+  # SAME padding: tap k of the kernel reads the input at x + k - (K - 1) // 2.
+  lo = [(k - 1) // 2 for k in kernel_shape]
+  for c_h, c_t in ((2, 4), (4, 2)):  # on the CPU: batched, by example
+    h = rng.standard_normal((3,) + spatial + (c_h,))
+    t = rng.standard_normal((3,) + spatial + (c_t,))
+    hp = np.pad(h, [(0, 0)] + [(a, k - 1 - a) for a, k in zip(lo, kernel_shape)] + [(0, 0)])
+    ref = np.zeros(kernel_shape + (c_h, c_t))
+    for k in np.ndindex(*kernel_shape):
+      window = hp[(slice(None),) + tuple(slice(a, a + n) for a, n in zip(k, spatial))]
+      ref[k] = window.reshape(-1, c_h).T @ t.reshape(-1, c_t)
+    h32, t32 = jnp.asarray(h, jnp.float32), jnp.asarray(t, jnp.float32)
+    for fn in (gated._filter_gradient_by_example, gated._filter_gradient_batched):
+      np.testing.assert_allclose(fn(kernel_shape, h32, t32), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gated.filter_gradient(h32, t32, kernel_shape), ref, rtol=1e-5,
+                               atol=1e-5)
+  # gated's custom gradient in every argument against autodiff of the same forward.
+  h32 = jnp.asarray(rng.standard_normal((3,) + spatial + (2,)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(kernel_shape + (2, 2, 2)), jnp.float32)
+  d = jnp.asarray(rng.random((3,) + spatial + (2,)) > 0.5, jnp.float32)
+  g = jnp.asarray(rng.standard_normal((3,) + spatial + (2,)), jnp.float32)
+  ours = jax.vjp(gated.gated, w, h32, d)[1](g)
+  plain = jax.vjp(lambda *a: gated._gated_value(None, *a), w, h32, d)[1](g)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_pfista_certifies_where_plain_fista_has_not():

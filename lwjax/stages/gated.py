@@ -15,6 +15,7 @@ rho = 0 (FISTA or Adam) is the gated relaxation: it splits each neuron evenly be
 linear unit under the +-1 head, so ``refit_head`` refits the head on the ReLU features. rho > 0
 (Adam) drives the solution onto the ReLU cones, where the mapped ReLU layer predicts the same.
 """
+import functools
 import math
 
 import jax
@@ -90,10 +91,89 @@ def gated_sum(out, d):
 
 def gated(w, h, d, dtype=None):
   """``sum_p D_p conv(h, W_p)``: (N, *spatial, C_out) for W (*k, C_in, P, C_out) and gates ``d``
-  (N, *spatial, P). The gated program sees only W = V - Z: half the channels of ``branches``."""
+  (N, *spatial, P). The gated program sees only W = V - Z: half the channels of ``branches``.
+  Its gradient in W is ``filter_gradient`` (on the CPU, no transposed copy of a wide h), at
+  the matmul precision in effect here."""
+  return _gated((dtype, jax.config.jax_default_matmul_precision), w, h, d)
+
+
+def _gated_value(dtype, w, h, d):
   p, c = w.shape[-2:]
   out = conv(h, w.reshape(w.shape[:-2] + (p * c,)), dtype)
   return jnp.sum(d[..., None] * out.reshape(out.shape[:-1] + (p, c)), axis=-2)
+
+
+def filter_gradient(h, t, kernel_shape, dtype=None):
+  """``sum_{n, x} patch(h)[n, x, k, i] * t[n, x, o]``: the gradient in the kernel of
+  ``conv(h, K, dtype)`` for the output cotangent ``t`` (N, *spatial, O); (*k, I, O) float32.
+
+  The batched transposed conv of autodiff, except on the CPU where h has more channels than t:
+  there one example at a time (``_filter_gradient_by_example``).
+  """
+  dtype = dtype or h.dtype
+  h, t = h.astype(dtype), t.astype(dtype)
+  batched = functools.partial(_filter_gradient_batched, tuple(kernel_shape))
+  if h.shape[-1] <= t.shape[-1]:
+    return batched(h, t)
+  return jax.lax.platform_dependent(
+      h, t, cpu=functools.partial(_filter_gradient_by_example, tuple(kernel_shape)),
+      default=batched)
+
+
+def _filter_gradient_batched(kernel_shape, h, t):
+  zero = jnp.zeros(kernel_shape + (h.shape[-1], t.shape[-1]), h.dtype)
+  _, vjp = jax.vjp(lambda k: conv(h, k), zero)
+  return vjp(t.astype(jnp.float32))[0].astype(jnp.float32)
+
+
+def _filter_gradient_by_example(kernel_shape, h, t):
+  """XLA's CPU conv wants the contracted axis innermost, so the batched gradient copies h and t
+  transposed (N innermost): for a wide h one more stage input per example. Here each example
+  is one conv with t_n (O, *s, 1) as its input (a transposed copy of one example of the
+  narrower operand) and h_n (*s, 1, I) as its kernel, as it lies in memory. That correlates
+  the other way round: the result has its spatial axes reversed, for the forward pads swapped.
+  """
+  ndim = h.ndim - 2
+  sp = "DHW"[3 - ndim:]
+  pads = jax.lax.padtype_to_pads(h.shape[1:-1], kernel_shape, (1,) * ndim, "SAME")
+
+  def add_example(total, example):
+    hn, tn = example  # (*s, I), (*s, O)
+    out = jax.lax.conv_general_dilated(
+        jnp.moveaxis(tn, -1, 0)[..., None], hn[..., None, :], (1,) * ndim,
+        [(hi, lo) for lo, hi in pads],
+        dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"))  # (O, *k reversed, I)
+    return total + out.astype(jnp.float32), None
+
+  zero = jnp.zeros((t.shape[-1],) + kernel_shape + (h.shape[-1],), jnp.float32)
+  total, _ = jax.lax.scan(add_example, zero, (h, t))
+  total = jnp.flip(total, axis=tuple(range(1, ndim + 1)))
+  return jnp.moveaxis(total, 0, -1)  # (*k, I, O)
+
+
+# ``how`` = (dtype, matmul precision): the backward pass is traced after the caller's precision
+# context has closed, so it carries the precision the forward pass saw.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated(how, w, h, d):
+  return _gated_value(how[0], w, h, d)
+
+
+def _gated_fwd(how, w, h, d):
+  return _gated_value(how[0], w, h, d), (w, h, d)
+
+
+def _gated_bwd(how, res, g):
+  (dtype, precision), (w, h, d) = how, res
+  p, c = w.shape[-2:]
+  with jax.default_matmul_precision(precision):
+    t = (d[..., None] * g[..., None, :]).reshape(g.shape[:-1] + (p * c,))
+    grad_w = filter_gradient(h, t, w.shape[:-3], dtype).reshape(w.shape)
+    # h's and d's cotangents (XLA drops them where, as in a stage, nothing needs them).
+    _, vjp = jax.vjp(lambda h, d: _gated_value(dtype, w, h, d), h, d)
+    return (grad_w,) + vjp(g)
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
 
 
 def cone_violation(out, d):
