@@ -16,10 +16,12 @@
 #             pfista stage's gap against passes and seconds per pass, and the time to certified
 #             stages against e2e's 40 epochs (bench/phase_times.py; $OUT/certify.*)
 #   certify_hi  after certify: its first two convex stages again at "highest" matmul precision
+#   memory    issue 19 point 4 on the GPU: launch/memory.py --measure at paper size (the compiled
+#             steps' bytes per example and largest batch, and their measured peaks; $OUT/memory.*)
 # Run from the repository root; results land in $OUT (or ./gpu_out). SIZE overrides the
 # paper-scale size flags (CPU dry run: SIZE="--image_size=32 --features=8 --kernel_size=3"),
-# PIPE_LIMIT, LAYERS_LIMIT, F32_LIMIT, SEARCH_LIMIT and CERT_LIMIT the parts' seconds (default
-# 300, 260, 300, 300, 480), F32_BATCHES the f32 part's batch sizes (default 8,1,32).
+# PIPE_LIMIT, LAYERS_LIMIT, F32_LIMIT, SEARCH_LIMIT, CERT_LIMIT and MEM_LIMIT the parts' seconds
+# (default 300, 260, 300, 300, 480, 300), F32_BATCHES the f32 part's batch sizes (default 8,1,32).
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 PARTS=${PARTS:-"f32 bf16s pipeline"}
@@ -53,6 +55,11 @@ for part in $PARTS; do
               --torch=false --conv_fusion=true --time_budget_s=110 ;;
     b1) bench bench_b1 90 --compute_dtype=float32 --batch_sizes=1 --torch=false \
           --steps=e2e,layerwise_convex_s4,layerwise_s4,eval --time_budget_s=60 ;;
+    memory)
+      # shellcheck disable=SC2086
+      timeout "${MEM_LIMIT:-300}" python3 launch/memory.py --flagfile=poisson.flags $SIZE --budget_gb=12 \
+        --measure --json_out="$OUT/memory.json" --figure_dir="$OUT" 2>&1 \
+        | grep -v "^[IW][0-9]" | tee "$OUT/memory.log" | tail -n 20 ;;
     layers)
       # shellcheck disable=SC2086
       timeout ${LAYERS_LIMIT:-260} python3 bench/bench_layers.py $SIZE --batch_sizes=8 \
