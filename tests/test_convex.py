@@ -402,9 +402,9 @@ def test_the_step_and_its_gradient_run_at_the_stage_precision(precision):
   convs = [e.params["precision"] for e in _equations(jaxpr.jaxpr)
            if e.primitive.name == "conv_general_dilated"]
   want = None if precision is None else (jax.lax.Precision.HIGHEST,) * 2
-  # Gates, forward; backward: the forward again and h's cotangent (dropped by XLA in a step),
-  # the filter gradient's CPU branch (one conv) and its other branch (autodiff's vjp: two).
-  assert len(convs) == 7 and all(p == want for p in convs), convs
+  # Gates, forward; backward: h's cotangent (dropped by XLA in a step) and the filter gradient's
+  # two platform branches (CPU, others).
+  assert len(convs) == 5 and all(p == want for p in convs), convs
 
 
 def _equations(jaxpr):
@@ -512,7 +512,7 @@ def test_pfista_loss_and_its_gradient_match_numpy():
 @pytest.mark.parametrize("kernel_shape", [(3, 3), (4, 3), (1, 3, 3), (2, 3, 4)])
 def test_filter_gradient_matches_numpy(kernel_shape):
   """Both platforms' filter gradients (CPU: by example; others: batched) against float64
-  NumPy, odd and even kernels, 2D and 3D; and the h cotangent of ``gated`` against autodiff."""
+  NumPy, odd and even kernels, 2D and 3D; and ``conv``'s custom gradient against autodiff."""
   ndim = len(kernel_shape)
   rng = np.random.default_rng(len(kernel_shape) + sum(kernel_shape))
   spatial = (5, 7, 6)[3 - ndim:]
@@ -531,15 +531,15 @@ def test_filter_gradient_matches_numpy(kernel_shape):
       np.testing.assert_allclose(fn(kernel_shape, h32, t32), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gated.filter_gradient(h32, t32, kernel_shape), ref, rtol=1e-5,
                                atol=1e-5)
-  # gated's custom gradient in every argument against autodiff of the same forward.
-  h32 = jnp.asarray(rng.standard_normal((3,) + spatial + (2,)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal(kernel_shape + (2, 2, 2)), jnp.float32)
-  d = jnp.asarray(rng.random((3,) + spatial + (2,)) > 0.5, jnp.float32)
-  g = jnp.asarray(rng.standard_normal((3,) + spatial + (2,)), jnp.float32)
-  ours = jax.vjp(gated.gated, w, h32, d)[1](g)
-  plain = jax.vjp(lambda *a: gated._gated_value(None, *a), w, h32, d)[1](g)
-  for a, b in zip(ours, plain):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # conv's custom gradient in both arguments against autodiff of the same forward.
+  for c_h, c_out in ((2, 4), (4, 2)):
+    h32 = jnp.asarray(rng.standard_normal((3,) + spatial + (c_h,)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal(kernel_shape + (c_h, c_out)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3,) + spatial + (c_out,)), jnp.float32)
+    ours = jax.vjp(gated.conv, h32, k)[1](g)
+    plain = jax.vjp(lambda h, k: gated._conv_value(jnp.float32, h, k), h32, k)[1](g)
+    for a, b in zip(ours, plain):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_pfista_certifies_where_plain_fista_has_not():

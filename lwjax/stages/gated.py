@@ -51,12 +51,17 @@ def conv(h, kernel, dtype=None):
 
   Runs in ``dtype`` (default: ``h``'s) with its output in ``dtype`` too, as flax's layers do, then
   widens it: a float32 result from bf16 operands is not a cuDNN bf16 conv (BUILD_NOTES.md, speed).
+  Its kernel gradient is ``filter_gradient`` (on the CPU, no transposed copy of a wide h), at
+  the matmul precision in effect here.
   """
+  return _conv((dtype or h.dtype, jax.config.jax_default_matmul_precision), h, kernel)
+
+
+def _conv_value(dtype, h, kernel, padding="SAME"):
   ndim = h.ndim - 2
   sp = "DHW"[3 - ndim:]
-  dtype = dtype or h.dtype
   out = jax.lax.conv_general_dilated(
-      h.astype(dtype), kernel.astype(dtype), (1,) * ndim, "SAME",
+      h.astype(dtype), kernel.astype(dtype), (1,) * ndim, padding,
       dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"))
   return out.astype(jnp.float32)
 
@@ -91,13 +96,7 @@ def gated_sum(out, d):
 
 def gated(w, h, d, dtype=None):
   """``sum_p D_p conv(h, W_p)``: (N, *spatial, C_out) for W (*k, C_in, P, C_out) and gates ``d``
-  (N, *spatial, P). The gated program sees only W = V - Z: half the channels of ``branches``.
-  Its gradient in W is ``filter_gradient`` (on the CPU, no transposed copy of a wide h), at
-  the matmul precision in effect here."""
-  return _gated((dtype, jax.config.jax_default_matmul_precision), w, h, d)
-
-
-def _gated_value(dtype, w, h, d):
+  (N, *spatial, P). The gated program sees only W = V - Z: half the channels of ``branches``."""
   p, c = w.shape[-2:]
   out = conv(h, w.reshape(w.shape[:-2] + (p * c,)), dtype)
   return jnp.sum(d[..., None] * out.reshape(out.shape[:-1] + (p, c)), axis=-2)
@@ -112,18 +111,19 @@ def filter_gradient(h, t, kernel_shape, dtype=None):
   """
   dtype = dtype or h.dtype
   h, t = h.astype(dtype), t.astype(dtype)
-  batched = functools.partial(_filter_gradient_batched, tuple(kernel_shape))
+  kernel_shape = tuple(kernel_shape)
+  batched = functools.partial(_filter_gradient_batched, kernel_shape)
   if h.shape[-1] <= t.shape[-1]:
     return batched(h, t)
   return jax.lax.platform_dependent(
-      h, t, cpu=functools.partial(_filter_gradient_by_example, tuple(kernel_shape)),
-      default=batched)
+      h, t, cpu=functools.partial(_filter_gradient_by_example, kernel_shape), default=batched)
 
 
 def _filter_gradient_batched(kernel_shape, h, t):
-  zero = jnp.zeros(kernel_shape + (h.shape[-1], t.shape[-1]), h.dtype)
-  _, vjp = jax.vjp(lambda k: conv(h, k), zero)
-  return vjp(t.astype(jnp.float32))[0].astype(jnp.float32)
+  kernel = jax.ShapeDtypeStruct(kernel_shape + (h.shape[-1], t.shape[-1]), h.dtype)
+  grad, = jax.linear_transpose(lambda k: _conv_value(h.dtype, h, k), kernel)(
+      t.astype(jnp.float32))
+  return grad.astype(jnp.float32)
 
 
 def _filter_gradient_by_example(kernel_shape, h, t):
@@ -134,16 +134,13 @@ def _filter_gradient_by_example(kernel_shape, h, t):
   the other way round: the result has its spatial axes reversed, for the forward pads swapped.
   """
   ndim = h.ndim - 2
-  sp = "DHW"[3 - ndim:]
   pads = jax.lax.padtype_to_pads(h.shape[1:-1], kernel_shape, (1,) * ndim, "SAME")
 
   def add_example(total, example):
     hn, tn = example  # (*s, I), (*s, O)
-    out = jax.lax.conv_general_dilated(
-        jnp.moveaxis(tn, -1, 0)[..., None], hn[..., None, :], (1,) * ndim,
-        [(hi, lo) for lo, hi in pads],
-        dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"))  # (O, *k reversed, I)
-    return total + out.astype(jnp.float32), None
+    out = _conv_value(h.dtype, jnp.moveaxis(tn, -1, 0)[..., None], hn[..., None, :],
+                      [(hi, lo) for lo, hi in pads])  # (O, *k reversed, I)
+    return total + out, None
 
   zero = jnp.zeros((t.shape[-1],) + kernel_shape + (h.shape[-1],), jnp.float32)
   total, _ = jax.lax.scan(add_example, zero, (h, t))
@@ -154,26 +151,24 @@ def _filter_gradient_by_example(kernel_shape, h, t):
 # ``how`` = (dtype, matmul precision): the backward pass is traced after the caller's precision
 # context has closed, so it carries the precision the forward pass saw.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gated(how, w, h, d):
-  return _gated_value(how[0], w, h, d)
+def _conv(how, h, kernel):
+  return _conv_value(how[0], h, kernel)
 
 
-def _gated_fwd(how, w, h, d):
-  return _gated_value(how[0], w, h, d), (w, h, d)
+def _conv_fwd(how, h, kernel):
+  return _conv_value(how[0], h, kernel), (h, kernel)
 
 
-def _gated_bwd(how, res, g):
-  (dtype, precision), (w, h, d) = how, res
-  p, c = w.shape[-2:]
+def _conv_bwd(how, res, g):
+  (dtype, precision), (h, kernel) = how, res
   with jax.default_matmul_precision(precision):
-    t = (d[..., None] * g[..., None, :]).reshape(g.shape[:-1] + (p * c,))
-    grad_w = filter_gradient(h, t, w.shape[:-3], dtype).reshape(w.shape)
-    # h's and d's cotangents (XLA drops them where, as in a stage, nothing needs them).
-    _, vjp = jax.vjp(lambda h, d: _gated_value(dtype, w, h, d), h, d)
-    return (grad_w,) + vjp(g)
+    grad_k = filter_gradient(h, g, kernel.shape[:-2], dtype).astype(kernel.dtype)
+    # h's cotangent (XLA drops it where, as for a stage's frozen input, nothing needs it).
+    grad_h, = jax.linear_transpose(lambda x: _conv_value(dtype, x, kernel), h)(g)
+  return grad_h, grad_k
 
 
-_gated.defvjp(_gated_fwd, _gated_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def cone_violation(out, d):
