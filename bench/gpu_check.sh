@@ -76,11 +76,10 @@ for part in $PARTS; do
       # A killed run resumes: rerun the part with the same CERT_WORKDIR to continue it.
       work=${CERT_WORKDIR:-/tmp/lwjax_certify}; limit=${CERT_LIMIT:-480}; flags=${CERT_FLAGS:-"--synth_train_subjects=3 --synth_val_subjects=1 --synth_slices=8 --depth=5 --e2e_depths=5 --batch_size=8 --cache_features=device --data_on_device"}
       if [ "$part" = certify_hi ]; then
-        work=$work.hi; limit=${CERT_HI_LIMIT:-120}; flags="$flags --depth=3 --method=layerwise_convex --data_dir=${CERT_WORKDIR:-/tmp/lwjax_certify}/data"
+        work=$work.hi; limit=${CERT_HI_LIMIT:-120}; flags="$flags --depth=3 --method=layerwise_convex --data_dir=${CERT_WORKDIR:-/tmp/lwjax_certify}/data --convex_precision=highest"
       fi
       # shellcheck disable=SC2086
-      JAX_DEFAULT_MATMUL_PRECISION=$([ "$part" = certify_hi ] && echo highest || echo default) \
-        timeout "$limit" python3 launch/train.py --flagfile=poisson.flags $SIZE $flags \
+      timeout "$limit" python3 launch/train.py --flagfile=poisson.flags $SIZE $flags \
         --workdir="$work" >"$OUT/$part.log" 2>&1
       echo "$part: exit $?"; grep -v "steps/s\|checkpoint\|orbax" "$OUT/$part.log" | tail -n 40
       python3 bench/phase_times.py "$work" --log="$OUT/$part.log" --json_out="$OUT/$part.json"

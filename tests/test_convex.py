@@ -405,6 +405,12 @@ def test_the_step_and_its_gradient_run_at_the_stage_precision(precision):
   # Gates, forward; backward: h's cotangent (dropped by XLA in a step) and the filter gradient's
   # two platform branches (CPU, others).
   assert len(convs) == 5 and all(p == want for p in convs), convs
+  if precision is None:  # no precision of its own: the stage keeps the caller's
+    with jax.default_matmul_precision("highest"):
+      jaxpr = jax.make_jaxpr(jax.grad(lambda w: st.loss(w, h, skip, y)[0]))(w)
+    convs = [e.params["precision"] for e in _equations(jaxpr.jaxpr)
+             if e.primitive.name == "conv_general_dilated"]
+    assert convs == [(jax.lax.Precision.HIGHEST,) * 2] * 5, convs
 
 
 def _equations(jaxpr):

@@ -159,6 +159,8 @@ class Program:
   def loss(self, variables, h, skip, y, weight=None):
     """The objective at ``precision`` (its gradient too); the FISTAs get its smooth part only
     (their prox handles the group lasso), pfista in W = V - Z."""
+    if self.precision is None:  # The caller's (or JAX_DEFAULT_MATMUL_PRECISION's) applies.
+      return self._loss(variables, h, skip, y, weight)
     with jax.default_matmul_precision(self.precision):
       return self._loss(variables, h, skip, y, weight)
 
