@@ -10,6 +10,7 @@ from absl import logging
 from lwjax import metrics as metrics_lib
 from lwjax.config import Config
 from lwjax.figures import BASELINES  # The baselines of a summary: key -> label.
+from lwjax.training.loop import format_duration
 
 
 @dataclasses.dataclass
@@ -37,11 +38,6 @@ def plan(cfg: Config, finished: Callable[[str, int], bool]) -> list[Phase]:
       cost = 2 if method != "e2e" and cfg.cache_features != "none" else depth
       phases.append(Phase(method, depth, finished(method, depth), cost))
   return phases
-
-
-def format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class Progress:

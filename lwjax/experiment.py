@@ -12,7 +12,6 @@ from jax.sharding import Mesh
 
 from lwjax import config as config_lib
 from lwjax import data as data_lib
-from lwjax import files
 from lwjax import models
 from lwjax import tensorboard
 from lwjax.config import Config
@@ -93,8 +92,7 @@ def run(cfg: Config, *, mesh: Optional[Mesh] = None) -> dict:
       shutil.rmtree(created, ignore_errors=True)
     raise
   config_path = workdir / "config.json"  # Only now: a command refused above leaves no run.
-  if runtime.is_primary() and not (config_path.exists()
-                           and files.read_json(config_path) == dataclasses.asdict(cfg)):
+  if runtime.is_primary():  # An unchanged config.json is left as it is.
     config_lib.save(cfg, config_path)
   logging.info("data: %d training slices from %d files, %d validation slices from %d files, "
                "grid %s, mask %s x%.2f", len(train.x), len(set(train.volume_index.tolist())),

@@ -38,9 +38,8 @@ def tiny_params(iters=2, lam=0.05, fill=0.0):
 
   With ``fill=0`` each DeepNet is the identity (its skip), so an iteration is the DC step alone.
   """
-  shapes = jax.eval_shape(lambda: unrolled.init(
-      nets.DeepNet(depth=3, features=4, kernel_size=3), jax.random.key(0), (1, SIZE, SIZE, 2),
-      iters=iters, dc_lambda=lam))
+  cfg = config_lib.Config(depth=3, features=4, kernel_size=3, dc_lambda=lam)
+  shapes = jax.eval_shape(lambda: unrolled.init(cfg, (1, SIZE, SIZE, 2), iters))
   params = jax.tree.map(lambda s: jnp.full(s.shape, fill, s.dtype), shapes)
   for k in range(iters):
     params[f"iter_{k}"]["log_lam"] = jnp.asarray(np.log(lam), jnp.float32)

@@ -139,8 +139,7 @@ def test_unrolled_3d_applies_data_consistency_per_slice():
   cfg = config_lib.Config(depth=2, features=4, kernel_size=3, ndim=3, cg_iters=4)
   net = cnn.network_template(cfg)
   params = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), jax.eval_shape(
-      lambda: unrolled.init(nets.DeepNet(depth=2, features=4, kernel_size=3, ndim=3),
-                            jax.random.key(0), (1, 2, SIZE, SIZE, 2), iters=1, dc_lambda=0.1)))
+      lambda: unrolled.init(cfg, (1, 2, SIZE, SIZE, 2), iters=1)))
   params["iter_0"]["log_lam"] = jnp.log(jnp.float32(0.1))
   args = [jnp.asarray(vol[k]) for k in ("kspace", "maps")] + [jnp.asarray(split.mask, jnp.float32)]
   run = jax.jit(lambda p, x, *a: unrolled.forward(net, p, x, *a, cg_iters=4))

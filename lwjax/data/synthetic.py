@@ -4,7 +4,6 @@ Everything is deterministic from a ``numpy.random.Generator``. Coordinates are n
 image grid spans [-1, 1) on both axes (rows = y, downwards; columns = x), and a volume's slices
 span z in [-1, 1].
 """
-import json
 import math
 from pathlib import Path
 
@@ -212,7 +211,7 @@ def make_synthetic_dataset(out_dir, *, train_subjects, val_subjects, slices, coi
   plan = {split: [out_dir / split / f"synth_{split}_{i:03d}.h5" for i in range(n)]
           for split, n in (("train", train_subjects), ("val", val_subjects))}
   try:
-    done = json.loads(manifest.read_text()) == args
+    done = files.read_json(manifest) == args
   except (OSError, ValueError):
     done = False
   if done and all(f.is_file() for paths in plan.values() for f in paths):
@@ -227,8 +226,7 @@ def make_synthetic_dataset(out_dir, *, train_subjects, val_subjects, slices, coi
                            slices=slices, noise_std=noise_std)
       fastmri.write_volume(file, volume["kspace"], volume["rss"],
                            patient_id=f"synth-{split}-{i:03d}")
-  with files.atomic_write(manifest) as tmp:
-    tmp.write_text(json.dumps(args, indent=2))
+  files.write_json(manifest, args)
   return out_dir
 
 

@@ -105,11 +105,10 @@ def init_iteration(net: nets.DeepNet, rng, x_shape, *, dc_lambda) -> Params:
           "log_lam": jnp.asarray(np.log(dc_lambda), jnp.float32)}
 
 
-def init(net: nets.DeepNet, rng, x_shape, *, iters, dc_lambda) -> Params:
-  """``iters`` iterations, iteration k from ``fold_in(rng, k)``."""
-  return {f"iter_{k}": init_iteration(net, jax.random.fold_in(rng, k), x_shape,
-                                      dc_lambda=dc_lambda)
-          for k in range(iters)}
+def init(cfg: Config, x_shape, iters: int) -> Params:
+  """The run's first ``iters`` iterations (``_init_iteration``: the same for e2e and the stages)
+  for inputs ``x_shape`` (N, *spatial, 2)."""
+  return {f"iter_{k}": _init_iteration(cfg, k, x_shape) for k in range(iters)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +228,8 @@ def _init_iteration(cfg: Config, k: int, x_shape) -> Params:
 
 def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh,
                    log: workdir_lib.MetricsLog,
-                   on_depth: Callable[[int, Params, dict], None] = lambda k, p, r: None) -> Params:
+                   on_depth: Callable[[int, Params, Optional[dict]], None] = lambda k, p, r: None
+                   ) -> Params:
   """Train the ``cfg.unroll_iters``-iteration network end to end or stage by stage.
 
   Args:
@@ -238,8 +238,8 @@ def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh,
       ``stages/unrolled_stagewise/stage_<k>.json`` after stage k).
     arrays: ``x, y, kspace, maps`` with one leading example axis (``dc_arrays``).
     mask: (H, W) sampling mask.
-    on_depth: called with (iterations, params, report) for every finished network: once for e2e,
-      after every stage for layerwise (the run evaluates it there).
+    on_depth: called with (iterations, params, stage report or None) for every finished network:
+      once for e2e (no report), after every stage for layerwise (the run evaluates it there).
 
   Finished networks and stages are loaded, not retrained; an interrupted one resumes from its
   per-epoch checkpoint (``loop.fit``). Returns the final parameters.
@@ -257,13 +257,13 @@ def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh,
     out = workdir_lib.params_dir(cfg.workdir, name, iters)
     params = checkpoints.load_finished(out, cfg.workdir)  # None: not finished, or set aside
     if params is None:
-      params = {f"iter_{k}": _init_iteration(cfg, k, x_shape) for k in range(iters)}
-      result = loop.fit(f"{name}_k{iters}", e2e_loss(net, cg_iters=cfg.cg_iters),
+      params = init(cfg, x_shape, iters)
+      result = loop.fit(phase_of(name, iters), e2e_loss(net, cg_iters=cfg.cg_iters),
                              optimizer(cfg, spe), params, frozen, arrays, cfg=cfg, mesh=mesh,
                              epochs=cfg.epochs, log=log)
       params = jax.device_get(result.state["params"])
       checkpoints.save_params(out, params)
-    on_depth(iters, params, {f"lambda_{k}": lam for k, lam in enumerate(lambdas(params))})
+    on_depth(iters, params, None)  # No stage report; its lambdas go into summary["lambda"].
     return params
 
   params: Params = {}
@@ -278,7 +278,7 @@ def train_unrolled(cfg: Config, method: str, arrays: dict, mask, *, mesh,
     x_in = arrays["x"] if k == 0 else predict(net, params, arrays, mask, cg_iters=cfg.cg_iters,
                                               mesh=mesh, batch_size=cfg.eval_batch_size)
     variables = {f"iter_{k}": _init_iteration(cfg, k, x_shape)}
-    result = loop.fit(f"{name}_s{k + 1}", stage_loss(net, k, cg_iters=cfg.cg_iters),
+    result = loop.fit(phase_of(name, k + 1), stage_loss(net, k, cg_iters=cfg.cg_iters),
                            optimizer(cfg, spe), variables, frozen, {**arrays, "x_in": x_in},
                            cfg=cfg, mesh=mesh, epochs=cfg.epochs, log=log)
     params = {**params, **jax.device_get(result.state["params"])}
@@ -299,8 +299,7 @@ def abstract_step(cfg: Config, method: str, depth: int, batch_size: int, coils: 
   spatial = cfg.spatial
   net = cnn.network_template(cfg)
   iters = cfg.unroll_iters if method == "e2e" else 1
-  params = jax.eval_shape(lambda: {f"iter_{k}": _init_iteration(cfg, k, (1,) + spatial + (2,))
-                                   for k in range(iters)})
+  params = jax.eval_shape(lambda: init(cfg, (1,) + spatial + (2,), iters))
   loss = (e2e_loss(net, cg_iters=cfg.cg_iters) if method == "e2e"
           else stage_loss(net, 0, cg_iters=cfg.cg_iters))
   tx = optimizer(cfg, 1)
@@ -336,8 +335,7 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
   train_arrays, val_arrays = dc_arrays(cfg, train), dc_arrays(cfg, val)
   slice_means = lambda pred: metrics.means(metrics.per_slice(pred=pred, target=val_arrays["y"]))
   summary = {"zero_filled": slice_means(val_arrays["x"]),
-             "cg_sense": slice_means(cg_sense(val_arrays, mask, iters=cfg.cg_iters, mesh=mesh,
-                                              batch_size=cfg.eval_batch_size)),
+             "cg_sense": slice_means(baselines(cfg, val_arrays, mask, mesh)["cg_sense"]),
              "stages": {}, "lambda": {}, "config": dataclasses.asdict(cfg)}
   workdir_lib.write_json(summary_path, workdir_lib.results_first(summary), sort_keys=False)
 
@@ -347,7 +345,7 @@ def run(cfg: Config, train: data_lib.Split, val: data_lib.Split, *, mesh,
     summary["lambda"].setdefault(method, {})[str(iters)] = lambdas(params)
     interface.record_network(summary, summary_path, log, method=method, depth=iters, pred=pred,
                           target=val_arrays["y"],
-                          report=report if method == NAMES["layerwise"] else None, stage=iters,
+                          report=report, stage=iters,
                           eval_phase=f"{method}_k{iters}", train_phase=phase_of(method, iters),
                           name=f"{method}, {iters} iterations")
 

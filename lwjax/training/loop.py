@@ -71,7 +71,8 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh):
                  out_shardings=(rep, rep))
 
 
-def _format_eta(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+  """``seconds`` as H:MM:SS."""
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
@@ -169,7 +170,8 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
           rate = (i + 1) / (time.time() - t0)
           remaining = (epochs - epoch) * spe - (i + 1)
           logging.info("%s epoch %d/%d step %d/%d loss %.4e %.2f steps/s eta %s", phase, epoch + 1,
-                       epochs, i + 1, spe, float(last["loss"]), rate, _format_eta(remaining / rate))
+                       epochs, i + 1, spe, float(last["loss"]), rate,
+                       format_duration(remaining / rate))
       losses = np.asarray(jax.device_get(losses), np.float64)
       last = jax.device_get(last)
       # The loss of a step is that of the parameters before its update: the norms after the
@@ -199,7 +201,8 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
         record["lr"] = float(lr_schedule(cfg, spe)(record["step"] - 1))
       log.write(record)
       logging.info("%s epoch %d/%d loss %.4e (%.2f steps/s, %.1f s/epoch) eta %s", phase,
-                   epoch + 1, epochs, record["loss"], record["steps_per_s"], dt, _format_eta(eta))
+                   epoch + 1, epochs, record["loss"], record["steps_per_s"], dt,
+                   format_duration(eta))
       if checked(epoch + 1):
         end = epoch + 1
         break
