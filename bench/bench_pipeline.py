@@ -26,7 +26,6 @@ CPU, reduced size:
       --slices=32 --epochs=3 --runs=e2e,layerwise_convex:none,layerwise_convex:host
 """
 import dataclasses
-import json
 import os
 import shutil
 import statistics
@@ -41,6 +40,7 @@ from absl import flags
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # This working tree's lwjax.
 from lwjax import cli  # noqa: E402
 from lwjax import config as config_lib  # noqa: E402
+from lwjax import files  # noqa: E402
 
 config_lib.define_flags()
 flags.DEFINE_integer("slices", 48, "random training slices held in host memory")
@@ -70,8 +70,7 @@ def parse_runs(spec: str) -> list:
 def phase_rows(metrics_path: Path, cfg) -> list:
   """Per phase: means over its epochs after the first (which includes compilation)."""
   epochs = {}
-  for line in metrics_path.read_text().splitlines():
-    rec = json.loads(line)
+  for rec in files.read_json_lines(metrics_path):
     if "epoch_s" in rec:
       epochs.setdefault(rec["phase"], []).append(rec)
   rows = []

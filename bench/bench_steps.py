@@ -73,7 +73,6 @@ from absl import flags  # noqa: E402
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from lwjax import config as config_lib  # noqa: E402
 from lwjax import files  # noqa: E402
-from lwjax.training import runtime
 
 T_START = time.perf_counter()
 
@@ -481,7 +480,7 @@ def device_random(env, shapes: dict, dtypes: dict, seed: int):
   """Random normal arrays made on the device, split over the mesh's "data" axis."""
   jax = env.jax
   out = {}
-  sharding = runtime.batch_sharded(env.mesh)
+  sharding = env.runtime.batch_sharded(env.mesh)
   for i, (name, shape) in enumerate(shapes.items()):
     make = jax.jit(lambda k, shape=shape, dt=dtypes.get(name, "float32"):
                    jax.random.normal(k, shape, dt), out_shardings=sharding)
@@ -619,7 +618,7 @@ def agreement_check(env, cfg) -> dict:
   step, a non-convex stage and a convex stage (relative differences; ~1e-6 means the same
   function). Run at full float32 in both frameworks."""
   jax, jnp, np, torch, ref = env.jax, env.jax.numpy, env.np, env.torch, env.ref
-  runtime, loop, cnn = env.runtime, env.loop, env.cnn
+  cnn = env.cnn
   import optax
   from lwjax.stages import gated
   from lwjax import nets

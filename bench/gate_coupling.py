@@ -9,24 +9,30 @@ by the patch covariance (``u -> S^-1/2 u``).
 
   python bench/gate_coupling.py --flagfile=demo.flags --data_dir=runs/demo/data [--white]
 """
-import numpy as np
+import sys
+from pathlib import Path
+
 import jax.numpy as jnp
+import numpy as np
 from absl import app
 from absl import flags
 
-from lwjax import config
-from lwjax import experiment
-from lwjax.stages import gated
-from lwjax.stages import precond
+# The repository's lwjax (this working tree), installed or not.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from lwjax import config  # noqa: E402
+from lwjax import experiment  # noqa: E402
+from lwjax.stages import gated  # noqa: E402
+from lwjax.stages import precond  # noqa: E402
 
 config.define_flags()
 flags.DEFINE_bool("white", False, "whiten the gate filters by the patch covariance")
 FLAGS = flags.FLAGS
 
 
-def coupling(x, kernel_size: int, num: int, white: bool) -> np.ndarray:
-  """A (num, num) float64: the patch-energy-weighted co-activation of the gates on x."""
-  u = gated.gate_filters(0, kernel_size, 2, x.shape[-1], num)
+def coupling(x, kernel_size: int, num: int, white: bool, seed: int) -> np.ndarray:
+  """A (num, num) float64: the patch-energy-weighted co-activation on x of stage 1's gates
+  (``--gate_seed``)."""
+  u = gated.gate_filters(seed, kernel_size, 2, x.shape[-1], num)
   if white:
     s, _ = precond.patch_covariance(lambda: iter([(x, None, None)]), (kernel_size,) * 2,
                                     rows_per_example=x.shape[1] * x.shape[2], seed=0)
@@ -47,7 +53,7 @@ def main(argv):
   print("k   P   diag   off-diag  eig max (P/4 + 1/4)  2nd     min      cond")
   for k in (5, 7):
     for p in (4, 16, 64):
-      a = coupling(x, k, p, FLAGS.white)
+      a = coupling(x, k, p, FLAGS.white, cfg.gate_seed)
       ev = np.linalg.eigvalsh(a)
       off = a[~np.eye(p, dtype=bool)]
       print(f"{k}  {p:2d}   {np.mean(np.diag(a)):.3f}  {np.mean(off):.3f}     {ev[-1]:6.2f} "

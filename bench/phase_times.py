@@ -10,12 +10,15 @@ With ``--log`` (the trainer's console output) the first phase starts at the log'
 "network 1 of" line, after data preparation; without it, at its own first record.
 """
 import datetime
-import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
+
+# The repository's lwjax (this working tree), installed or not.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from lwjax import files  # noqa: E402
 
 
 def log_start(log: str, year: int) -> float:
@@ -59,9 +62,7 @@ def phase_times(records: list[dict], start=None) -> list[dict]:
 def main(argv: list[str]) -> None:
   workdir = Path(argv[1])
   json_out = next((a.split("=", 1)[1] for a in argv[2:] if a.startswith("--json_out=")), None)
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-             if line.strip()]
-  records = [r for r in records if "time" in r]
+  records = [r for r in files.read_json_lines(workdir / "metrics.jsonl") if "time" in r]
   log = next((a.split("=", 1)[1] for a in argv[2:] if a.startswith("--log=")), None)
   start = None
   if log:
@@ -74,10 +75,11 @@ def main(argv: list[str]) -> None:
           f"{row['median_epoch_s'] or 0:8.3f}  " + " ".join(f"{g:.1e}({e})" for e, g in row["checks"]))
   groups: dict[str, float] = {}
   for row in rows:
-    groups[row["phase"].rsplit("_", 1)[0]] = groups.get(row["phase"].rsplit("_", 1)[0], 0.0) + row["seconds"]
+    method = row["phase"].rsplit("_", 1)[0]
+    groups[method] = groups.get(method, 0.0) + row["seconds"]
   print("total seconds per method: " + ", ".join(f"{k} {v:.1f}" for k, v in groups.items()))
   if json_out:
-    Path(json_out).write_text(json.dumps({"phases": rows, "per_method_s": groups}, indent=1))
+    files.write_json(json_out, {"phases": rows, "per_method_s": groups}, sort_keys=False)
 
 
 if __name__ == "__main__":

@@ -95,11 +95,12 @@ def markdown(cfg: Config, result: dict, figure_files: dict, stages: dict) -> str
   for name, label in figures.BASELINES.items():
     if name in per_slice:
       lines.append(_row([label, ""] + _cells(per_slice[name]) + blank))
-  ref_method = models.family(cfg).reference
-  e2e = mean.get(ref_method, {})
-  for method, depth in models.family(cfg).trained_networks(cfg):
+  fam = models.family(cfg)
+  networks = fam.trained_networks(cfg)
+  e2e = mean.get(fam.reference, {})
+  for method, depth in networks:
     gap = blank
-    if method != ref_method and str(depth) in e2e:
+    if method != fam.reference and str(depth) in e2e:
       means, ref = mean[method][str(depth)], e2e[str(depth)]
       gap = [f"{means[k] - ref[k]:+{metrics_lib.NAMES[k][2]}}" for k in metrics_lib.NAMES]
     label = f"{method} (DIVERGED)" if str(depth) in diverged.get(method, {}) else method
@@ -113,7 +114,7 @@ def markdown(cfg: Config, result: dict, figure_files: dict, stages: dict) -> str
   per_volume = result["per_volume"]
   rows = [(label, "", per_volume[name]) for name, label in figures.BASELINES.items()
           if name in per_volume]
-  rows += [(m, d, per_volume[m][str(d)]) for m, d in models.family(cfg).trained_networks(cfg)]
+  rows += [(m, d, per_volume[m][str(d)]) for m, d in networks]
   lines += [_row([label, depth] + _cells(v)) for label, depth, v in rows]
   for method, reports in stages.items():
     keys = sorted({k for r in reports.values() for k in r})
