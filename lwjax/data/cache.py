@@ -8,7 +8,6 @@ import ctypes
 import dataclasses
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 from pathlib import Path
@@ -137,25 +136,12 @@ _IDENTITY = "identity"  # The key of an entry's ``cache_identity``.
 _MISMATCH = "mismatch"  # ``_read_entry``'s answer for an entry of another slice or settings.
 
 
-def overflows(kspace: np.ndarray) -> bool:
-  """Whether k-space (C, H, W) is too large for float32 FFTs: an orthonormal 2D FFT's output can
-  reach sqrt(H * W) times the largest input magnitude."""
-  limit = float(np.finfo(np.float32).max) / math.sqrt(kspace.shape[-1] * kspace.shape[-2])
-  return float(np.abs(kspace).max()) > limit
-
-
 def _prepare_and_cache(info, index, mask, cfg, cache_dir, with_maps, with_kspace) -> dict:
   """Prepares one slice from its file and writes its cache entry (atomically); returns it
   (``{"skip": reason}`` for an :class:`EmptySlice`)."""
   file, identity = _cache_file(info, index, mask, cfg, cache_dir)
   kspace = fastmri.read_slice(info.path, index)
   where = f"{info.path}: key '{fastmri.KSPACE}', slice {index}"
-  if overflows(kspace):
-    raise fastmri.DataError(
-        f"{where}: its largest magnitude, {np.abs(kspace).max():.3g}, is so close to float32's "
-        f"maximum ({np.finfo(np.float32).max:.3g}) that the FFTs' sums overflow to inf (then "
-        "LAPACK's 'Eigenvalues did not converge', or NaN images); expected k-space scaled well "
-        "below it (fastMRI's is ~1e-3): rescale the file's k-space")
   grid = fastmri.to_grid(kspace, cfg.image_size)
   try:
     entry = _entry(prepare_slice(grid, mask, cfg), with_maps, with_kspace)

@@ -8,6 +8,7 @@ encoding, oversampled 2x in fastMRI knee data) and W the phase encoding; ``recon
 file, the HDF5 key and what was expected vs found.
 """
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Optional
 import xml.etree.ElementTree as ElementTree
@@ -323,8 +324,8 @@ def open_volume(path, undersampled: bool = False) -> VolumeInfo:
 
 
 def read_slice(path, index, undersampled: bool = False) -> np.ndarray:
-  """The k-space of slice ``index``: (C, H, W) complex64, checked to be finite (``undersampled``:
-  fastMRI test/challenge files are read too)."""
+  """The k-space of slice ``index``: (C, H, W) complex64, checked to be finite and small enough
+  for float32 FFTs (``undersampled``: fastMRI test/challenge files are read too)."""
   with _open(path) as f:
     ds, _ = _kspace(f, path, undersampled)
     if not 0 <= index < ds.shape[0]:
@@ -335,10 +336,18 @@ def read_slice(path, index, undersampled: bool = False) -> np.ndarray:
     except OSError as e:  # A damaged chunk or compression filter.
       raise DataError(f"{path}: key '{KSPACE}', slice {index}: expected readable data, found a "
                       f"damaged file ({e})") from e
+  where = f"{path}: key '{KSPACE}', slice {index}"
   bad = np.size(kspace) - np.count_nonzero(np.isfinite(kspace))
   if bad:
-    raise DataError(f"{path}: key '{KSPACE}', slice {index}: expected finite values, "
-                    f"found {bad} NaN/Inf")
+    raise DataError(f"{where}: expected finite values, found {bad} NaN/Inf")
+  # An orthonormal 2D FFT's output can reach sqrt(H * W) times the largest input magnitude.
+  largest = float(np.abs(kspace).max())
+  if largest > float(np.finfo(np.float32).max) / math.sqrt(kspace.shape[-1] * kspace.shape[-2]):
+    raise DataError(
+        f"{where}: its largest magnitude, {largest:.3g}, is so close to float32's maximum "
+        f"({np.finfo(np.float32).max:.3g}) that the FFTs' sums overflow to inf (then LAPACK's "
+        "'Eigenvalues did not converge', or NaN images); expected k-space scaled well below it "
+        "(fastMRI's is ~1e-3): rescale the file's k-space")
   return kspace
 
 

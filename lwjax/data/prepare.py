@@ -5,6 +5,7 @@ zero-filled image, ``y`` the SENSE combination of the fully sampled coil images 
 both (h, w, 2) float32 (real, imaginary) divided by ``scale = max |x|``.
 """
 import dataclasses
+import functools
 from typing import Optional
 
 import numpy as np
@@ -74,13 +75,20 @@ def mask_for(cfg: PrepConfig) -> np.ndarray:
   (``Split.mask``). fastMRI's PyTorch loaders instead draw a new Cartesian mask per slice.
   """
   try:
-    return masks.make_mask(cfg.mask, (cfg.image_size, cfg.image_size), cfg.accel,
-                           seed=cfg.mask_seed, calib=cfg.calib,
-                           center_fraction=cfg.center_fraction)
+    return _mask(cfg.mask, cfg.image_size, cfg.accel, cfg.mask_seed, cfg.calib,
+                 cfg.center_fraction).copy()
   except ValueError as e:  # ``masks`` names its arguments; a user knows the flags.
     raise ValueError(f"--mask={cfg.mask} --accel={cfg.accel} --calib={cfg.calib} "
                      f"--center_fraction={cfg.center_fraction} --image_size={cfg.image_size}: "
                      f"{e}") from e
+
+
+# A run asks for its mask at start-up and once per split; a paper-size Poisson disc is slow to
+# draw (BUILD_NOTES.md, masks), so each is drawn once per process.
+@functools.lru_cache(maxsize=8)
+def _mask(kind, size, accel, seed, calib, center_fraction) -> np.ndarray:
+  return masks.make_mask(kind, (size, size), accel, seed=seed, calib=calib,
+                         center_fraction=center_fraction)
 
 
 def checked_mask(cfg: PrepConfig) -> np.ndarray:

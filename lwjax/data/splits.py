@@ -121,9 +121,9 @@ def load_split(data_dir, split, cfg: PrepConfig, *, cache_dir, max_volumes=None,
   and validated on reading (shapes, finite values, the ``cache_identity`` they hold), and an
   invalid one is prepared and written again (one that holds another identity is logged).
   ``with_maps`` and ``with_kspace`` add the coil maps and the sampled, scaled k-space (what data
-  consistency needs) to the split; an entry cached without them is prepared again once. Files with fewer coils than
-  the split's most are padded with zero coils (map and k-space 0), which adds exactly nothing to
-  any SENSE sum over coils (fastMRI brain files have 4 to 20). Slices not in the cache are
+  consistency needs) to the split; an entry cached without them is prepared again once. Files
+  with fewer coils than the split's most are padded with zero coils (map and k-space 0), which
+  adds exactly nothing to any SENSE sum over coils (fastMRI brain files have 4 to 20). Slices not in the cache are
   prepared by ``workers`` processes (0: one per CPU core; ESPIRiT is the slow part).
   ``storage``: the split's arrays in host memory, or on ``"disk"`` (memory-mapped scratch files
   in ``cache_dir``, see ``_host_array``) for datasets larger than the host's memory.
