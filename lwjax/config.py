@@ -19,6 +19,7 @@ METHODS = LAYERWISE + ("e2e",)
 MASKS = ("poisson", "cartesian", "equispaced")
 MAPS = ("espirit", "lowres")
 SOLVERS = ("pfista", "fista", "adam")
+GATE_FILTERS = ("white", "gaussian")
 PRECISIONS = ("default", "high", "highest")  # jax.default_matmul_precision's names
 DTYPES = ("float32", "bfloat16")
 FEATURE_CACHES = ("none", "host", "disk", "device")
@@ -73,9 +74,11 @@ class Config:
   target_gap: float = 1e-4  # end a convex stage (rho = 0) once its relative duality gap is at most this; 0: never early
   certify_every: int = 10  # passes between a convex stage's duality-gap certificates (and its checkpoints)
   metric_samples: int = 64  # pfista: patches per patch dimension for the covariance metric; 0: every patch
+  metric_coupling: float = 1.0  # pfista: c of the metric's gate coupling I + c 1 1^T (1: common mode out; 0: separable)
   convex_init: str = "zeros"  # start of the convex stages: zeros or random (a convex stage reaches one optimum)
   convex_precision: str = "default"  # matmul precision of the convex stages' training step: default (TF32 on GPUs), high or highest
   gate_seed: int = 0  # seed of the convex stages' fixed gate filters
+  gate_filters: str = "white"  # convex stages' gate filters: white (whitened by the stage input's patch covariance) or gaussian
   # Runtime.
   workdir: str = "workdir"  # everything a run writes: checkpoints, metrics, summary.json
   eval_batch_size: int = 8  # batch size of evaluation
@@ -176,6 +179,9 @@ def validate(cfg: Config, num_devices: int) -> None:
   need(0 <= cfg.target_gap < 1, "target_gap", "expected a relative duality gap in [0, 1)")
   need(cfg.certify_every >= 1, "certify_every", "must be >= 1 (passes)")
   need(cfg.metric_samples >= 0, "metric_samples", "must be >= 0 (0: every patch)")
+  need(cfg.metric_coupling >= 0, "metric_coupling", "must be >= 0")
+  need(cfg.gate_filters in GATE_FILTERS, "gate_filters",
+       f"expected one of {', '.join(GATE_FILTERS)}")
   need(cfg.convex_init in ("zeros", "random"), "convex_init", "expected zeros or random")
   need(cfg.convex_precision in PRECISIONS, "convex_precision",
        f"expected one of {', '.join(PRECISIONS)}")

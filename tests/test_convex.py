@@ -431,11 +431,11 @@ def test_anisotropic_3d_stage_uses_one_set_of_gates_everywhere():
   v2 = _random_variables(10)
   v3 = {k: w[None] for k, w in v2.items()}  # (1, K, K, C_in, P, C_out)
   u3 = gated.gate_filters(0, (1, K, K), 3, C_IN, P)
-  np.testing.assert_array_equal(gated.gate_filters_of(v3, 0), u3)
   st2 = convex.convex_stage(features=FEATURES, kernel_size=K, ndim=2, beta=0.01, rho=0.0,
                             refit_head=True, tx=optax.adam(1e-3))
   st3 = convex.convex_stage(features=FEATURES, kernel_size=(1, K, K), ndim=3, beta=0.01,
                             rho=0.0, refit_head=True, tx=optax.adam(1e-3))
+  np.testing.assert_array_equal(st3.loss.__self__.filters(C_IN), u3)  # the stage's Program
   # Same seed and element count: the 2D gates are the 3D ones without the depth axis.
   np.testing.assert_array_equal(u3[0], gated.gate_filters(0, K, 2, C_IN, P))
   vol = tuple(a[:, None] for a in (h, skip, y))
@@ -498,6 +498,89 @@ def test_metric_prox_minimises_its_objective_in_float64():
   assert (u == 0).all(axis=0).any() and (u != 0).any(axis=0).any()  # both cases were met
 
 
+def _dense_metric(scale, coupling, num, groups):
+  """``diag(scale) (x) (I_P + coupling 1 1^T)`` as a dense matrix on W (d, G) flattened row-major
+  (column ``p * C_out + c``), float64."""
+  channels = groups // num
+  coupled = np.kron(np.eye(num) + coupling * np.ones((num, num)), np.eye(channels))
+  return np.kron(np.diag(scale), coupled)
+
+
+def test_metric_solve_and_dot_are_the_dense_metric():
+  rng = np.random.default_rng(3)
+  d, num, channels, coupling = 5, 4, 2, 1.0
+  scale = np.exp(rng.uniform(-3, 2, d))
+  v, w = rng.standard_normal((2, d, num * channels))
+  h = _dense_metric(scale, coupling, num, num * channels)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  assert float(precond.metric_dot(f32(v), f32(w), f32(scale), coupling, num)) == pytest.approx(
+      v.reshape(-1) @ h @ w.reshape(-1), rel=1e-5)
+  solved = precond.metric_solve(f32((h @ v.reshape(-1)).reshape(v.shape)), f32(scale), coupling,
+                                num)
+  np.testing.assert_allclose(solved, v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.3, 3.0])
+def test_coupled_prox_minimises_its_objective_in_float64(beta):
+  """``coupled_prox`` against the KKT conditions of its objective and scipy's minimisation, with
+  some groups zero (beta = 3) and all active (beta = 0.3)."""
+  scipy_optimize = pytest.importorskip("scipy.optimize")
+  rng = np.random.default_rng(1)
+  d, num, channels, coupling = 4, 3, 2, 1.0
+  groups = num * channels
+  a = np.exp(rng.uniform(-2, 2, d))
+  z = rng.standard_normal((d, groups)) * np.array([0.3, 1.0, 3.0, 0.5, 2.0, 6.0])
+  h = _dense_metric(a, coupling, num, groups)
+  objective = lambda v: (0.5 * (v - z.reshape(-1)) @ h @ (v - z.reshape(-1))  # noqa: E731
+                         + beta * np.linalg.norm(v.reshape(d, groups), axis=0).sum())
+  u, _ = precond.coupled_prox(jnp.asarray(z, jnp.float32), jnp.asarray(a, jnp.float32), beta,
+                              coupling, num, jnp.zeros((d, channels), jnp.float32))
+  u = np.asarray(u, np.float64)
+  # KKT: H (z - u) is beta * u_g / |u_g| on an active group, inside the beta-ball on a zero one.
+  q = (h @ (z - u).reshape(-1)).reshape(d, groups)
+  norms = np.linalg.norm(u, axis=0)
+  for g in range(groups):
+    if norms[g] > 0:
+      np.testing.assert_allclose(q[:, g], beta * u[:, g] / norms[g], atol=1e-4 * beta)
+    else:
+      assert np.linalg.norm(q[:, g]) <= beta * (1 + 1e-5), g
+  assert (norms == 0).any() == (beta == 3.0) and (norms > 0).any()
+  best = min((scipy_optimize.minimize(objective, start, method="Powell",
+                                      options={"xtol": 1e-10, "ftol": 1e-14, "maxfev": 400000})
+              for start in (z.reshape(-1), u.reshape(-1))), key=lambda r: r.fun)
+  assert objective(u.reshape(-1)) <= best.fun + 1e-6 * abs(best.fun)
+
+
+def test_whitened_gate_filters_keep_their_gram_in_the_covariance():
+  """``whiten(u) = S^-1/2 u``: ``whiten(u)^T S whiten(u) = u^T u`` for a covariance S."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((50, 2 * 2 * 3)) @ rng.standard_normal((12, 12))
+  s = x.T @ x / 50
+  q, lam = precond.factorise(s, 1e-9)
+  u = gated.gate_filters(5, 2, 2, 3, 4)
+  white = np.asarray(gated.whiten(u, q, lam), np.float64).reshape(12, 4)
+  flat = u.reshape(12, 4).astype(np.float64)
+  np.testing.assert_allclose(white.T @ s @ white, flat.T @ flat, rtol=1e-5, atol=1e-5)
+
+
+def test_a_white_gated_stage_gates_with_its_whitened_filters():
+  """``prepare`` whitens the seeded filters by the stage input's covariance; the loss and the
+  certificate then use them (against the NumPy model with those filters)."""
+  h, skip, y = _smooth_data(5)
+  batches = _batches(h, skip, y, 4)
+  st, _ = _pfista(beta=0.01, gates="white", coupling=1.0, steps_per_epoch=2).prepare(batches,
+                                                                                    h.shape)
+  u = st.loss.__self__.filters(C_IN)
+  s, _ = precond.patch_covariance(batches, (K, K), rows_per_example=h[0, ..., 0].size, seed=0)
+  np.testing.assert_allclose(u, gated.whiten(gated.gate_filters(0, K, 2, C_IN, P),
+                                             *precond.factorise(s, 1e-6)), rtol=1e-4, atol=1e-5)
+  w = _random_variables(6)["v"]
+  ref_value, _ = _np_objective(w, np.zeros_like(w), h, skip, y, u, beta=0.0, rho=0.0)
+  np.testing.assert_allclose(st.loss({"w": w}, h, skip, y)[0], ref_value, rtol=1e-5)
+  cert = st.certificate({"v": w, "z": jnp.zeros_like(w)}, batches)
+  np.testing.assert_allclose(cert["mse"], 2 * ref_value, rtol=1e-5)
+
+
 def _pfista(**kwargs):
   return convex.convex_stage(features=FEATURES, kernel_size=K, rho=0.0, solver="pfista",
                              metric_samples=0, **kwargs)
@@ -548,7 +631,8 @@ def test_filter_gradient_matches_numpy(kernel_shape):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_pfista_certifies_where_plain_fista_has_not():
+@pytest.mark.parametrize("gates,coupling", [("gaussian", 0.0), ("white", 1.0)])
+def test_pfista_certifies_where_plain_fista_has_not(gates, coupling):
   """On an ill-conditioned program, 60 passes in the metric close the gap to 1e-6; plain FISTA,
   given the same 60 passes, is still orders of magnitude away."""
   h, skip, y = _smooth_data(0)
@@ -557,7 +641,8 @@ def test_pfista_certifies_where_plain_fista_has_not():
   for solver in ("pfista", "fista"):
     st = convex.convex_stage(features=FEATURES, kernel_size=K, rho=0.0, beta=0.01,
                              relative_beta=True, solver=solver, fista_iters=60,
-                             steps_per_epoch=2, metric_samples=0)
+                             steps_per_epoch=2, metric_samples=0, gates=gates,
+                             coupling=coupling if solver == "pfista" else 0.0)
     st, report = st.prepare(batches, h.shape)
     variables = _fit(st, st.init(None, h.shape), h, skip, y, 4, 60)
     gaps[solver] = st.certificate(variables, batches)["rel_gap"]
@@ -598,12 +683,13 @@ def test_pfista_recovers_a_planted_optimum():
   assert st.certificate(found, batches)["rel_gap"] < 1e-5
 
 
-def test_pfista_reaches_one_optimum_from_any_start_and_batch_size():
+@pytest.mark.parametrize("gates,coupling", [("gaussian", 0.0), ("white", 1.0)])
+def test_pfista_reaches_one_optimum_from_any_start_and_batch_size(gates, coupling):
   h, skip, y = _smooth_data(2)
   objectives = {}
   for init, batch_size in (("zeros", 8), ("random", 8), ("zeros", 2)):
     st = _pfista(beta=0.01, relative_beta=True, fista_iters=150, init=init,
-                 steps_per_epoch=len(h) // batch_size)
+                 steps_per_epoch=len(h) // batch_size, gates=gates, coupling=coupling)
     batches = _batches(h, skip, y, batch_size)
     st, _ = st.prepare(batches, h.shape)
     start = st.init(jax.random.key(7), h.shape)
@@ -618,7 +704,7 @@ def test_pfista_reaches_one_optimum_from_any_start_and_batch_size():
 
 def test_pfista_state_holds_its_metric_and_needs_prepare():
   h, skip, y = _data(4)
-  st = _pfista(beta=0.01, fista_iters=1, steps_per_epoch=2)
+  st = _pfista(beta=0.01, fista_iters=1, steps_per_epoch=2, gates="white", coupling=1.0)
   variables = st.init(None, h.shape)
   with pytest.raises(RuntimeError, match="prepare"):
     st.tx.init(variables)
@@ -632,7 +718,7 @@ def test_pfista_state_holds_its_metric_and_needs_prepare():
   d = K * K * C_IN
   inner = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, precond.PfistaState))
            if isinstance(s, precond.PfistaState)][0]
-  assert inner.basis.shape == (d, d) and inner.scale.shape == (d,)
+  assert inner.basis.shape == (d, d) and inner.scale.shape == (d,) and inner.nu.shape == (d, C_OUT)
   np.testing.assert_allclose(inner.basis @ inner.basis.T, np.eye(d), atol=1e-5)
   assert report["metric_rows"] == len(h) * 64 and report["lipschitz"] > 0
   buffers = lambda tree: {a.unsafe_buffer_pointer() for a in jax.tree.leaves(tree)}

@@ -118,9 +118,11 @@ def _convex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.Stage
   return convex.convex_stage(
       features=cfg.features, kernel_size=cfg.kernel, ndim=cfg.ndim, beta=cfg.beta, rho=cfg.rho,
       solver=cfg.convex_solver, tx=loop.adam(cfg, spe),
-      gate_seed=cfg.gate_seed + index, refit_head=cfg.refit_head, fista_iters=cfg.fista_iters,
+      gate_seed=cfg.gate_seed + index, gates=cfg.gate_filters, refit_head=cfg.refit_head,
+      fista_iters=cfg.fista_iters,
       steps_per_epoch=data_lib.steps_per_epoch(num_examples, cfg.batch_size, full_pass=fista),
       relative_beta=cfg.beta_relative, metric_samples=cfg.metric_samples,
+      coupling=cfg.metric_coupling,
       num_examples=num_examples, init=cfg.convex_init, dtype=jnp.dtype(cfg.compute_dtype),
       precision=None if cfg.convex_precision == "default" else cfg.convex_precision)
 

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwjax.stages.gated import (branches, cone_violation, gate_filters_of, gated_sum, gates,
-                                head_predict, objective_value, predict, relu_features,
+from lwjax.stages.gated import (branches, cone_violation, gated_sum, gates, head_predict, objective_value, predict, relu_features,
                                 relu_predict, to_layer)
 
 # Groups below this fraction of the largest group norm count as zero in the KKT check: Adam never
@@ -60,12 +59,11 @@ def duality_gap(variables, neg_grad, *, data, beta):
           "kkt_violation": np.sqrt(np.mean(dist ** 2)) / beta}
 
 
-@functools.partial(jax.jit, static_argnames=("gate_seed", "refit"))
-def _batch_sums(variables, h, skip, y, *, gate_seed, refit):
-  """Sums over one batch for ``finalize`` (float32; the caller adds them in float64). ``at_e``,
-  ``at_r``: ``A^T e`` and ``A^T r`` (e the residual, r = y - skip), M times minus the data
-  gradient at the solution and at zero."""
-  u = gate_filters_of(variables, gate_seed)
+@functools.partial(jax.jit, static_argnames="refit")
+def _batch_sums(variables, h, skip, y, u, *, refit):
+  """Sums over one batch for ``finalize`` (float32; the caller adds them in float64), ``u`` the
+  gate filters. ``at_e``, ``at_r``: ``A^T e`` and ``A^T r`` (e the residual, r = y - skip), M
+  times minus the data gradient at the solution and at zero."""
   out, transpose = jax.vjp(lambda w: branches(w, h, jnp.float32), variables)
   d = gates(h, u)
   pred = skip + gated_sum(out, d)
@@ -91,24 +89,23 @@ def _batch_sums(variables, h, skip, y, *, gate_seed, refit):
   return sums
 
 
-@functools.partial(jax.jit, static_argnames="gate_seed")
-def _gap_sums(variables, h, skip, y, *, gate_seed):
+@jax.jit
+def _gap_sums(variables, h, skip, y, u):
   """Sums over one batch for ``certificate``: the squared error and ``A^T e`` (one conv and one
-  transposed conv of W = V - Z)."""
-  u = gate_filters_of(variables, gate_seed)
+  transposed conv of W = V - Z; ``u`` the gate filters)."""
   pred, transpose = jax.vjp(lambda w: predict(w, h, skip, u, jnp.float32), variables)
   e = y - pred
   return {"elements": y.size, "sq_err": jnp.sum(jnp.square(e)), "at_e": transpose(e)[0]}
 
 
-def certificate(variables, feature_batches, *, beta, gate_seed) -> dict:
-  """``duality_gap`` of a gated (rho = 0) solution over the training set, in one pass:
-  {"objective", "mse", "rel_gap", "kkt_violation"}."""
+def certificate(variables, feature_batches, *, beta, u) -> dict:
+  """``duality_gap`` of a gated (rho = 0) solution, gate filters ``u``, over the training set in
+  one pass: {"objective", "mse", "rel_gap", "kkt_violation"}."""
   vz = {"v": variables["v"], "z": variables["z"]}
   with jax.default_matmul_precision("highest"):
     total = None
     for h, skip, y in feature_batches():
-      total = accumulate(total, _gap_sums(vz, h, skip, y, gate_seed=gate_seed))
+      total = accumulate(total, _gap_sums(vz, h, skip, y, u))
   mse = total["sq_err"] / total["elements"]
   cert = duality_gap(vz, jax.tree.map(lambda g: g / total["elements"], total["at_e"]),
                      data=mse / 2, beta=beta)
@@ -136,7 +133,7 @@ def _refit(gram, cross, ndim):
           "bias": jnp.asarray(w[-1], jnp.float32)}
 
 
-def finalize_pass(variables, feature_batches, *, beta, rho, gate_seed, refit_head):
+def finalize_pass(variables, feature_batches, *, beta, rho, u, refit_head):
   """``Stage.finalize``: certificate, ReLU mismatch and the optional head refit (see
   ``convex_stage``); one pass over the training set, two with the refit."""
   vz = {"v": variables["v"], "z": variables["z"]}
@@ -144,8 +141,7 @@ def finalize_pass(variables, feature_batches, *, beta, rho, gate_seed, refit_hea
   with jax.default_matmul_precision("highest"):
     total = None
     for h, skip, y in feature_batches():
-      total = accumulate(total, _batch_sums(vz, h, skip, y, gate_seed=gate_seed,
-                                             refit=refit_head))
+      total = accumulate(total, _batch_sums(vz, h, skip, y, u, refit=refit_head))
     mse = total["sq_err"] / total["elements"]
     norms = np_group_norms(vz)
     report = {

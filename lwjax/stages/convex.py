@@ -16,25 +16,23 @@ from lwjax import stages as stage
 from lwjax.stages import precond
 from lwjax.stages.certificate import accumulate, certificate, finalize_pass, np_group_norms
 from lwjax.stages.fista import fista, fista_solution
-from lwjax.stages.gated import gate_filters_of, gated, gates, objective, predict, to_layer
+from lwjax.stages.gated import gate_filters, gated, gates, objective, predict, to_layer, whiten
 
 # Power iteration approaches the Lipschitz constant from below; FISTA's step is 1/(margin * L).
 _LIPSCHITZ_MARGIN = 1.1
 
 
-@functools.partial(jax.jit, static_argnames="gate_seed")
-def _adjoint(variables, h, t, *, gate_seed):
-  """``A^T t`` summed over one batch: A is the gated conv operator (the prediction minus skip),
-  ``t`` (N, *spatial, C_out); ``variables`` only give the shapes."""
-  u = gate_filters_of(variables, gate_seed)
+@jax.jit
+def _adjoint(variables, h, t, u):
+  """``A^T t`` summed over one batch: A is the gated conv operator (the prediction minus skip)
+  of the gate filters ``u``, ``t`` (N, *spatial, C_out); ``variables`` only give the shapes."""
   zero = jnp.zeros_like(t)
   return jax.vjp(lambda w: predict(w, h, zero, u, jnp.float32), variables)[1](t)[0]
 
 
-@functools.partial(jax.jit, static_argnames="gate_seed")
-def _normal_op(variables, h, *, gate_seed):
+@jax.jit
+def _normal_op(variables, h, u):
   """``A^T A w`` summed over one batch."""
-  u = gate_filters_of(variables, gate_seed)
   zero = jnp.zeros(h.shape[:-1] + variables["v"].shape[-1:], jnp.float32)
   out, vjp = jax.vjp(lambda w: predict(w, h, zero, u, jnp.float32), variables)
   return vjp(out)[0]
@@ -51,13 +49,14 @@ def _needs_prepare() -> optax.GradientTransformation:
 # The stage.
 
 SOLVERS = ("pfista", "fista", "adam")
+GATES = ("white", "gaussian")
 
 
 def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=None, gate_seed=0,
-                 out_channels=2, refit_head=False, fista_iters=None, steps_per_epoch=1,
-                 relative_beta=False, power_iters=None, metric_samples=64, metric_floor=1e-6,
-                 num_examples=None, init="zeros", dtype=jnp.float32,
-                 precision=None) -> stage.Stage:
+                 gates="gaussian", out_channels=2, refit_head=False, fista_iters=None,
+                 steps_per_epoch=1, relative_beta=False, power_iters=None, metric_samples=64,
+                 metric_floor=1e-6, coupling=0.0, num_examples=None, init="zeros",
+                 dtype=jnp.float32, precision=None) -> stage.Stage:
   """The convex layer-wise stage ("layerwise_convex") as a ``stage.Stage``.
 
   Args:
@@ -70,6 +69,8 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
       or "adam" (``tx``, any rho). The FISTAs take one iteration per epoch, full-batch, rho = 0.
     tx: Adam with the run's schedule; required for "adam", unused by the FISTAs.
     gate_seed: seed of the fixed gate filters (give each stage its own).
+    gates: "gaussian" (the seeded filters) or "white" (those whitened by the patch covariance of
+      the stage input, ``gated.whiten``, in ``prepare``).
     refit_head: let ``finalize`` refit the 1x1 head on the ReLU features by least squares.
     fista_iters: FISTA iterations (the stage's epochs, at most); None: the run's epochs.
     steps_per_epoch: minibatches accumulated into one FISTA gradient
@@ -77,6 +78,8 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     power_iters: power-iteration passes for the Lipschitz constant; None: 20 fista, 10 pfista.
     metric_samples: pfista: patches per patch dimension for the covariance; 0: every patch.
     metric_floor: pfista: covariance eigenvalues are clipped below at this fraction of the largest.
+    coupling: pfista: c >= 0 in its metric ``(I_P + c 1 1^T) (x) S`` (1: the gates' common mode
+      taken out; 0: separable by group, ``precond``).
     num_examples: pfista: training examples; None: counted in ``prepare`` (one more pass).
     init: "zeros" or "random" (a seeded normal start); both end at the same optimum.
     dtype: compute dtype of the V/Z conv (gates, certificate and refit use float32).
@@ -103,20 +106,25 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
     raise ValueError(f"{solver} solves the gated relaxation (rho = 0) only, got rho = {rho}")
   if solver == "adam" and tx is None:
     raise ValueError("solver='adam' needs tx (Adam with the run's schedule)")
+  if gates not in GATES:
+    raise ValueError(f"gates must be one of {', '.join(GATES)}, got {gates!r}")
+  if coupling < 0:
+    raise ValueError(f"coupling must be >= 0, got {coupling}")
   if init not in ("zeros", "random"):
     raise ValueError(f"init must be 'zeros' or 'random', got {init!r}")
   program = Program(
       num=features // (2 * out_channels), out_channels=out_channels,
       kernel_shape=nets.kernel_shape(kernel_size, ndim), beta=beta, rho=rho, solver=solver,
-      gate_seed=gate_seed, refit_head=refit_head, fista_iters=fista_iters,
+      gate_seed=gate_seed, gates=gates, refit_head=refit_head, fista_iters=fista_iters,
       steps_per_epoch=steps_per_epoch, relative_beta=relative_beta,
       power_iters=power_iters or (10 if solver == "pfista" else 20),
-      metric_samples=metric_samples, metric_floor=metric_floor, num_examples=num_examples,
+      metric_samples=metric_samples, metric_floor=metric_floor, coupling=coupling,
+      num_examples=num_examples,
       init_kind=init, dtype=None if dtype is None else jnp.dtype(dtype), precision=precision)
   # Adam's state does not depend on beta, so the memory planner can compile its real step before
   # ``prepare``; the FISTAs' steps need the data.
   return _stage(program, tx if solver == "adam" else _needs_prepare(),
-                prepared=solver == "adam" and not relative_beta)
+                prepared=solver == "adam" and not relative_beta and gates == "gaussian")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +138,7 @@ class Program:
   rho: float
   solver: str  # one of SOLVERS
   gate_seed: int
+  gates: str  # one of GATES
   refit_head: bool
   fista_iters: Optional[int]
   steps_per_epoch: int
@@ -137,14 +146,23 @@ class Program:
   power_iters: int
   metric_samples: int
   metric_floor: float
+  coupling: float  # pfista: c of the metric's gate coupling (I_P + c 1 1^T)
   num_examples: Optional[int]
   init_kind: str  # "zeros" | "random"
   dtype: Any  # of the V/Z conv (None: that of h)
   precision: Optional[str]  # of the training step's convs (None: the default)
+  # The gate filters (*k, C_in, P) once ``prepare`` has whitened them; None: the seeded ones.
+  white_filters: Optional[np.ndarray] = dataclasses.field(default=None, compare=False, repr=False)
 
   def shape(self, c_in: int) -> tuple[int, ...]:
     """Shape of V, of Z and of W = V - Z: (*k, C_in, P, C_out)."""
     return self.kernel_shape + (c_in, self.num, self.out_channels)
+
+  def filters(self, c_in: int) -> np.ndarray:
+    """The gate filters ``U`` (*k, C_in, P) float32."""
+    if self.white_filters is not None:
+      return self.white_filters
+    return gate_filters(self.gate_seed, self.kernel_shape, len(self.kernel_shape), c_in, self.num)
 
   def init(self, rng, h_shape):
     """``{"w": W}`` for pfista, else ``{"v": V, "z": Z}``: zeros, or normal with std 1 / sqrt(d)."""
@@ -165,7 +183,7 @@ class Program:
       return self._loss(variables, h, skip, y, weight)
 
   def _loss(self, variables, h, skip, y, weight):
-    u = gate_filters_of(variables, self.gate_seed)
+    u = self.filters(h.shape[-1])
     if self.solver == "pfista":
       pred = skip + gated(variables["w"], h, gates(h, u), self.dtype).astype(skip.dtype)
       data = stage.half_mse(pred, y, weight)
@@ -176,12 +194,13 @@ class Program:
 
   def certificate(self, variables, feature_batches):
     """``Stage.certificate``: see ``certificate``."""
-    return certificate(variables, feature_batches, beta=self.beta, gate_seed=self.gate_seed)
+    c_in = variables["v"].shape[-3]
+    return certificate(variables, feature_batches, beta=self.beta, u=self.filters(c_in))
 
   def finalize(self, variables, feature_batches):
     """``Stage.finalize``: see ``finalize_pass``."""
     return finalize_pass(variables, feature_batches, beta=self.beta, rho=self.rho,
-                     gate_seed=self.gate_seed, refit_head=self.refit_head)
+                         u=self.filters(variables["v"].shape[-3]), refit_head=self.refit_head)
 
 
 def _stage(program: Program, tx: optax.GradientTransformation, *, prepared: bool) -> stage.Stage:
@@ -206,12 +225,16 @@ def _fista_tx(program: Program, inner: optax.GradientTransformation):
 
 
 def _abstract_prepare(program: Program, tx, h_shape) -> stage.Stage:
-  """What ``_prepare`` returns, pfista's metric abstract: for the memory planner, never trained."""
+  """What ``_prepare`` returns, pfista's metric and white gates abstract: for the memory planner,
+  never trained."""
+  shape = program.shape(h_shape[-1])
   program = dataclasses.replace(program, relative_beta=False)
+  if program.gates == "white":
+    program = dataclasses.replace(program, white_filters=np.zeros(shape[:-1], np.float32))
   if program.solver == "pfista":
-    d = math.prod(program.shape(h_shape[-1])[:-2])
+    d = math.prod(shape[:-2])
     metric = precond.Metric(jax.ShapeDtypeStruct((d, d), jnp.float32),
-                            jax.ShapeDtypeStruct((d,), jnp.float32))
+                            jax.ShapeDtypeStruct((d,), jnp.float32), program.coupling)
     tx = _fista_tx(program, precond.pfista(program.beta, metric))
   elif program.solver == "fista":
     tx = _fista_tx(program, fista(1.0, program.beta))
@@ -219,12 +242,19 @@ def _abstract_prepare(program: Program, tx, h_shape) -> stage.Stage:
 
 
 def _prepare(program: Program, tx, feature_batches, h_shape) -> tuple[stage.Stage, dict]:
-  """``Stage.prepare``: ``beta_max`` (one pass, ``relative_beta``), then the FISTAs' Lipschitz
-  constant (``power_iters`` passes; pfista's metric first, one pass). Returns (stage, report)."""
+  """``Stage.prepare``: the patch covariance (one pass; pfista, white gates), ``beta_max`` (one
+  pass, ``relative_beta``), then the FISTAs' Lipschitz constant (``power_iters`` passes).
+  Returns (stage, report)."""
   report, shape = {}, program.shape(h_shape[-1])
   with jax.default_matmul_precision("highest"):
+    if program.solver == "pfista" or program.gates == "white":
+      basis, lam, report = _covariance(program, feature_batches, shape)
+    if program.gates == "white":
+      program = dataclasses.replace(
+          program, white_filters=whiten(program.filters(shape[-3]), basis, lam))
+    u = program.filters(shape[-3])
     if program.relative_beta:
-      report["beta_max"] = _beta_max(feature_batches, shape, program.gate_seed)
+      report["beta_max"] = _beta_max(feature_batches, shape, u)
       if not report["beta_max"] > 0:  # Else beta = 0 would pass unchecked and divide later.
         raise ValueError(f"convex stage: beta_max = {report['beta_max']} over the training set: "
                          f"its gated features are zero everywhere (an empty previous layer: "
@@ -233,20 +263,26 @@ def _prepare(program: Program, tx, feature_batches, h_shape) -> tuple[stage.Stag
       report["beta"] = program.beta * report["beta_max"]
       program = dataclasses.replace(program, beta=report["beta"], relative_beta=False)
     if program.solver == "fista":
-      report["lipschitz"] = _lipschitz(feature_batches, shape, program.gate_seed,
+      report["lipschitz"] = _lipschitz(feature_batches, shape, u, program.gate_seed,
                                        program.power_iters)
       step = 1.0 / (_LIPSCHITZ_MARGIN * report["lipschitz"])
       tx = _fista_tx(program, fista(step, program.beta))
     elif program.solver == "pfista":
-      metric, metric_report = _metric(program, feature_batches, shape)
-      report.update(metric_report)
+      report["lipschitz"] = _metric_lipschitz(feature_batches, shape, u, program.gate_seed,
+                                              basis, lam, program.coupling, program.power_iters)
+      if not report["lipschitz"] > 0:
+        raise ValueError(f"convex stage: pfista's power iteration found A^T A = 0: {_EMPTY}")
+      # pfista's metric ``L_H * margin * H`` in S's eigenbasis.
+      scale = _LIPSCHITZ_MARGIN * report["lipschitz"] * lam
+      metric = precond.Metric(basis.astype(np.float32), scale.astype(np.float32),
+                              program.coupling)
       tx = _fista_tx(program, precond.pfista(program.beta, metric))
   return _stage(program, tx, prepared=True), report
 
 
-def _metric(program: Program, feature_batches, shape) -> tuple[precond.Metric, dict]:
-  """pfista's metric ``L_H * margin * (I (x) S)`` in S's eigenbasis, and its report: ``L_H``,
-  the patches of the covariance estimate and the eigenvalues of S raised to the floor."""
+def _covariance(program: Program, feature_batches, shape) -> tuple[np.ndarray, np.ndarray, dict]:
+  """The stage input's patch covariance ``S = Q diag(lam) Q^T``: (Q, lam, report), the report
+  with the patches of the estimate and the eigenvalues of S raised to the floor."""
   d = math.prod(shape[:-2])
   num_examples = program.num_examples or sum(len(h) for h, _, _ in feature_batches())
   rows = (-(-program.metric_samples * d // num_examples) if program.metric_samples
@@ -254,44 +290,39 @@ def _metric(program: Program, feature_batches, shape) -> tuple[precond.Metric, d
   s, count = precond.patch_covariance(feature_batches, program.kernel_shape,
                                       rows_per_example=rows, seed=program.gate_seed)
   basis, lam = precond.factorise(s, program.metric_floor)
-  lipschitz = _metric_lipschitz(feature_batches, shape, program.gate_seed, basis, lam,
-                                program.power_iters)
-  if not lipschitz > 0:
-    raise ValueError(f"convex stage: pfista's power iteration found A^T A = 0: {_EMPTY}")
-  scale = _LIPSCHITZ_MARGIN * lipschitz * lam
-  report = {"lipschitz": lipschitz, "metric_rows": count,
+  report = {"metric_rows": count,
             "metric_clipped": int(np.sum(lam <= program.metric_floor * lam.max()))}
-  return precond.Metric(basis.astype(np.float32), scale.astype(np.float32)), report
+  return basis, lam, report
 
 
 _EMPTY = ("the stage's gated features are zero everywhere (an empty previous layer: every group "
           "pruned, --beta too large?); there is nothing to fit")
 
 
-def _beta_max(feature_batches, shape, gate_seed):
+def _beta_max(feature_batches, shape, u):
   """``max_g |A_g^T r| / M`` over the training set (r = y - skip): the smallest beta at which
   the all-zero point is optimal."""
   zero = {"v": jnp.zeros(shape, jnp.float32), "z": jnp.zeros(shape, jnp.float32)}
   acc, elements = None, 0
   for h, skip, y in feature_batches():
-    acc = accumulate(acc, _adjoint(zero, h, y - skip, gate_seed=gate_seed))
+    acc = accumulate(acc, _adjoint(zero, h, y - skip, u))
     elements += y.size
   return float(np_group_norms(acc).max() / elements)
 
 
-def _normal(feature_batches, w, gate_seed):
+def _normal(feature_batches, w, u):
   """``A^T A w / M`` over the training set for W = ``w`` (*k, C_in, P, C_out) (the gated
   operator of W = V - Z)."""
   acc, elements = None, 0
   vz = {"v": w, "z": jnp.zeros_like(w)}
   for h, skip, _ in feature_batches():
-    g = _normal_op(vz, h, gate_seed=gate_seed)["v"]
+    g = _normal_op(vz, h, u)["v"]
     acc = g if acc is None else acc + g
     elements += skip.size
   return acc / elements
 
 
-def _lipschitz(feature_batches, shape, gate_seed, iters):
+def _lipschitz(feature_batches, shape, u, gate_seed, iters):
   """Largest eigenvalue of ``A^T A / M`` over the training set by power iteration, from a
   seeded start (deterministic, as ``Stage.prepare`` must be)."""
   start = np.random.default_rng((gate_seed, 1)).standard_normal((2,) + shape, dtype=np.float32)
@@ -302,27 +333,29 @@ def _lipschitz(feature_batches, shape, gate_seed, iters):
     if not norm > 0:  # A^T A w = 0 for a random w: no features (an empty previous layer).
       raise ValueError(f"convex stage: FISTA's power iteration found A^T A = 0: {_EMPTY}")
     # A = [A_W, -A_W] on (V, Z): A^T A (v, z) = (K (v - z), -K (v - z)).
-    g = _normal(feature_batches, (w["v"] - w["z"]) / norm, gate_seed)
+    g = _normal(feature_batches, (w["v"] - w["z"]) / norm, u)
     w = {"v": g, "z": -g}
     # |A^T A w| / M with |w| = 1: a lower bound on L.
     lipschitz = float(optax.tree_utils.tree_norm(w))
   return lipschitz
 
 
-def _metric_lipschitz(feature_batches, shape, gate_seed, basis, lam, iters):
-  """``L_H``, the largest eigenvalue of ``S^-1 K`` (K = A^T A / M on W, S = Q diag(lam) Q^T), by
-  seeded power iteration in S's basis: the last Rayleigh quotient, a lower bound."""
+def _metric_lipschitz(feature_batches, shape, u, gate_seed, basis, lam, coupling, iters):
+  """``L_H``, the largest eigenvalue of ``H^-1 K`` (K = A^T A / M on W, H = (I_P + coupling 1 1^T)
+  (x) I (x) S, S = Q diag(lam) Q^T), by seeded power iteration in S's basis: the last Rayleigh
+  quotient, a lower bound."""
   q = jnp.asarray(basis, jnp.float32)
-  lam = jnp.asarray(lam, jnp.float32)[:, None]
+  lam = jnp.asarray(lam, jnp.float32)
+  num = shape[-2]
   v = jnp.asarray(np.random.default_rng((gate_seed, 1)).standard_normal(
       (len(lam), shape[-2] * shape[-1]), dtype=np.float32))
   quotient = 0.0
   for _ in range(iters):
-    v = v / jnp.sqrt(jnp.sum(lam * v * v))  # unit length in the metric
-    kw = _normal(feature_batches, jnp.matmul(q, v).reshape(shape), gate_seed)
+    v = v / jnp.sqrt(precond.metric_dot(v, v, lam, coupling, num))  # unit length in the metric
+    kw = _normal(feature_batches, jnp.matmul(q, v).reshape(shape), u)
     kv = jnp.matmul(q.T, kw.reshape(v.shape))
     quotient = float(jnp.sum(v * kv))
     if not quotient > 0:
       return quotient
-    v = kv / lam
+    v = precond.metric_solve(kv, lam, coupling, num)
   return quotient

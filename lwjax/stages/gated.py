@@ -39,11 +39,18 @@ def gate_filters(seed: int, kernel_size, ndim: int, c_in: int, num: int) -> np.n
   return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def gate_filters_of(variables, gate_seed):
-  """The gate filters of ``variables`` (from their kernel shape, C_in and P); every pass uses it."""
-  v = variables["w" if "w" in variables else "v"]
-  spatial = v.shape[:-3]
-  return gate_filters(gate_seed, spatial, len(spatial), v.shape[-3], v.shape[-2])
+def whiten(u, basis, lam) -> np.ndarray:
+  """Gate filters ``u`` (*k, C_in, P) whitened by the patch covariance ``S = Q diag(lam) Q^T``
+  (``basis`` Q (d, d), ``lam`` (d,) > 0): ``S^-1/2 u``, float32.
+
+  Gaussian filters of smooth inputs give near-duplicate gates that follow the patches' low
+  frequencies; whitened ones weigh every direction of the input equally, so the gates are close
+  to independent and the program far better conditioned (BUILD_NOTES.md, the certified stage).
+  """
+  flat = np.asarray(u, np.float64).reshape(len(lam), -1)
+  q = np.asarray(basis, np.float64)
+  return ((q / np.sqrt(np.asarray(lam, np.float64))) @ (q.T @ flat)).reshape(u.shape).astype(
+      np.float32)
 
 
 def conv(h, kernel, dtype=None):

@@ -2,11 +2,16 @@
 
 The gated program is a group lasso in ``W = V - Z`` whose Gram matrix is as ill-conditioned as
 the patch covariance of the stage input (DESIGN.md section 2b). FISTA in the fixed metric
-``H = L * (I_groups (x) S)``, ``S = Q diag(lam) Q^T`` the patch covariance, converges at the rate of
-the far better conditioned ``H^-1/2 K H^-1/2``. In the basis Q the metric is diagonal, so each
-group's prox in the metric is exact (``metric_prox``) and the iteration is elementwise.
+``H = L * ((I_P + c 1 1^T) (x) I_C_out (x) S)``, ``S = Q diag(lam) Q^T`` the patch covariance,
+converges at the rate of the far better conditioned ``H^-1/2 K H^-1/2``. With c = 0 the metric is
+diagonal in the basis Q, so each group's prox in it is exact (``metric_prox``) and the iteration
+is elementwise. c = 1 also takes out the gates' common mode: P gates, each open on about half the
+pixels and independent of the others, couple the groups as ``(I + 1 1^T) / 4``. Its prox
+(``coupled_prox``) couples the P groups of an output channel through their sum only: a few
+diagonal Newton steps on a (d, C_out) dual variable, warm-started from the last pass.
 
-Shapes: ``d = prod(k) * C_in`` (one patch), G groups = P * C_out; W flattened to (d, G).
+Shapes: ``d = prod(k) * C_in`` (one patch), G groups = P * C_out; W flattened to (d, G), column
+``p * C_out + c`` for gate p and output c.
 """
 import functools
 from typing import Any, Callable, NamedTuple, Optional
@@ -21,10 +26,12 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Metric(NamedTuple):
-  """The metric ``basis @ diag(scale) @ basis.T`` of one stage (arrays, or ShapeDtypeStructs for
-  the memory planner): ``basis`` (d, d) orthonormal, ``scale`` (d,) > 0."""
+  """The metric ``(I_P + coupling 1 1^T) (x) I (x) basis @ diag(scale) @ basis.T`` of one stage
+  (arrays, or ShapeDtypeStructs for the memory planner): ``basis`` (d, d) orthonormal, ``scale``
+  (d,) > 0, ``coupling`` >= 0 (0: separable by group)."""
   basis: Any
   scale: Any
+  coupling: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,13 +97,11 @@ def factorise(s: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # The prox and the solver.
 
-def metric_prox(z, a, beta, iters: int = 48):
-  """Per column g of ``z`` (d, G): ``argmin_u 0.5 (u - z)^T diag(a) (u - z) + beta |u|``.
-
-  ``u = 0`` where ``|a z| <= beta``; else ``u_i = a_i z_i s / (a_i s + beta)`` with ``s = |u|`` the
-  root of ``sum_i (a_i z_i)^2 / (a_i s + beta)^2 = 1`` (decreasing in s), which lies in
-  ``[(|a z| - beta) / max a, (|a z| - beta) / min a]``: found by bisection on log s.
-  """
+def _shrink(z, a, beta, iters: int = 48):
+  """The factor f (d, G) of ``metric_prox(z, a, beta) = f * z``: per column,
+  ``f_i = a_i s / (a_i s + beta)`` (0 where ``|a z| <= beta``), ``s`` the root of
+  ``sum_i (a_i z_i)^2 / (a_i s + beta)^2 = 1`` (decreasing in s), which lies in
+  ``[(|a z| - beta) / max a, (|a z| - beta) / min a]``: found by bisection on log s."""
   b = a[:, None] * z
   nb = jnp.sqrt(jnp.sum(b * b, axis=0))
   excess = jnp.maximum(nb - beta, 0.0)
@@ -112,7 +117,63 @@ def metric_prox(z, a, beta, iters: int = 48):
 
   lo, hi = jax.lax.fori_loop(0, iters, bisect, (lo, hi))
   s = jnp.sqrt(jnp.maximum(lo, tiny)) * jnp.sqrt(hi)
-  return jnp.where(nb > beta, b * s / (a[:, None] * s + beta), 0.0)
+  return jnp.where(nb > beta, a[:, None] * s / (a[:, None] * s + beta), 0.0)
+
+
+def metric_prox(z, a, beta):
+  """Per column g of ``z`` (d, G): ``argmin_u 0.5 (u - z)^T diag(a) (u - z) + beta |u|``
+  (``_shrink``)."""
+  return _shrink(z, a, beta) * z
+
+
+def _common(v, num: int):
+  """(d, P * C_out) -> (d, C_out): the sum over the P gates of each output channel."""
+  return v.reshape(v.shape[0], num, -1).sum(axis=1)
+
+
+def _spread(m, num: int):
+  """(d, C_out) -> (d, P * C_out): ``m`` repeated for each of the P gates."""
+  return jnp.tile(m, (1, num))
+
+
+def metric_dot(v, w, scale, coupling: float, num: int):
+  """``<v, w>`` in the metric ``diag(scale) (x) (I_P + coupling 1 1^T)``; v, w (d, P * C_out)."""
+  out = jnp.sum(scale[:, None] * v * w)
+  if coupling:
+    out = out + coupling * jnp.sum(scale[:, None] * _common(v, num) * _common(w, num))
+  return out
+
+
+def metric_solve(g, scale, coupling: float, num: int):
+  """``H^-1 g`` for ``H = diag(scale) (x) (I_P + coupling 1 1^T)`` (Sherman-Morrison in P)."""
+  if coupling:
+    g = g - coupling / (1 + num * coupling) * _spread(_common(g, num), num)
+  return g / scale[:, None]
+
+
+COUPLED_ITERS = 8  # diagonal Newton steps of ``coupled_prox`` per pass
+
+
+def coupled_prox(z, a, beta, coupling: float, num: int, nu, iters: int = COUPLED_ITERS):
+  """``argmin_u beta sum_g |u_g| + 0.5 |u - z|^2_H``, ``H = diag(a) (x) (I_P + c 1 1^T)``, from
+  the dual ``nu`` (d, C_out) of the coupling term; returns (u, nu).
+
+  ``(c/2) |sum_p (u_p - z_p)|_a^2 = max_nu <nu, sum_p (u_p - z_p)> - |nu|_{1/a}^2 / (2c)``; for a
+  fixed nu each group's prox is ``metric_prox(z - nu / a)``, and nu solves
+  ``nu = c a sum_p (u_p - z_p)``: each step is Newton's on that equation with the groups'
+  Jacobians kept to their diagonals ``f_p / a`` (``_shrink``). Exact in one step when every
+  group is zero or beta = 0; the certificate does not depend on how well it converges.
+  """
+  def shifted(nu):
+    return z - _spread(nu, num) / a[:, None]
+
+  def step(_, nu):
+    f = _shrink(shifted(nu), a, beta)
+    residual = coupling * a[:, None] * _common(f * shifted(nu) - z, num) - nu
+    return nu + residual / (1 + coupling * _common(f, num))
+
+  nu = jax.lax.fori_loop(0, iters, step, nu)
+  return metric_prox(shifted(nu), a, beta), nu
 
 
 class PfistaState(NamedTuple):
@@ -121,6 +182,7 @@ class PfistaState(NamedTuple):
   t: jax.Array  # momentum parameter t_k
   basis: jax.Array  # (d, d) Q
   scale: jax.Array  # (d,) the metric in the basis: L_H * eigenvalues of S
+  nu: jax.Array  # (d, C_out) the dual of the coupling term in the last prox (zeros: c = 0)
 
 
 def _flat(w):
@@ -138,7 +200,8 @@ def _materialize(a):
 def pfista(beta: float, metric: Optional[Metric]) -> optax.GradientTransformation:
   """Accelerated proximal gradient in ``metric`` with adaptive restart, on params ``{"w": W}``.
 
-  One update: ``z = y - diag(scale)^-1 Q^T grad``, ``x+ = metric_prox(z)``, momentum; the params
+  One update: ``z = y - H^-1 Q^T grad`` (``metric_solve``), ``x+`` its prox in H
+  (``metric_prox``, or ``coupled_prox`` when the metric couples the gates), momentum; the params
   move to ``Q y+``. Its state holds the metric (``init`` needs it; ``update`` reads it from the
   state), so a resumed stage continues in the very metric it started in.
   """
@@ -148,23 +211,29 @@ def pfista(beta: float, metric: Optional[Metric]) -> optax.GradientTransformatio
                          "call it first")
     basis, scale = _materialize(metric.basis), _materialize(metric.scale)
     y = jnp.matmul(basis.T, _flat(params["w"]), precision=_HIGHEST)
-    return PfistaState(x=y, y=jnp.copy(y), t=jnp.ones([], jnp.float32), basis=basis, scale=scale)
+    nu = jnp.zeros((len(y), params["w"].shape[-1]), jnp.float32)
+    return PfistaState(x=y, y=jnp.copy(y), t=jnp.ones([], jnp.float32), basis=basis, scale=scale,
+                       nu=nu)
 
   def update_fn(grads, state, params=None):
     if params is None:
       raise ValueError("pfista needs the params in update()")
     g = jnp.matmul(state.basis.T, _flat(grads["w"]), precision=_HIGHEST)
-    a = state.scale
-    x = metric_prox(state.y - g / a[:, None], a, beta)
+    a, c, num = state.scale, metric.coupling, params["w"].shape[-2]
+    z = state.y - metric_solve(g, a, c, num)
+    if c:
+      x, nu = coupled_prox(z, a, beta, c, num, state.nu)
+    else:
+      x, nu = metric_prox(z, a, beta), state.nu
     dx = x - state.x
     # Gradient restart (O'Donoghue & Candes 2015) in the metric: drop the momentum once it
     # points uphill.
-    uphill = jnp.sum(a[:, None] * (state.y - x) * dx) > 0
+    uphill = metric_dot(state.y - x, dx, a, c, num) > 0
     t = jnp.where(uphill, 1.0, state.t)
     t_next = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
     y = x + (t - 1) / t_next * dx
     w = jnp.matmul(state.basis, y, precision=_HIGHEST).reshape(params["w"].shape)
-    return {"w": w - params["w"]}, state._replace(x=x, y=y, t=t_next)
+    return {"w": w - params["w"]}, state._replace(x=x, y=y, t=t_next, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
