@@ -666,8 +666,8 @@ def agreement_check(env, cfg) -> dict:
         if method == "layerwise":
           tstage = ref.load_twolayer(ref.TwoLayer(c_in, cfg.features, cfg.kernel_size), variables)
         else:
-          # Assumes the stage's gates are gated.gate_filters(cfg.gate_seed, ...) as make_stage
-          # builds them today; a per-stage seed there shows up here as a loss mismatch.
+          # An unprepared stage gates with the seeded gated.gate_filters(cfg.gate_seed, ...)
+          # (whitened ones need its data); another seed shows up here as a loss mismatch.
           u = gated.gate_filters(cfg.gate_seed, cfg.kernel_size, 2, c_in, cfg.features // 4)
           tstage = ref.load_convex(ref.ConvexStage(c_in, cfg.features, cfg.kernel_size,
                                                    beta=cfg.beta, rho=cfg.rho), variables, u)
