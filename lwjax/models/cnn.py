@@ -122,8 +122,8 @@ def _convex_stage(cfg: Config, num_examples: int, index: int) -> stage_lib.Stage
       fista_iters=cfg.fista_iters,
       steps_per_epoch=data_lib.steps_per_epoch(num_examples, cfg.batch_size, full_pass=fista),
       relative_beta=cfg.beta_relative, metric_samples=cfg.metric_samples,
-      coupling=cfg.metric_coupling,
-      num_examples=num_examples, init=cfg.convex_init, dtype=jnp.dtype(cfg.compute_dtype),
+      coupling=cfg.metric_coupling, num_examples=num_examples, init=cfg.convex_init,
+      dtype=jnp.dtype(cfg.compute_dtype),
       precision=None if cfg.convex_precision == "default" else cfg.convex_precision)
 
 

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwjax.stages.gated import (branches, cone_violation, gated_sum, gates, head_predict, objective_value, predict, relu_features,
-                                relu_predict, to_layer)
+from lwjax.stages.gated import (branches, cone_violation, gated_sum, gates, head_predict,
+                                objective_value, predict, relu_features, relu_predict, to_layer)
 
 # Groups below this fraction of the largest group norm count as zero in the KKT check: Adam never
 # reaches exact zeros, and the direction of a vanishing group carries no information.

@@ -119,8 +119,8 @@ def convex_stage(*, features, kernel_size, ndim=2, beta, rho, solver="adam", tx=
       steps_per_epoch=steps_per_epoch, relative_beta=relative_beta,
       power_iters=power_iters or (10 if solver == "pfista" else 20),
       metric_samples=metric_samples, metric_floor=metric_floor, coupling=coupling,
-      num_examples=num_examples,
-      init_kind=init, dtype=None if dtype is None else jnp.dtype(dtype), precision=precision)
+      num_examples=num_examples, init_kind=init,
+      dtype=None if dtype is None else jnp.dtype(dtype), precision=precision)
   # Adam's state does not depend on beta, so the memory planner can compile its real step before
   # ``prepare``; the FISTAs' steps need the data.
   return _stage(program, tx if solver == "adam" else _needs_prepare(),
