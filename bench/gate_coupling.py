@@ -37,7 +37,7 @@ def coupling(x, kernel_size: int, num: int, white: bool, seed: int) -> np.ndarra
     s, _ = precond.patch_covariance(lambda: iter([(x, None, None)]), (kernel_size,) * 2,
                                     rows_per_example=x.shape[1] * x.shape[2], seed=0)
     q, lam = precond.factorise(s, 1e-6)
-    u = ((q / np.sqrt(lam)) @ q.T @ u.reshape(-1, num)).reshape(u.shape).astype(np.float32)
+    u = gated.whiten(u, q, lam)
   d = np.asarray(gated.gates(x, u), np.float64).reshape(-1, num)
   ones = jnp.ones((kernel_size, kernel_size, x.shape[-1], 1), jnp.float32)
   energy = np.asarray(gated.conv(jnp.square(x), ones), np.float64).reshape(-1)

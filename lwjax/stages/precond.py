@@ -168,8 +168,9 @@ def coupled_prox(z, a, beta, coupling: float, num: int, nu, iters: int = COUPLED
     return z - _spread(nu, num) / a[:, None]
 
   def step(_, nu):
-    f = _shrink(shifted(nu), a, beta)
-    residual = coupling * a[:, None] * _common(f * shifted(nu) - z, num) - nu
+    v = shifted(nu)
+    f = _shrink(v, a, beta)
+    residual = coupling * a[:, None] * _common(f * v - z, num) - nu
     return nu + residual / (1 + coupling * _common(f, num))
 
   nu = jax.lax.fori_loop(0, iters, step, nu)
