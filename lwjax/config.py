@@ -72,7 +72,7 @@ class Config:
   refit_head: bool = True  # refit each convex stage's 1x1 head on its ReLU features by least squares
   fista_iters: int = 500  # most passes over the data of a FISTA convex stage (one iteration each)
   target_gap: float = 1e-4  # end a convex stage (rho = 0) once its relative duality gap is at most this; 0: never early
-  certify_every: int = 10  # passes between a convex stage's duality-gap certificates (and its checkpoints)
+  certify_every: int = 10  # passes between a convex stage's certificates (its checkpoints, pfista's recentring)
   metric_samples: int = 64  # pfista: patches per patch dimension for the covariance metric; 0: every patch
   metric_coupling: float = 1.0  # pfista: c of the metric's gate coupling I + c 1 1^T (1: common mode out; 0: separable)
   convex_init: str = "zeros"  # start of the convex stages: zeros or random (a convex stage reaches one optimum)

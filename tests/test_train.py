@@ -406,6 +406,16 @@ def test_a_convex_stage_stops_at_its_target_gap_and_resumes_at_a_check(tmp_path)
   assert report_again == report
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
+  # Cut off at an earlier check (a run of 10 passes): the rerun recentres pfista's loss at that
+  # check's certificate first, as the uninterrupted run did there, and ends the same bit for bit.
+  cut = tmp_path / "cut"
+  _convex_run(tmp_path, "cut", target_gap=1e-5, fista_iters=10)
+  for path in (cut / "stages", cut / "params"):
+    shutil.rmtree(path)
+  again, report_again, _ = _convex_run(tmp_path, "cut", target_gap=1e-5)
+  assert report_again == report
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
   # With --target_gap=0 the stage runs every pass, certified along the way.
   _, report_all, checks_all = _convex_run(tmp_path, "all", target_gap=0.0, fista_iters=40)
   assert report_all["passes"] == 40 and len(checks_all) == 8

@@ -148,15 +148,20 @@ def make_stage(method: str, cfg: Config, num_examples: int,
 
 
 def _gap_check(cfg: Config, stage: stage_lib.Stage, feature_batches: stage_lib.FeatureBatches
-               ) -> Optional[Callable[[dict], tuple[bool, dict]]]:
+               ) -> Optional[Callable[[dict], tuple[bool, dict, dict]]]:
   """``fit``'s check of a stage with a certificate: its solution's duality gap, done once it is
-  at most ``--target_gap`` (never with 0); None for a stage without one."""
+  at most ``--target_gap`` (never with 0), and the state ``Stage.recenter`` leaves; None for a
+  stage without one."""
   if stage.certificate is None:
     return None
 
   def check(state):
-    cert = stage.certificate(stage.solution(state["params"], state["opt"]), feature_batches)
-    return 0 < cfg.target_gap and cert["rel_gap"] <= cfg.target_gap, cert
+    if stage.recenter is None:
+      cert = stage.certificate(stage.solution(state["params"], state["opt"]), feature_batches)
+    else:
+      cert, params = stage.recenter(state["params"], state["opt"], feature_batches)
+      state = {**state, "params": params}
+    return 0 < cfg.target_gap and cert["rel_gap"] <= cfg.target_gap, cert, state
   return check
 
 

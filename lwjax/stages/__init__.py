@@ -46,6 +46,9 @@ class Stage:
   abstract_prepare: Optional[Callable[[tuple], "Stage"]] = None
   # (solution, batches) -> dict with "rel_gap", the distance to the optimum.
   certificate: Optional[Callable[[Params, FeatureBatches], dict]] = None
+  # (variables, opt_state, batches) -> (certificate of the solution, variables): a solver whose
+  # loss is refined about a reference point moves it to the certified solution (pfista).
+  recenter: Optional[Callable[[Params, Any, FeatureBatches], tuple[dict, Params]]] = None
   epochs: Optional[int] = None  # None: the run's --epochs
   full_pass: bool = False  # every epoch sees every example (the last batch padded, weight 0)
 

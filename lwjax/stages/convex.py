@@ -14,7 +14,7 @@ import optax
 from lwjax import nets
 from lwjax import stages as stage
 from lwjax.stages import precond
-from lwjax.stages.certificate import accumulate, certificate, finalize_pass, np_group_norms
+from lwjax.stages.certificate import accumulate, certificate, finalize_pass
 from lwjax.stages.fista import fista, fista_solution
 from lwjax.stages.gated import gate_filters, gated, gates, objective, predict, to_layer, whiten
 
@@ -153,6 +153,10 @@ class Program:
   precision: Optional[str]  # of the training step's convs (None: the default)
   # The gate filters (*k, C_in, P) once ``prepare`` has whitened them; None: the seeded ones.
   white_filters: Optional[np.ndarray] = dataclasses.field(default=None, compare=False, repr=False)
+  # pfista, from ``prepare``: the data term's gradient (*k, C_in, P, C_out) and value at W = 0,
+  # the first reference point of its loss.
+  zero_grad: Optional[np.ndarray] = dataclasses.field(default=None, compare=False, repr=False)
+  zero_data: Optional[float] = dataclasses.field(default=None, compare=False, repr=False)
 
   def shape(self, c_in: int) -> tuple[int, ...]:
     """Shape of V, of Z and of W = V - Z: (*k, C_in, P, C_out)."""
@@ -165,14 +169,23 @@ class Program:
     return gate_filters(self.gate_seed, self.kernel_shape, len(self.kernel_shape), c_in, self.num)
 
   def init(self, rng, h_shape):
-    """``{"w": W}`` for pfista, else ``{"v": V, "z": Z}``: zeros, or normal with std 1 / sqrt(d)."""
+    """``{"v": V, "z": Z}``, for pfista ``{"w": W, "ref": reference}`` (see ``loss``): zeros, or
+    normal with std 1 / sqrt(d); pfista's reference is W = 0 (``prepare`` gives its terms)."""
     shape = self.shape(h_shape[-1])
     names = ("w",) if self.solver == "pfista" else ("v", "z")
     if self.init_kind == "zeros":  # One array each: a donated state must not hold one twice.
-      return {k: jnp.zeros(shape, jnp.float32) for k in names}
-    scale = 1 / math.sqrt(math.prod(shape[:-2]))
-    keys = jax.random.split(rng, len(names))
-    return {k: scale * jax.random.normal(key, shape, jnp.float32) for k, key in zip(names, keys)}
+      variables = {k: jnp.zeros(shape, jnp.float32) for k in names}
+    else:
+      scale = 1 / math.sqrt(math.prod(shape[:-2]))
+      keys = jax.random.split(rng, len(names))
+      variables = {k: scale * jax.random.normal(key, shape, jnp.float32)
+                   for k, key in zip(names, keys)}
+    if self.solver == "pfista":
+      if self.zero_grad is None:
+        raise RuntimeError("a pfista stage starts from the data term at W = 0, which "
+                           "Stage.prepare computes: call it first")
+      variables["ref"] = _reference(jnp.zeros(shape, jnp.float32), self.zero_grad, self.zero_data)
+    return variables
 
   def loss(self, variables, h, skip, y, weight=None):
     """The objective at ``precision`` (its gradient too); the FISTAs get its smooth part only
@@ -185,8 +198,14 @@ class Program:
   def _loss(self, variables, h, skip, y, weight):
     u = self.filters(h.shape[-1])
     if self.solver == "pfista":
-      pred = skip + gated(variables["w"], h, gates(h, u), self.dtype).astype(skip.dtype)
-      data = stage.half_mse(pred, y, weight)
+      # f(W) = f(W_r) + <grad f(W_r), W - W_r> + |A (W - W_r)|^2 / 2M about the reference W_r,
+      # whose terms came exact from the last certificate: the step's precision only rounds
+      # A (W - W_r), which vanishes as the solver converges, so TF32 or bfloat16 steps still
+      # certify (mixed-precision refinement, BUILD_NOTES.md).
+      ref = jax.lax.stop_gradient(variables["ref"])
+      delta = variables["w"] - ref["w"]
+      step = gated(delta, h, gates(h, u), self.dtype)
+      data = ref["value"] + jnp.sum(ref["grad"] * delta) + stage.half_mse(step, 0.0, weight)
       return data, {"mse": 2 * data}
     value, aux = objective(variables, h, skip, y, u, beta=self.beta, rho=self.rho,
                            dtype=self.dtype, weight=weight)
@@ -195,12 +214,27 @@ class Program:
   def certificate(self, variables, feature_batches):
     """``Stage.certificate``: see ``certificate``."""
     c_in = variables["v"].shape[-3]
-    return certificate(variables, feature_batches, beta=self.beta, u=self.filters(c_in))
+    return certificate(variables, feature_batches, beta=self.beta, u=self.filters(c_in))[0]
+
+  def recenter(self, params, opt_state, feature_batches):
+    """``Stage.recenter`` (pfista): the certificate of the current solution, and ``params`` with
+    the loss's reference moved there (its data term and gradient, from the same pass)."""
+    solution = precond.pfista_solution(params, opt_state)
+    w = solution["v"] - solution["z"]
+    record, grad = certificate(solution, feature_batches, beta=self.beta,
+                               u=self.filters(w.shape[-3]))
+    return record, {**params, "ref": _reference(w, grad, record["mse"] / 2)}
 
   def finalize(self, variables, feature_batches):
     """``Stage.finalize``: see ``finalize_pass``."""
     return finalize_pass(variables, feature_batches, beta=self.beta, rho=self.rho,
                          u=self.filters(variables["v"].shape[-3]), refit_head=self.refit_head)
+
+
+def _reference(w, grad, data) -> dict:
+  """pfista's reference point: W_r, the data term's gradient and value there (float32)."""
+  return {"w": jnp.asarray(w, jnp.float32), "grad": jnp.asarray(grad, jnp.float32),
+          "value": jnp.asarray(data, jnp.float32)}
 
 
 def _stage(program: Program, tx: optax.GradientTransformation, *, prepared: bool) -> stage.Stage:
@@ -212,6 +246,8 @@ def _stage(program: Program, tx: optax.GradientTransformation, *, prepared: bool
   if program.solver != "adam":
     solution = precond.pfista_solution if program.solver == "pfista" else fista_solution
     st = dataclasses.replace(st, solution=solution, epochs=program.fista_iters, full_pass=True)
+  if program.solver == "pfista":
+    st = dataclasses.replace(st, recenter=program.recenter)
   if not prepared:
     st = dataclasses.replace(st, prepare=functools.partial(_prepare, program, tx),
                              abstract_prepare=functools.partial(_abstract_prepare, program, tx))
@@ -232,6 +268,7 @@ def _abstract_prepare(program: Program, tx, h_shape) -> stage.Stage:
   if program.gates == "white":
     program = dataclasses.replace(program, white_filters=np.zeros(shape[:-1], np.float32))
   if program.solver == "pfista":
+    program = dataclasses.replace(program, zero_grad=np.zeros(shape, np.float32), zero_data=0.0)
     d = math.prod(shape[:-2])
     metric = precond.Metric(jax.ShapeDtypeStruct((d, d), jnp.float32),
                             jax.ShapeDtypeStruct((d,), jnp.float32), program.coupling)
@@ -242,9 +279,9 @@ def _abstract_prepare(program: Program, tx, h_shape) -> stage.Stage:
 
 
 def _prepare(program: Program, tx, feature_batches, h_shape) -> tuple[stage.Stage, dict]:
-  """``Stage.prepare``: the patch covariance (one pass; pfista, white gates), ``beta_max`` (one
-  pass, ``relative_beta``), then the FISTAs' Lipschitz constant (``power_iters`` passes).
-  Returns (stage, report)."""
+  """``Stage.prepare``: the patch covariance (one pass; pfista, white gates), the data term at
+  W = 0 (one pass, ``relative_beta`` or pfista: ``beta_max``, pfista's first reference), then
+  the FISTAs' Lipschitz constant (``power_iters`` passes). Returns (stage, report)."""
   report, shape = {}, program.shape(h_shape[-1])
   with jax.default_matmul_precision("highest"):
     if program.solver == "pfista" or program.gates == "white":
@@ -253,8 +290,12 @@ def _prepare(program: Program, tx, feature_batches, h_shape) -> tuple[stage.Stag
       program = dataclasses.replace(
           program, white_filters=whiten(program.filters(shape[-3]), basis, lam))
     u = program.filters(shape[-3])
+    if program.relative_beta or program.solver == "pfista":
+      grad, data = _at_zero(feature_batches, shape, u)
+      program = dataclasses.replace(program, zero_grad=grad.astype(np.float32), zero_data=data)
     if program.relative_beta:
-      report["beta_max"] = _beta_max(feature_batches, shape, u)
+      report["beta_max"] = float(np.sqrt(np.sum(grad * grad, axis=tuple(range(grad.ndim - 2)))
+                                         ).max())
       if not report["beta_max"] > 0:  # Else beta = 0 would pass unchecked and divide later.
         raise ValueError(f"convex stage: beta_max = {report['beta_max']} over the training set: "
                          f"its gated features are zero everywhere (an empty previous layer: "
@@ -299,15 +340,16 @@ _EMPTY = ("the stage's gated features are zero everywhere (an empty previous lay
           "pruned, --beta too large?); there is nothing to fit")
 
 
-def _beta_max(feature_batches, shape, u):
-  """``max_g |A_g^T r| / M`` over the training set (r = y - skip): the smallest beta at which
-  the all-zero point is optimal."""
+def _at_zero(feature_batches, shape, u) -> tuple[np.ndarray, float]:
+  """The data term's gradient ``-A^T r / M`` (*k, C_in, P, C_out) float64 and value
+  ``|r|^2 / 2M`` at W = 0 over the training set (r = y - skip). The largest group norm of the
+  gradient is ``beta_max``, the smallest beta at which W = 0 is optimal."""
   zero = {"v": jnp.zeros(shape, jnp.float32), "z": jnp.zeros(shape, jnp.float32)}
   acc, elements = None, 0
   for h, skip, y in feature_batches():
-    acc = accumulate(acc, _adjoint(zero, h, y - skip, u))
+    acc = accumulate(acc, (_adjoint(zero, h, y - skip, u)["v"], jnp.sum(jnp.square(y - skip))))
     elements += y.size
-  return float(np_group_norms(acc).max() / elements)
+  return -acc[0] / elements, float(acc[1] / (2 * elements))
 
 
 def _normal(feature_batches, w, u):

@@ -199,7 +199,8 @@ def _materialize(a):
 
 
 def pfista(beta: float, metric: Optional[Metric]) -> optax.GradientTransformation:
-  """Accelerated proximal gradient in ``metric`` with adaptive restart, on params ``{"w": W}``.
+  """Accelerated proximal gradient in ``metric`` with adaptive restart, on params ``{"w": W}``
+  (other entries, such as the convex stage's reference point, stay as they are).
 
   One update: ``z = y - H^-1 Q^T grad`` (``metric_solve``), ``x+`` its prox in H
   (``metric_prox``, or ``coupled_prox`` when the metric couples the gates), momentum; the params
@@ -234,7 +235,8 @@ def pfista(beta: float, metric: Optional[Metric]) -> optax.GradientTransformatio
     t_next = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
     y = x + (t - 1) / t_next * dx
     w = jnp.matmul(state.basis, y, precision=_HIGHEST).reshape(params["w"].shape)
-    return {"w": w - params["w"]}, state._replace(x=x, y=y, t=t_next, nu=nu)
+    updates = {**jax.tree.map(jnp.zeros_like, params), "w": w - params["w"]}  # "ref": unchanged
+    return updates, state._replace(x=x, y=y, t=t_next, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -91,7 +91,7 @@ class FitResult:
 def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: Params,
         frozen: Params, arrays: dict, *, cfg: Config, mesh: Mesh, epochs: int,
         log: workdir_lib.MetricsLog, full_pass: bool = False,
-        check: Optional[Callable[[dict], tuple[bool, dict]]] = None,
+        check: Optional[Callable[[dict], tuple[bool, dict, dict]]] = None,
         check_every: int = 1) -> FitResult:
   """Train ``params`` for ``epochs`` epochs on ``arrays`` (host arrays with a leading example axis).
 
@@ -104,10 +104,11 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
   ends with the same parameters as an uninterrupted one. A non-finite loss stops the run with
   FloatingPointError before that epoch is saved, so the last good checkpoint is kept.
 
-  ``check``: ``state -> (done, record)`` after every ``check_every``-th epoch, and first thing
-  when resuming at such an epoch (a certificate): its record is logged, ``done`` ends the phase
-  there. The state is saved after every epoch without ``check``; with it after each checked
-  epoch, the last one, and any that ends ``SAVE_SECONDS`` after the previous save.
+  ``check``: ``state -> (done, record, state)`` after every ``check_every``-th epoch, and first
+  thing when resuming at such an epoch (a certificate): its record is logged, ``done`` ends the
+  phase there, training goes on from the state it returns (deterministic: the checkpoint holds
+  the state before it). The state is saved after every epoch without ``check``; with it after
+  each checked epoch, the last one, and any that ends ``SAVE_SECONDS`` after the previous save.
   """
   n = data_lib.num_examples(arrays)
   spe = data_lib.steps_per_epoch(n, cfg.batch_size, full_pass)
@@ -136,18 +137,22 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
   host = {k: v for k, v in arrays.items() if k not in resident}
   take = runtime.take_batch(mesh) if resident else None
 
-  def checked(epoch: int) -> bool:
-    """Whether the phase is done at ``epoch``: ``check`` on the checked epochs, logged."""
+  def checked(epoch: int, state: dict) -> tuple[bool, dict]:
+    """(whether the phase is done at ``epoch``, the state to go on from): ``check`` on the
+    checked epochs, logged."""
     if check is None or epoch % check_every:
-      return False
-    done, record = check(state)
+      return False, state
+    done, record, state = check(state)
     log.write({"phase": phase, "epoch": epoch, "event": "check", **record})
     logging.info("%s epoch %d/%d: %s", phase, epoch, epochs,
                  ", ".join(f"{k} {v:.3g}" for k, v in record.items()))
-    return done
+    return done, jax.device_put(state, rep)
 
   t_phase = last_save = time.time()
-  end = start if 0 < start < epochs and checked(start) else epochs
+  end = epochs
+  if 0 < start < epochs:
+    done, state = checked(start, state)
+    end = start if done else epochs
   try:
     for epoch in range(start, end):
       t0 = time.time()
@@ -190,8 +195,8 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
         manager.save(epoch + 1, args=ocp.args.StandardSave(state))
         last_save = time.time()
       dt = time.time() - t0
-      done = epoch + 1 - start
-      eta = (time.time() - t_phase) / done * (epochs - epoch - 1)
+      trained = epoch + 1 - start
+      eta = (time.time() - t_phase) / trained * (epochs - epoch - 1)
       record = {"phase": phase, "epoch": epoch + 1, "step": int(state["step"]),
                 "loss": float(losses.mean()), "loss_first_step": float(losses[0]),
                 "steps_per_s": spe / dt, "epoch_s": dt,
@@ -203,7 +208,8 @@ def fit(phase: str, loss_fn: LossFn, tx: optax.GradientTransformation, params: P
       logging.info("%s epoch %d/%d loss %.4e (%.2f steps/s, %.1f s/epoch) eta %s", phase,
                    epoch + 1, epochs, record["loss"], record["steps_per_s"], dt,
                    format_duration(eta))
-      if checked(epoch + 1):
+      done, state = checked(epoch + 1, state)
+      if done:
         end = epoch + 1
         break
   finally:  # Also when the loop raises: a save still in flight is committed, not dropped.
