@@ -16,6 +16,8 @@
 #             pfista stage's gap against passes and seconds per pass, and the time to certified
 #             stages against e2e's 40 epochs (bench/phase_times.py; $OUT/certify.*)
 #   certify_hi  after certify: its first two convex stages again at "highest" matmul precision
+#   certify_bf16  after certify: it again with --compute_dtype=bfloat16 for both methods, on
+#             certify's data: do pfista's refined steps certify in bfloat16, at its speed?
 #   memory    issue 19 point 4 on the GPU: launch/memory.py --measure at paper size (the compiled
 #             steps' bytes per example and largest batch, and their measured peaks; $OUT/memory.*)
 # Run from the repository root; results land in $OUT (or ./gpu_out). SIZE overrides the
@@ -70,13 +72,15 @@ for part in $PARTS; do
       timeout ${PIPE_LIMIT:-300} python3 bench/bench_pipeline.py $SIZE --depth=3 --batch_size=8 --slices=48 \
         --epochs=3 --runs=${RUNS:-e2e,e2e+data,layerwise_convex:none,layerwise_convex:none+data,layerwise_convex:device+data} \
         --json_out="$OUT/pipeline.json" 2>&1 | grep -v "^[IW][0-9]" | tee "$OUT/pipeline.log" ;;
-    certify|certify_hi)
+    certify|certify_hi|certify_bf16)
       # certify_hi: the convex stages alone with every matmul and conv at "highest" precision
       # (no TF32), shallower: does TF32 in the solver's step stall the gap?
       # A killed run resumes: rerun the part with the same CERT_WORKDIR to continue it.
       work=${CERT_WORKDIR:-/tmp/lwjax_certify}; limit=${CERT_LIMIT:-480}; flags=${CERT_FLAGS:-"--synth_train_subjects=3 --synth_val_subjects=1 --synth_slices=8 --depth=5 --e2e_depths=5 --batch_size=8 --cache_features=device --data_on_device"}
       if [ "$part" = certify_hi ]; then
         work=$work.hi; limit=${CERT_HI_LIMIT:-120}; flags="$flags --depth=3 --method=layerwise_convex --data_dir=${CERT_WORKDIR:-/tmp/lwjax_certify}/data --convex_precision=highest"
+      elif [ "$part" = certify_bf16 ]; then
+        work=$work.bf16; flags="$flags --data_dir=${CERT_WORKDIR:-/tmp/lwjax_certify}/data --compute_dtype=bfloat16"
       fi
       # shellcheck disable=SC2086
       timeout "$limit" python3 launch/train.py --flagfile=poisson.flags $SIZE $flags \
