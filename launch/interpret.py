@@ -60,7 +60,5 @@ def main(argv):
 
 if __name__ == "__main__":
   config.define_flags()
-  flags.FLAGS["workdir"].help = "the training run whose network to look into"
-  flags.FLAGS["method"].help = "the network's method, one the run trained (default: its first)"
-  flags.FLAGS["depth"].help = "the network's depth (default: the method's deepest trained one)"
+  cli.trained_network_flags("the training run whose network to look into")
   cli.run(main, __doc__, SHOWN)

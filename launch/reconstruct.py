@@ -62,8 +62,6 @@ def main(argv):
 
 if __name__ == "__main__":
   config.define_flags()
-  flags.FLAGS["workdir"].help = "the training run whose network reconstructs"
+  cli.trained_network_flags("the training run whose network reconstructs")
   flags.FLAGS["data_dir"].help = "a folder of fastMRI multi-coil .h5 files to reconstruct"
-  flags.FLAGS["method"].help = "the network's method, one the run trained (default: its first)"
-  flags.FLAGS["depth"].help = "the network's depth (default: the method's deepest trained one)"
   cli.run(main, __doc__, SHOWN)

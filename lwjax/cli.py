@@ -101,6 +101,14 @@ def config_flags(names: Optional[Iterable[str]] = None) -> dict[str, str]:
   return {n: topics[n] for n in (topics if names is None else names)}
 
 
+def trained_network_flags(workdir_help: str) -> None:
+  """Help of ``--workdir``, ``--method`` and ``--depth`` for a launcher that loads one network
+  of a finished training run (after ``config.define_flags``)."""
+  flags.FLAGS["workdir"].help = workdir_help
+  flags.FLAGS["method"].help = "the network's method, one the run trained (default: its first)"
+  flags.FLAGS["depth"].help = "the network's depth (default: the method's deepest trained one)"
+
+
 def _ours(record) -> bool:
   path = Path(record.pathname).resolve()
   return any(path.is_relative_to(d) for d in _OURS)
