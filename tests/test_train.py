@@ -416,6 +416,10 @@ def test_a_convex_stage_stops_at_its_target_gap_and_resumes_at_a_check(tmp_path)
   assert report_again == report
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
+  # In bfloat16 steps only the recentring at each check (pfista's refinement) certifies: the
+  # run must go on from the state its check returns.
+  _, report_bf16, _ = _convex_run(tmp_path, "bf16", target_gap=1e-5, compute_dtype="bfloat16")
+  assert report_bf16["passes"] < 50 and report_bf16["rel_gap"] <= 1e-5
   # With --target_gap=0 the stage runs every pass, certified along the way.
   _, report_all, checks_all = _convex_run(tmp_path, "all", target_gap=0.0, fista_iters=40)
   assert report_all["passes"] == 40 and len(checks_all) == 8
